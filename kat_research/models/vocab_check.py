@@ -1,0 +1,61 @@
+"""Teacher and student must share a vocabulary for token-level KL to mean anything."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+
+class VocabularyMismatchError(ValueError):
+    """Teacher and student tokenizers (or logit spaces) disagree."""
+
+
+def _special_tokens(tok: PreTrainedTokenizerBase) -> dict[str, object]:
+    return {
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "special tokens": sorted(tok.all_special_tokens),
+    }
+
+
+def first_vocab_difference(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase
+) -> str | None:
+    """Describe the first disagreement between two tokenizers, or None if they agree.
+
+    Checked: every id the student tokenizer can emit maps to the same token in the teacher,
+    and the special tokens (eos, pad, bos and the special-token set) are the same.
+    """
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    t_by_id = {i: t for t, i in t_vocab.items()}
+    for token, idx in sorted(s_vocab.items(), key=lambda kv: kv[1]):
+        if t_by_id.get(idx) != token:
+            return f"id {idx} is {token!r} in the student but {t_by_id.get(idx)!r} in the teacher"
+    s_special, t_special = _special_tokens(student), _special_tokens(teacher)
+    for key, value in s_special.items():
+        if t_special[key] != value:
+            return f"{key}: student {value!r} vs teacher {t_special[key]!r}"
+    return None
+
+
+def check_vocab_agreement(
+    student_name: str,
+    student_tok: PreTrainedTokenizerBase,
+    student_model: PreTrainedModel,
+    teacher_name: str,
+    teacher_tok: PreTrainedTokenizerBase,
+    teacher_model: PreTrainedModel,
+) -> None:
+    """Raise ``VocabularyMismatchError`` naming both models and the first difference."""
+    diff = first_vocab_difference(student_tok, teacher_tok)
+    s_dim = student_model.get_output_embeddings().weight.shape[0]
+    t_dim = teacher_model.get_output_embeddings().weight.shape[0]
+    if diff is None and s_dim != t_dim:
+        diff = f"logit dimension {s_dim} (student) vs {t_dim} (teacher)"
+    if diff is not None:
+        raise VocabularyMismatchError(
+            f"student {student_name!r} and teacher {teacher_name!r} do not share a vocabulary: "
+            f"{diff}. On-policy distillation compares next-token distributions id by id, so "
+            "pick a teacher and student from the same tokenizer family."
+        )

@@ -1,0 +1,35 @@
+"""Next-token sampling: temperature, nucleus (top-p), greedy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the smallest set whose probability reaches ``top_p``.
+
+    The most likely token is always kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one token per row of ``logits`` [n, V]; ``temperature == 0`` is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = top_p_filter(logits.float() / temperature, top_p)
+    probs = scaled.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

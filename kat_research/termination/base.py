@@ -1,0 +1,60 @@
+"""The interface every termination rule implements; the rollout engine only talks to this."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class Terminator(ABC):
+    """Decides, per rollout row, when generation stops and which prefix is kept for the loss.
+
+    Protocol followed by the rollout engine for one batch of ``batch_size`` rows:
+
+    1. ``caps = begin_batch(batch_size, max_new_tokens, generator)``: a per-row length cap
+       decided up front (fixed prefix, random termination); ``max_new_tokens`` means no cap.
+       A row reaching its cap stops with reason ``terminated`` and keeps all its tokens.
+    2. ``observe(rows, kl, lengths)`` at every teacher-scoring chunk boundary, for the rows
+       that were scored: ``rows`` are original row indices [n], ``kl`` is the recorded
+       per-token KL of those rows [n, t] (entries at index >= the row's length are
+       undefined), ``lengths`` the tokens generated per row [n] (each <= t). Returns the
+       cut per row [n] (number of tokens kept) for rows whose rule fired at this call,
+       -1 elsewhere. A row reported once is stopped by the engine and not observed again.
+    3. ``end_batch()`` once every row has finished; adaptive rules update their state here
+       and return scalar metrics for logging.
+
+    ``on_optimizer_step()`` is called once per optimizer step (warm-up counting).
+    """
+
+    #: whether ``observe`` needs the teacher's per-token KL (no-teacher rollouts skip it)
+    needs_kl: bool = False
+
+    def begin_batch(
+        self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Start a batch; return per-row length caps [batch_size] (long)."""
+        return torch.full((batch_size,), max_new_tokens, dtype=torch.long)
+
+    def observe(
+        self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Return per-row cuts [n] for rows stopped at this chunk boundary, -1 elsewhere."""
+        return torch.full((rows.numel(),), -1, dtype=torch.long)
+
+    def end_batch(self) -> dict[str, float]:
+        """Finish the batch; return metrics (e.g. threshold, buffer size)."""
+        return {}
+
+    def on_optimizer_step(self) -> None:
+        """Count one optimizer step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    @abstractmethod
+    def __repr__(self) -> str: ...
