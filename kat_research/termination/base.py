@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
 
-class Terminator(ABC):
+class Terminator:
     """Decides, per rollout row, when generation stops and which prefix is kept for the loss.
 
     Protocol followed by the rollout engine for one batch of ``batch_size`` rows:
@@ -30,6 +29,9 @@ class Terminator(ABC):
 
     #: whether ``observe`` needs the teacher's per-token KL (no-teacher rollouts skip it)
     needs_kl: bool = False
+    #: preferred teacher-scoring chunk (KAT: its stride, so evaluation points fall on chunk
+    #: boundaries); None lets the engine choose
+    chunk_hint: int | None = None
 
     def begin_batch(
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
@@ -48,13 +50,12 @@ class Terminator(ABC):
         return {}
 
     def on_optimizer_step(self) -> None:
-        """Count one optimizer step."""
+        """Count one optimizer step (no-op for stateless rules)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
-
-    @abstractmethod
-    def __repr__(self) -> str: ...
+        """Restore what ``state_dict`` returned (no-op for stateless rules)."""
+        return None

@@ -1,0 +1,303 @@
+"""KAT: stop a rollout once its windowed reverse KL stays persistently low.
+
+Window k covers generated tokens ``[k*stride, k*stride + W)`` and is evaluated once
+``t = k*stride + W`` tokens exist, with ``z_t`` the mean KL over it; only windows starting at
+or after ``exempt`` are evaluated. A counter increments while ``z_t < s`` (strict) and
+resets otherwise; at ``patience`` consecutive low windows the rollout stops and the cut
+(tokens kept) is the first token of the first window of that run, so the detection point is
+``cut + W + (patience - 1) * stride``. A window whose mean is not finite (NaN/inf KL, e.g.
+from a non-finite teacher) resets the counter and does not count towards the rollout's
+minimum. The adaptive threshold ``s`` is a quantile of a FIFO buffer of per-rollout minima.
+
+The same scan (:func:`_scan`) serves the online :class:`KATTerminator` and the offline
+:func:`kat_cut` / :func:`kat_window_minimum`, so both give identical cuts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kat_research.termination.base import Terminator
+
+
+def _check_rule(window: int, stride: int | None, patience: int, exempt: int) -> int:
+    """Validate the window settings; return the effective stride."""
+    stride = window if stride is None else stride
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if exempt < 0:
+        raise ValueError(f"exempt must be >= 0, got {exempt}")
+    return stride
+
+
+@dataclass
+class _ScanState:
+    """Per-row scan state: O(1) per row, indexed by original row."""
+
+    counter: torch.Tensor  # long: consecutive low windows
+    run_start: torch.Tensor  # long: first token of the current low run
+    minimum: torch.Tensor  # float64: min counted window mean, +inf before any
+    next_k: torch.Tensor  # long: index of the next window to evaluate
+    cut: torch.Tensor  # long: tokens kept once fired, -1 before
+
+    @classmethod
+    def fresh(cls, n: int, *, stride: int, exempt: int) -> _ScanState:
+        first_k = -(-exempt // stride)  # first window starting at or after ``exempt``
+        return cls(
+            counter=torch.zeros(n, dtype=torch.long),
+            run_start=torch.zeros(n, dtype=torch.long),
+            minimum=torch.full((n,), math.inf, dtype=torch.float64),
+            next_k=torch.full((n,), first_k, dtype=torch.long),
+            cut=torch.full((n,), -1, dtype=torch.long),
+        )
+
+
+def _scan(
+    state: _ScanState,
+    rows: torch.Tensor,
+    kl: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    threshold: float,
+    window: int,
+    stride: int,
+    patience: int,
+) -> torch.Tensor:
+    """Evaluate every pending window ending at or before ``lengths`` for ``rows``.
+
+    ``kl`` is [n, t] per-token KL from the first generated token; entries at index >= a row's
+    length are never read into a counted window. Rows that already fired are skipped.
+    Returns the cut for rows that fire in this call, -1 elsewhere. State is replaced
+    out of place (safe across inference-mode boundaries).
+    """
+    rows, lengths = rows.cpu().long(), lengths.cpu().long()
+    cut = torch.full((rows.numel(),), -1, dtype=torch.long)
+    next_k = state.next_k[rows]
+    last_k = torch.div(lengths - window, stride, rounding_mode="floor")
+    pending = (state.cut[rows] < 0) & (last_k >= next_k)
+    if not bool(pending.any()):
+        return cut
+    k_lo, k_hi = int(next_k[pending].min()), int(last_k[pending].max())
+    span = kl[:, k_lo * stride : k_hi * stride + window].to(torch.float64)
+    means = span.unfold(1, window, stride).mean(-1).cpu()  # [n, k_hi - k_lo + 1]
+
+    counter, run_start, minimum = state.counter[rows], state.run_start[rows], state.minimum[rows]
+    fired = torch.zeros_like(pending)
+    for k in range(k_lo, k_hi + 1):
+        live = pending & ~fired & (next_k <= k) & (last_k >= k)
+        z = means[:, k - k_lo]
+        counted = live & z.isfinite()
+        low = counted & (z < threshold)
+        counter = torch.where(low, counter + 1, torch.where(live, 0, counter))
+        run_start = torch.where(low & (counter == 1), k * stride, run_start)
+        minimum = torch.where(counted, torch.minimum(minimum, z), minimum)
+        now = live & (counter >= patience)
+        cut = torch.where(now, run_start, cut)
+        fired |= now
+
+    index = (rows,)
+    state.counter = state.counter.index_put(index, counter)
+    state.run_start = state.run_start.index_put(index, run_start)
+    state.minimum = state.minimum.index_put(index, minimum)
+    state.next_k = state.next_k.index_put(index, torch.maximum(next_k, last_k + 1))
+    state.cut = state.cut.index_put(index, torch.where(fired, cut, state.cut[rows]))
+    return cut
+
+
+def _scan_sequence(
+    kl: Sequence[float] | torch.Tensor,
+    *,
+    threshold: float,
+    window: int,
+    stride: int | None,
+    patience: int,
+    exempt: int,
+) -> _ScanState:
+    """Run the scan over one whole KL sequence; return its final state (one row)."""
+    stride = _check_rule(window, stride, patience, exempt)
+    seq = torch.as_tensor(kl, dtype=torch.float64)
+    if seq.ndim != 1:
+        raise ValueError(f"kl must be 1-D, got shape {tuple(seq.shape)}")
+    state = _ScanState.fresh(1, stride=stride, exempt=exempt)
+    _scan(
+        state,
+        torch.zeros(1, dtype=torch.long),
+        seq[None],
+        torch.tensor([seq.numel()]),
+        threshold=threshold,
+        window=window,
+        stride=stride,
+        patience=patience,
+    )
+    return state
+
+
+def kat_cut(
+    kl: Sequence[float] | torch.Tensor,
+    *,
+    threshold: float,
+    window: int,
+    stride: int | None = None,
+    patience: int,
+    exempt: int = 0,
+) -> int | None:
+    """The KAT rule on one finished rollout's KL with a fixed threshold.
+
+    Returns the cut (tokens kept) or None if the rule never fires.
+    """
+    state = _scan_sequence(
+        kl, threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt
+    )
+    cut = int(state.cut[0])
+    return cut if cut >= 0 else None
+
+
+def kat_window_minimum(
+    kl: Sequence[float] | torch.Tensor,
+    *,
+    window: int,
+    stride: int | None = None,
+    exempt: int = 0,
+    stop: int | None = None,
+) -> float | None:
+    """Min finite window mean over evaluation points ``t <= stop`` (default: the whole sequence).
+
+    This is what a rollout pushes into the KAT buffer; for a rollout stopped by KAT pass
+    ``stop = cut + window + (patience - 1) * stride``. None if no window was counted.
+    """
+    if stop is not None and stop < 0:
+        raise ValueError(f"stop must be >= 0, got {stop}")
+    seq = torch.as_tensor(kl, dtype=torch.float64)
+    state = _scan_sequence(
+        seq[:stop], threshold=-math.inf, window=window, stride=stride, patience=1, exempt=exempt
+    )
+    minimum = float(state.minimum[0])
+    return minimum if math.isfinite(minimum) else None
+
+
+class KATTerminator(Terminator):
+    """Online KAT with an adaptive (buffer quantile) or fixed threshold.
+
+    Adaptive mode: threshold = ``torch.quantile(buffer, quantile)`` snapshotted at
+    ``begin_batch``; the rule cuts only once the buffer holds >= ``min_buffer`` minima and
+    >= ``warmup_steps`` optimizer steps were counted. Minima are collected in every mode
+    (pushed in row order at ``end_batch``). With ``threshold`` set the rule is always active
+    with that threshold and the buffer does not affect it.
+    """
+
+    needs_kl = True
+
+    def __init__(
+        self,
+        window: int = 64,
+        stride: int | None = None,
+        patience: int = 4,
+        quantile: float = 0.7,
+        buffer_size: int = 4096,
+        min_buffer: int = 512,
+        warmup_steps: int = 50,
+        exempt: int = 0,
+        threshold: float | None = None,
+    ) -> None:
+        self.stride = _check_rule(window, stride, patience, exempt)
+        if not 0 < quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+        if not 1 <= min_buffer <= buffer_size:
+            raise ValueError(
+                f"need 1 <= min_buffer <= buffer_size, got min_buffer={min_buffer}, "
+                f"buffer_size={buffer_size}"
+            )
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if threshold is not None and math.isnan(threshold):
+            raise ValueError("threshold must not be NaN")
+        self.window, self.patience, self.quantile = window, patience, quantile
+        self.buffer_size, self.min_buffer = buffer_size, min_buffer
+        self.warmup_steps, self.exempt, self.threshold = warmup_steps, exempt, threshold
+        self._buffer = torch.empty(0, dtype=torch.float64)
+        self._steps = 0
+        self._batch: _ScanState | None = None
+        self._batch_threshold = math.nan
+        self._batch_active = False
+
+    @property
+    def chunk_hint(self) -> int:
+        """Score in chunks of the stride: every evaluation point is a chunk boundary."""
+        return self.stride
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The FIFO buffer of per-rollout minima (oldest first); a copy."""
+        return self._buffer.clone()
+
+    def begin_batch(
+        self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if self.threshold is not None:
+            self._batch_threshold, self._batch_active = float(self.threshold), True
+        else:
+            n = self._buffer.numel()
+            self._batch_threshold = (
+                float(torch.quantile(self._buffer, self.quantile)) if n else math.nan
+            )
+            self._batch_active = n >= self.min_buffer and self._steps >= self.warmup_steps
+        self._batch = _ScanState.fresh(batch_size, stride=self.stride, exempt=self.exempt)
+        return super().begin_batch(batch_size, max_new_tokens, generator)
+
+    def observe(self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return _scan(
+            self._current_batch(),
+            rows,
+            kl,
+            lengths,
+            threshold=self._batch_threshold if self._batch_active else -math.inf,
+            window=self.window,
+            stride=self.stride,
+            patience=self.patience,
+        )
+
+    def end_batch(self) -> dict[str, float]:
+        batch = self._current_batch()
+        minima = batch.minimum[batch.minimum.isfinite()]
+        self._buffer = torch.cat([self._buffer, minima])[-self.buffer_size :]
+        self._batch = None
+        return {
+            "kat/threshold": self._batch_threshold,
+            "kat/buffer_size": float(self._buffer.numel()),
+            "kat/active": float(self._batch_active),
+            "kat/cut_rows": float((batch.cut >= 0).sum()),
+        }
+
+    def on_optimizer_step(self) -> None:
+        self._steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self._buffer.clone(), "optimizer_steps": self._steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        buffer = torch.as_tensor(state["buffer"], dtype=torch.float64).flatten().cpu()
+        self._buffer = buffer[-self.buffer_size :].clone()
+        self._steps = int(state["optimizer_steps"])
+
+    def _current_batch(self) -> _ScanState:
+        if self._batch is None:
+            raise RuntimeError("KATTerminator: begin_batch must be called before observe/end_batch")
+        return self._batch
+
+    def __repr__(self) -> str:
+        fixed = "" if self.threshold is None else f", threshold={self.threshold}"
+        return (
+            f"KATTerminator(window={self.window}, stride={self.stride}, "
+            f"patience={self.patience}, quantile={self.quantile}, "
+            f"buffer_size={self.buffer_size}, min_buffer={self.min_buffer}, "
+            f"warmup_steps={self.warmup_steps}, exempt={self.exempt}{fixed})"
+        )

@@ -1,0 +1,504 @@
+"""Termination rules: KAT's offline/online scan, adaptive threshold, baselines, composition."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from kat_research.termination import (
+    TERMINATOR_NAMES,
+    CompositeTerminator,
+    FixedPrefix,
+    KATTerminator,
+    NoTermination,
+    RandomTermination,
+    Terminator,
+    build_terminator,
+    kat_cut,
+    kat_window_minimum,
+)
+
+LOW, HIGH = 0.1, 1.0
+
+
+def _run_batch(
+    term: Terminator,
+    kl: torch.Tensor,
+    lengths: torch.Tensor,
+    chunk_ends: list[int],
+    garbage: float = math.nan,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Drive ``term`` like the engine: observe alive rows at each chunk end; return cuts."""
+    batch, total = kl.shape
+    caps = term.begin_batch(batch, total)
+    lengths = torch.minimum(lengths, caps)
+    cuts = torch.full((batch,), -1, dtype=torch.long)
+    alive = torch.ones(batch, dtype=torch.bool)
+    for end in chunk_ends:
+        rows = alive.nonzero().flatten()
+        if rows.numel() == 0:
+            break
+        seen = lengths[rows].clamp(max=end)
+        window = kl[rows, :end].clone()
+        window[torch.arange(end)[None, :] >= seen[:, None]] = garbage  # undefined entries
+        out = term.observe(rows, window, seen)
+        cuts[rows] = out
+        alive[rows] = (out < 0) & (lengths[rows] > end)
+    return cuts, term.end_batch()
+
+
+def _planted(*segments: tuple[float, int]) -> list[float]:
+    return [value for value, count in segments for _ in range(count)]
+
+
+# --- kat_cut on planted sequences -----------------------------------------------------------
+
+
+def test_kat_cut_run_reaching_patience() -> None:
+    # windows of 4: [0,4)=1, [4,8)=1, [8,12), [12,16), [16,20) low -> 3rd low window at t=20
+    kl = _planted((HIGH, 8), (LOW, 12), (HIGH, 4))
+    assert kat_cut(kl, threshold=0.5, window=4, patience=3) == 8
+    assert kat_cut(torch.tensor(kl), threshold=0.5, window=4, patience=2) == 8
+
+
+def test_kat_cut_run_broken_before_patience() -> None:
+    kl = _planted((HIGH, 8), (LOW, 8), (HIGH, 4), (LOW, 8), (HIGH, 4))
+    assert kat_cut(kl, threshold=0.5, window=4, patience=3) is None
+    assert kat_cut(kl, threshold=0.5, window=4, patience=2) == 8
+
+
+def test_kat_cut_threshold_is_strict() -> None:
+    assert kat_cut([0.5] * 8, threshold=0.5, window=4, patience=1) is None
+    assert kat_cut([0.5] * 8, threshold=0.5 + 1e-9, window=4, patience=1) == 0
+
+
+def test_kat_cut_exemption() -> None:
+    kl = _planted((LOW, 12), (HIGH, 4), (LOW, 4))
+    assert kat_cut(kl, threshold=0.5, window=4, patience=3) == 0
+    # windows must start at >= exempt: only [4,8), [8,12) are low before the high window
+    assert kat_cut(kl, threshold=0.5, window=4, patience=3, exempt=4) is None
+    assert kat_cut(kl, threshold=0.5, window=4, patience=3, exempt=1) is None
+    assert kat_cut([LOW] * 16, threshold=0.5, window=4, patience=3, exempt=3) == 4
+    assert kat_window_minimum(kl, window=4, exempt=4) == pytest.approx(LOW)
+    assert kat_window_minimum(kl, window=4, exempt=9, stop=19) == pytest.approx(HIGH)
+
+
+def test_kat_cut_window_longer_than_sequence() -> None:
+    assert kat_cut([0.0] * 5, threshold=1.0, window=10, patience=1) is None
+    assert kat_window_minimum([0.0] * 5, window=10) is None
+    assert kat_cut([], threshold=1.0, window=2, patience=1) is None
+
+
+def test_kat_cut_stride_one() -> None:
+    # z_3 = 1, z_4 = 2/3, z_5 = 1/3 (run starts at t=5 -> window start 2), z_6 = 0
+    kl = [1, 1, 1, 0, 0, 0, 0, 1]
+    assert kat_cut(kl, threshold=0.5, window=3, stride=1, patience=2) == 2
+    assert kat_window_minimum(kl, window=3, stride=1) == 0.0
+
+
+def test_kat_cut_overlapping_windows() -> None:
+    # window 4, stride 2: z_4=1, z_6=0.5 (not < 0.5), z_8=0, z_10=0, z_12=0.5, z_14=1
+    kl = _planted((1.0, 4), (0.0, 6), (1.0, 4))
+    assert kat_cut(kl, threshold=0.5, window=4, stride=2, patience=3) is None
+    assert kat_cut(kl, threshold=0.5, window=4, stride=2, patience=2) == 4
+    assert kat_cut(kl, threshold=0.6, window=4, stride=2, patience=3) == 2
+
+
+def test_kat_cut_nonfinite_window_resets_counter() -> None:
+    kl = [LOW] * 12
+    assert kat_cut(kl, threshold=0.5, window=2, patience=3) == 0
+    kl[4] = math.nan  # window [4,6) -> reset; run restarts at window [6,8)
+    assert kat_cut(kl, threshold=0.5, window=2, patience=3) == 6
+    kl[4] = math.inf
+    assert kat_cut(kl, threshold=0.5, window=2, patience=3) == 6
+    kl = [HIGH, HIGH, math.nan, 0.0, 0.3, 0.3]
+    assert kat_window_minimum(kl, window=2) == pytest.approx(0.3)  # NaN window not counted
+
+
+def test_kat_window_minimum_stop() -> None:
+    kl = _planted((0.4, 4), (0.2, 4), (0.0, 4))
+    assert kat_window_minimum(kl, window=4) == 0.0
+    assert kat_window_minimum(kl, window=4, stop=11) == pytest.approx(0.2)
+    assert kat_window_minimum(kl, window=4, stop=4) == pytest.approx(0.4)
+
+
+# --- online vs offline --------------------------------------------------------------------
+
+
+def _random_kl(gen: torch.Generator, batch: int, total: int) -> torch.Tensor:
+    """Uniform KL with planted low stretches, so that some rows fire and some do not."""
+    kl = torch.rand(batch, total, generator=gen)
+    for row in range(batch):
+        start = int(torch.randint(0, total, (1,), generator=gen))
+        span = int(torch.randint(0, total // 2, (1,), generator=gen))
+        kl[row, start : start + span] *= 0.2
+    kl[torch.rand(batch, total, generator=gen) < 0.005] = math.nan
+    return kl
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_online_matches_offline(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    batch, total = 9, 120
+    window = int(torch.randint(1, 12, (1,), generator=gen))
+    stride = int(torch.randint(1, window + 3, (1,), generator=gen))
+    patience = int(torch.randint(1, 5, (1,), generator=gen))
+    exempt = int(torch.randint(0, 15, (1,), generator=gen))
+    threshold = 0.2 + 0.2 * float(torch.rand(1, generator=gen))
+    kl = _random_kl(gen, batch, total)
+    lengths = torch.randint(0, total + 1, (batch,), generator=gen)
+    lengths[0] = total
+    ends = sorted(set(torch.randint(1, total, (6,), generator=gen).tolist()) | {total})
+
+    term = KATTerminator(
+        window=window, stride=stride, patience=patience, exempt=exempt, threshold=threshold
+    )
+    cuts, metrics = _run_batch(term, kl, lengths, ends, garbage=float(seed % 2) * 1e-3)
+    expected, minima = [], []
+    for row in range(batch):
+        seq = kl[row, : int(lengths[row])]
+        cut = kat_cut(
+            seq, threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt
+        )
+        expected.append(-1 if cut is None else cut)
+        stop = None if cut is None else cut + window + (patience - 1) * stride
+        minima.append(
+            kat_window_minimum(seq, window=window, stride=stride, exempt=exempt, stop=stop)
+        )
+    assert cuts.tolist() == expected
+    assert term.buffer.tolist() == [m for m in minima if m is not None]
+    assert metrics["kat/cut_rows"] == sum(c >= 0 for c in expected)
+    assert metrics["kat/active"] == 1.0 and metrics["kat/threshold"] == threshold
+
+
+def test_online_many_cases_fire_and_not_fire() -> None:
+    """Guard that the agreement test above exercises both outcomes."""
+    outcomes = set()
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        kl = _random_kl(gen, 9, 120)
+        for row in kl:
+            outcomes.add(kat_cut(row, threshold=0.3, window=4, patience=2) is None)
+    assert outcomes == {True, False}
+
+
+def test_observe_skips_fired_rows_and_returns_minus_one_elsewhere() -> None:
+    term = KATTerminator(window=2, patience=1, threshold=0.5)
+    term.begin_batch(2, 8)
+    kl = torch.tensor([[LOW] * 4, [HIGH] * 4])
+    rows, lengths = torch.tensor([0, 1]), torch.tensor([4, 4])
+    assert term.observe(rows, kl, lengths).tolist() == [0, -1]
+    assert term.observe(rows, kl, lengths).tolist() == [-1, -1]
+    assert term.observe(rows[:0], kl[:0], lengths[:0]).tolist() == []
+
+
+def test_observe_requires_begin_batch() -> None:
+    term = KATTerminator(threshold=0.5)
+    with pytest.raises(RuntimeError, match="begin_batch"):
+        term.observe(torch.tensor([0]), torch.zeros(1, 4), torch.tensor([4]))
+
+
+def test_observe_across_inference_mode_boundaries() -> None:
+    term = KATTerminator(window=2, patience=2, threshold=0.5)
+    with torch.inference_mode():
+        term.begin_batch(1, 8)
+    out = term.observe(torch.tensor([0]), torch.full((1, 2), LOW), torch.tensor([2]))
+    with torch.inference_mode():
+        out2 = term.observe(torch.tensor([0]), torch.full((1, 4), LOW), torch.tensor([4]))
+    assert out.tolist() == [-1] and out2.tolist() == [0]
+    assert term.end_batch()["kat/buffer_size"] == 1.0
+
+
+# --- adaptive threshold -------------------------------------------------------------------
+
+
+def _adaptive(**overrides: float) -> KATTerminator:
+    settings = dict(window=2, patience=1, quantile=0.5, buffer_size=6, min_buffer=4, warmup_steps=0)
+    return KATTerminator(**(settings | overrides))
+
+
+def _flat_batch(values: list[float], total: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    kl = torch.tensor(values, dtype=torch.float64)[:, None].expand(-1, total).contiguous()
+    return kl, torch.full((len(values),), total)
+
+
+def test_adaptive_inactive_until_min_buffer_but_collects_minima() -> None:
+    term = _adaptive()
+    kl, lengths = _flat_batch([0.0, 0.3])
+    cuts, metrics = _run_batch(term, kl, lengths, [2, 4])
+    assert cuts.tolist() == [-1, -1]
+    assert math.isnan(metrics["kat/threshold"]) and metrics["kat/active"] == 0.0
+    assert metrics["kat/buffer_size"] == 2.0 and metrics["kat/cut_rows"] == 0.0
+    cuts, metrics = _run_batch(term, kl, lengths, [4])
+    assert cuts.tolist() == [-1, -1] and metrics["kat/active"] == 0.0
+    assert metrics["kat/threshold"] == pytest.approx(0.15)
+    assert term.buffer.tolist() == pytest.approx([0.0, 0.3, 0.0, 0.3])
+    # buffer [0, .3, 0, .3] -> median 0.15: row 0 (0.0) cut at 0, row 1 (0.3) kept
+    cuts, metrics = _run_batch(term, kl, lengths, [4])
+    assert cuts.tolist() == [0, -1]
+    assert metrics["kat/active"] == 1.0 and metrics["kat/cut_rows"] == 1.0
+
+
+def test_adaptive_inactive_until_warmup() -> None:
+    term = _adaptive(warmup_steps=3, min_buffer=1)
+    kl, lengths = _flat_batch([0.0, 0.3])
+    assert _run_batch(term, kl, lengths, [4])[0].tolist() == [-1, -1]
+    term.on_optimizer_step()
+    term.on_optimizer_step()
+    cuts, metrics = _run_batch(term, kl, lengths, [4])
+    assert cuts.tolist() == [-1, -1] and metrics["kat/active"] == 0.0
+    term.on_optimizer_step()
+    cuts, metrics = _run_batch(term, kl, lengths, [4])
+    assert cuts.tolist() == [0, -1] and metrics["kat/active"] == 1.0
+
+
+def test_threshold_is_quantile_of_buffer_and_fifo_eviction() -> None:
+    term = _adaptive(quantile=0.7, buffer_size=5, min_buffer=5)
+    gen = torch.Generator().manual_seed(0)
+    pushed: list[float] = []
+    for _ in range(4):
+        values = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).tolist()
+        kl, lengths = _flat_batch(values)
+        expected = torch.quantile(torch.tensor(pushed[-5:]), 0.7) if pushed else math.nan
+        cuts, metrics = _run_batch(term, kl, lengths, [4])
+        if pushed:
+            assert metrics["kat/threshold"] == pytest.approx(float(expected))
+        pushed += values
+        assert term.buffer.tolist() == pytest.approx(pushed[-5:])  # oldest evicted, row order
+        assert metrics["kat/buffer_size"] == min(len(pushed), 5)
+
+
+def test_threshold_snapshot_fixed_during_batch() -> None:
+    term = _adaptive(warmup_steps=1, min_buffer=2)
+    kl, lengths = _flat_batch([0.5, 0.5])
+    _run_batch(term, kl, lengths, [4])  # buffer [0.5, 0.5], no step yet
+    term.begin_batch(2, 4)
+    term.on_optimizer_step()  # warm-up completes mid-batch: takes effect next batch
+    low = torch.zeros(2, 4)
+    assert term.observe(torch.tensor([0, 1]), low, torch.tensor([4, 4])).tolist() == [-1, -1]
+    assert term.end_batch()["kat/active"] == 0.0
+    # now active with threshold quantile([.5, .5, 0, 0], .5) = 0.25, fixed for the whole batch
+    term.begin_batch(2, 4)
+    row0 = term.observe(torch.tensor([0]), torch.full((1, 2), 0.2), torch.tensor([2]))
+    row1 = term.observe(torch.tensor([1]), torch.full((1, 4), 0.3), torch.tensor([4]))
+    assert row0.tolist() == [0] and row1.tolist() == [-1]
+    metrics = term.end_batch()
+    assert metrics["kat/threshold"] == pytest.approx(0.25) and metrics["kat/cut_rows"] == 1.0
+
+
+def test_fixed_threshold_ignores_buffer_state() -> None:
+    term = KATTerminator(window=2, patience=1, threshold=0.05, min_buffer=512, warmup_steps=50)
+    kl, lengths = _flat_batch([0.0, 0.1])
+    cuts, metrics = _run_batch(term, kl, lengths, [4])
+    assert cuts.tolist() == [0, -1]
+    assert metrics["kat/threshold"] == 0.05 and metrics["kat/active"] == 1.0
+
+
+# --- state ---------------------------------------------------------------------------------
+
+
+def _roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def _drive(term: Terminator, seed: int, batches: int) -> list:
+    """Several batches (random KL, lengths, chunking) with optimizer steps between them."""
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(batches):
+        kl = _random_kl(gen, 6, 48)
+        lengths = torch.randint(10, 49, (6,), generator=gen)
+        ends = sorted(set(torch.randint(1, 48, (4,), generator=gen).tolist()) | {48})
+        cuts, metrics = _run_batch(term, kl, lengths, ends)
+        term.on_optimizer_step()
+        history.append((cuts.tolist(), {k: round(v, 12) for k, v in metrics.items()}))
+    return history
+
+
+def _kat_for_state() -> KATTerminator:
+    return KATTerminator(
+        window=4, stride=2, patience=2, quantile=0.6, buffer_size=20, min_buffer=8, warmup_steps=3
+    )
+
+
+def test_kat_state_round_trip() -> None:
+    term = _kat_for_state()
+    warm = _drive(term, seed=1, batches=3)
+    assert all(m["kat/active"] == 0.0 for _, m in warm)
+    state = _roundtrip(term.state_dict())
+    assert state["optimizer_steps"] == 3 and state["buffer"].numel() == term.buffer.numel()
+    restored = _kat_for_state()
+    restored.load_state_dict(state)
+    later, later_restored = _drive(term, 2, 4), _drive(restored, 2, 4)
+    assert later == later_restored
+    assert any(m["kat/active"] == 1.0 and m["kat/cut_rows"] > 0 for _, m in later)
+    assert torch.equal(term.buffer, restored.buffer)
+
+
+def test_state_dict_is_a_copy() -> None:
+    term = _adaptive()
+    _run_batch(term, *_flat_batch([0.1, 0.2]), [4])
+    state = term.state_dict()
+    _run_batch(term, *_flat_batch([0.3]), [4])
+    assert state["buffer"].tolist() == pytest.approx([0.1, 0.2])
+
+
+# --- baselines ----------------------------------------------------------------------------
+
+
+def test_no_termination() -> None:
+    term = NoTermination()
+    assert term.begin_batch(3, 17).tolist() == [17] * 3
+    assert term.observe(torch.tensor([0]), torch.zeros(1, 4), torch.tensor([4])).tolist() == [-1]
+    assert term.end_batch() == {} and not term.needs_kl
+
+
+def test_fixed_prefix_caps() -> None:
+    term = FixedPrefix(10)
+    assert term.begin_batch(3, 5).tolist() == [5, 5, 5]
+    caps = term.begin_batch(2, 20)
+    assert caps.tolist() == [10, 10] and caps.dtype == torch.long
+    assert not term.needs_kl
+
+
+def test_random_termination_reproducible() -> None:
+    term = RandomTermination(mean_length=30, exempt=5)
+    caps = [term.begin_batch(64, 1000, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(caps[0], caps[1]) and not torch.equal(caps[0], caps[2])
+    assert caps[0].dtype == torch.long and int(caps[0].min()) >= 6
+
+
+def test_random_termination_mean_length_and_clipping() -> None:
+    gen = torch.Generator().manual_seed(0)
+    term = RandomTermination(mean_length=50, exempt=10)
+    assert term.hazard == pytest.approx(1 / 40)
+    caps = term.begin_batch(20000, 10**9, gen).double()
+    assert caps.mean().item() == pytest.approx(50, abs=1.0)  # std error ~0.28
+    assert caps.var().item() == pytest.approx((1 - 1 / 40) * 40**2, rel=0.1)  # geometric
+    assert int(RandomTermination(hazard=0.01).begin_batch(500, 20, gen).max()) == 20
+    assert RandomTermination(hazard=1.0, exempt=3).begin_batch(4, 100, gen).tolist() == [4] * 4
+    same = RandomTermination(hazard=1 / 40, exempt=10)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(same.begin_batch(50, 500, g1), term.begin_batch(50, 500, g2))
+
+
+# --- composition --------------------------------------------------------------------------
+
+
+def test_composite_caps_are_elementwise_min() -> None:
+    gen_a, gen_b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    random_caps = RandomTermination(mean_length=12).begin_batch(200, 100, gen_a)
+    composite = CompositeTerminator([RandomTermination(mean_length=12), FixedPrefix(10)])
+    caps = composite.begin_batch(200, 100, gen_b)
+    assert torch.equal(caps, random_caps.clamp(max=10))
+    assert not composite.needs_kl
+
+
+def test_composite_earliest_stop_wins() -> None:
+    gen = torch.Generator().manual_seed(5)
+    kl = _random_kl(gen, 8, 80)
+    lengths = torch.randint(20, 81, (8,), generator=gen)
+    settings = [
+        dict(window=4, patience=2, threshold=0.25),
+        dict(window=6, stride=2, patience=3, threshold=0.3),
+    ]
+    composite = CompositeTerminator([FixedPrefix(70)] + [KATTerminator(**s) for s in settings])
+    assert composite.needs_kl
+    cuts, metrics = _run_batch(composite, kl, lengths, [13, 40, 57, 80])
+    for row in range(8):
+        seq = kl[row, : min(int(lengths[row]), 70)]
+        found = [kat_cut(seq, **s) for s in settings]
+        found = [c for c in found if c is not None]
+        assert cuts[row].item() == (min(found) if found else -1)
+    assert {"kat/threshold", "kat/buffer_size", "kat/active", "kat/cut_rows"} <= metrics.keys()
+
+
+def test_composite_state_round_trip() -> None:
+    def make() -> CompositeTerminator:
+        return CompositeTerminator([FixedPrefix(40), _kat_for_state()])
+
+    term = make()
+    _drive(term, seed=3, batches=3)
+    state = _roundtrip(term.state_dict())
+    assert set(state) == {"0", "1"}
+    restored = make()
+    restored.load_state_dict(state)
+    assert _drive(term, 4, 4) == _drive(restored, 4, 4)
+    with pytest.raises(ValueError, match="children"):
+        CompositeTerminator([FixedPrefix(4)]).load_state_dict(state)
+
+
+# --- factory, validation, repr ------------------------------------------------------------
+
+
+def test_factory_names() -> None:
+    assert TERMINATOR_NAMES == ("none", "fixed_prefix", "random", "kat", "kat_fixed_prefix")
+    assert isinstance(build_terminator("none"), NoTermination)
+    assert build_terminator("fixed_prefix", budget=1024).budget == 1024
+    assert build_terminator("random", hazard=0.1).hazard == 0.1
+    kat = build_terminator("kat", window=16, quantile=0.9)
+    assert isinstance(kat, KATTerminator) and kat.window == 16 and kat.stride == 16
+    both = build_terminator("kat_fixed_prefix", budget=2048, window=8, patience=2)
+    assert isinstance(both, CompositeTerminator) and both.needs_kl
+    prefix, inner = both.terminators
+    assert prefix.budget == 2048 and inner.window == 8 and inner.patience == 2
+
+
+def test_factory_unknown_name() -> None:
+    with pytest.raises(ValueError, match="none, fixed_prefix, random, kat, kat_fixed_prefix"):
+        build_terminator("kat_v2")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: KATTerminator(window=0), "window"),
+        (lambda: KATTerminator(stride=0), "stride"),
+        (lambda: KATTerminator(patience=0), "patience"),
+        (lambda: KATTerminator(quantile=1.0), "quantile"),
+        (lambda: KATTerminator(quantile=0.0), "quantile"),
+        (lambda: KATTerminator(min_buffer=5000), "min_buffer"),
+        (lambda: KATTerminator(min_buffer=0), "min_buffer"),
+        (lambda: KATTerminator(warmup_steps=-1), "warmup_steps"),
+        (lambda: KATTerminator(exempt=-1), "exempt"),
+        (lambda: KATTerminator(threshold=math.nan), "threshold"),
+        (lambda: kat_cut([0.0], threshold=0.1, window=0, patience=1), "window"),
+        (lambda: kat_cut([[0.0]], threshold=0.1, window=1, patience=1), "1-D"),
+        (lambda: kat_window_minimum([0.0], window=1, stop=-1), "stop"),
+        (lambda: FixedPrefix(0), "budget"),
+        (lambda: RandomTermination(), "exactly one"),
+        (lambda: RandomTermination(hazard=0.1, mean_length=10), "exactly one"),
+        (lambda: RandomTermination(hazard=0.0), "hazard"),
+        (lambda: RandomTermination(hazard=1.5), "hazard"),
+        (lambda: RandomTermination(mean_length=5, exempt=5), "mean_length"),
+        (lambda: RandomTermination(hazard=0.1, exempt=-1), "exempt"),
+        (lambda: CompositeTerminator([]), "at least one"),
+    ],
+)
+def test_validation_errors(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_reprs_show_settings() -> None:
+    assert repr(FixedPrefix(1024)) == "FixedPrefix(budget=1024)"
+    assert "hazard=0.01" in repr(RandomTermination(hazard=0.01, exempt=2))
+    text = repr(KATTerminator(window=32, stride=8, exempt=16, threshold=0.1))
+    for part in (
+        "window=32",
+        "stride=8",
+        "patience=4",
+        "quantile=0.7",
+        "exempt=16",
+        "threshold=0.1",
+    ):
+        assert part in text
+    assert repr(build_terminator("kat_fixed_prefix", budget=8)).startswith(
+        "CompositeTerminator([FixedPrefix(budget=8), KATTerminator("
+    )
