@@ -86,3 +86,11 @@ def test_logit_dimension_mismatch_is_reported(char_tokenizer):
     teacher.resize_token_embeddings(len(char_tokenizer) + 8)
     with pytest.raises(VocabularyMismatchError, match="logit dimension"):
         check_vocab_agreement("s", char_tokenizer, student, "t", char_tokenizer, teacher)
+
+
+def test_special_token_difference_is_reported(char_tokenizer):
+    other = build_char_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<tool>"]})
+    assert first_vocab_difference(char_tokenizer, other) == (
+        "special token '<tool>' exists only in the teacher"
+    )

@@ -6,6 +6,7 @@ from kat_research.models.tiny import (
     build_char_tokenizer,
     build_tiny_qwen3,
     save_tiny_model,
+    tiny_random_model,
 )
 from kat_research.models.vocab_check import (
     VocabularyMismatchError,
@@ -25,4 +26,5 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "save_tiny_model",
+    "tiny_random_model",
 ]

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from kat_research.models.loading import LoadedModel, load_causal_lm
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -114,3 +116,23 @@ def save_tiny_model(
     build_tiny_qwen3(tokenizer, **model_kwargs).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_random_model(
+    cache_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    trainable: bool = True,
+) -> LoadedModel:
+    """A random-init tiny Qwen3 with the character tokenizer, saved once under ``cache_dir``
+    and loaded through :func:`load_causal_lm` like any hub model (fast config smoke runs)."""
+    arch = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, seed=seed)
+    path = Path(cache_dir) / "tiny_random" / "_".join(f"{k}{v}" for k, v in arch.items())
+    if not (path / "config.json").exists():
+        save_tiny_model(path, build_char_tokenizer(), **arch)
+    return load_causal_lm(str(path), trainable=trainable)

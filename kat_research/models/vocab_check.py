@@ -10,13 +10,10 @@ class VocabularyMismatchError(ValueError):
     """Teacher and student tokenizers (or logit spaces) disagree."""
 
 
-def _special_tokens(tok: PreTrainedTokenizerBase) -> dict[str, object]:
-    return {
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "special tokens": sorted(tok.all_special_tokens),
-    }
+def _special_tokens(tok: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Special tokens and their ids (roles such as eos may differ: a base student and an
+    instruct teacher of one family share the tokens but not the eos role)."""
+    return {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
 
 
 def first_vocab_difference(
@@ -25,7 +22,7 @@ def first_vocab_difference(
     """Describe the first disagreement between two tokenizers, or None if they agree.
 
     Checked: every id the student tokenizer can emit maps to the same token in the teacher,
-    and the special tokens (eos, pad, bos and the special-token set) are the same.
+    and both have the same special tokens with the same ids.
     """
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
     t_by_id = {i: t for t, i in t_vocab.items()}
@@ -33,9 +30,9 @@ def first_vocab_difference(
         if t_by_id.get(idx) != token:
             return f"id {idx} is {token!r} in the student but {t_by_id.get(idx)!r} in the teacher"
     s_special, t_special = _special_tokens(student), _special_tokens(teacher)
-    for key, value in s_special.items():
-        if t_special[key] != value:
-            return f"{key}: student {value!r} vs teacher {t_special[key]!r}"
+    for token in sorted(s_special.keys() ^ t_special.keys()):
+        side = "student" if token in s_special else "teacher"
+        return f"special token {token!r} exists only in the {side}"
     return None
 
 

@@ -15,7 +15,8 @@ from kat_research.termination.rules import (
 )
 
 
-def _kat_on_fixed_prefix(budget: int, **kat_kwargs: Any) -> CompositeTerminator:
+def kat_on_fixed_prefix(budget: int, **kat_kwargs: Any) -> CompositeTerminator:
+    """KAT running on top of a fixed prefix of `budget` tokens: the earliest stop wins."""
     return CompositeTerminator([FixedPrefix(budget), KATTerminator(**kat_kwargs)])
 
 
@@ -24,7 +25,7 @@ _BUILDERS: dict[str, Callable[..., Terminator]] = {
     "fixed_prefix": FixedPrefix,
     "random": RandomTermination,
     "kat": KATTerminator,
-    "kat_fixed_prefix": _kat_on_fixed_prefix,
+    "kat_fixed_prefix": kat_on_fixed_prefix,
 }
 TERMINATOR_NAMES = tuple(_BUILDERS)
 
@@ -48,6 +49,7 @@ __all__ = [
     "RandomTermination",
     "Terminator",
     "build_terminator",
+    "kat_on_fixed_prefix",
     "kat_cut",
     "kat_window_minimum",
 ]

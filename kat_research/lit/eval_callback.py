@@ -1,0 +1,75 @@
+"""Run an evaluator on the student during training: at the start, every N steps, at the end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from kat_research.eval.tasks import EvalResult
+
+
+class EvalCallback(L.Callback):
+    """Evaluates ``pl_module.student`` with ``evaluator(model, tokenizer) -> EvalResult``.
+
+    Metrics go to every logger at the current global step and into ``results`` (step →
+    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``.
+    """
+
+    def __init__(
+        self,
+        evaluator: Callable[..., EvalResult],
+        output_dir: str | Path | None = None,
+        every_n_steps: int = 0,
+        at_start: bool = True,
+        at_end: bool = True,
+    ):
+        self.evaluator = evaluator
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
+        self.results: dict[int, dict[str, float]] = {}
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        step = trainer.global_step
+        if step in self.results:
+            return self.results[step]
+        model = pl_module.student
+        was_training = model.training
+        model.eval()
+        try:
+            result = self.evaluator(model, pl_module.tokenizer)
+        finally:
+            model.train(was_training)
+        self.results[step] = result.metrics
+        for logger in trainer.loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
+        if self.output_dir is not None:
+            folder = self.output_dir / "eval"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"step{step:06d}.jsonl", "w") as f:
+                for record in result.records:
+                    f.write(json.dumps(record.to_dict()) + "\n")
+        return result.metrics
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end:
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": dict(self.results)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = {int(k): v for k, v in state_dict["results"].items()}

@@ -1,0 +1,267 @@
+"""On-policy distillation as a LightningModule: rollout engine + terminator + loss.
+
+Every method of the papers (standard OPD, random termination, fixed prefix, Top-K
+truncated reverse KL, KAT, KAT on a fixed prefix) is this module with a different
+terminator and loss configuration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kat_research.lit.schedule import optimizers_config
+from kat_research.losses import LOSS_KINDS, LossOutput, TeacherTargets, opd_loss, token_weights
+from kat_research.models import freeze
+from kat_research.rollout import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    prompt_positions,
+)
+from kat_research.termination import NoTermination
+from kat_research.termination.base import Terminator
+
+# What the engine keeps from the teacher for each loss kind.
+TEACHER_KEEP = {
+    "full": "hidden",
+    "topk_tail": "hidden",
+    "topk_lsm": "topk",
+    "sampled_token": "none",
+}
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The distillation loss (see ``conf/loss``)."""
+
+    kind: str = "full"
+    k: int | None = None
+    support: str = "student"
+    aggregation: str = "token_mean"
+    discount: float = 0.0
+    chunk_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"unknown loss kind {self.kind!r}; valid: {', '.join(LOSS_KINDS)}")
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How rollouts are sampled during training (see ``conf/rollout``)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    group_size: int = 1
+    score_every: int | None = None
+    teacher_keep: str = "auto"
+    masked_tokens: tuple[str, ...] = field(default_factory=tuple)
+
+    def sampling(self, stop_token_ids: tuple[int, ...]) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, stop_token_ids)
+
+
+class OPDModule(L.LightningModule):
+    """Samples rollouts from the current student, scores them with the teacher online, and
+    trains the student on the kept tokens.
+
+    The teacher is held outside the module's registered children: it never receives
+    gradients, is never in ``state_dict`` (so never in a checkpoint), and is moved to the
+    student's device at the start of fitting.
+    """
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., LRScheduler] | None = None,
+        terminator: Terminator | None = None,
+        loss: dict[str, Any] | LossSettings | None = None,
+        rollout: dict[str, Any] | RolloutSettings | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.student = student.train()
+        self.__dict__["teacher"] = freeze(teacher)
+        self.tokenizer = tokenizer
+        self.terminator = terminator or NoTermination()
+        self.loss_settings = _as(LossSettings, loss)
+        self.rollout_settings = _as(RolloutSettings, rollout)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.seed = seed
+        keep = self.rollout_settings.teacher_keep
+        self.engine = RolloutEngine(
+            student,
+            teacher,
+            sampling=self.rollout_settings.sampling((tokenizer.eos_token_id,)),
+            pad_token_id=tokenizer.pad_token_id,
+            terminator=self.terminator,
+            score_every=self.rollout_settings.score_every,
+            teacher_keep=TEACHER_KEEP[self.loss_settings.kind] if keep == "auto" else keep,
+            teacher_topk=self.loss_settings.k or 32,
+            masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
+        )
+        self.save_hyperparameters(
+            {
+                "loss": asdict(self.loss_settings),
+                "rollout": asdict(self.rollout_settings),
+                "terminator": repr(self.terminator),
+                "seed": seed,
+            }
+        )
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: torch.Tensor | None = None
+        self.totals = {"tokens_generated": 0, "tokens_kept": 0, "rollouts": 0, "rollout_s": 0.0}
+        self._step_start = 0.0
+
+    # ------------------------------------------------------------------ setup
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def rollout_generator(self) -> torch.Generator:
+        """The sampling RNG, seeded per rank; its state is checkpointed."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.seed + 1000 * self.global_rank)
+            if self._pending_generator_state is not None:
+                self._generator.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
+        return self._generator
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return optimizers_config(
+            self.student.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            int(self.trainer.estimated_stepping_batches),
+        )
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        group = self.rollout_settings.group_size
+        prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
+        prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
+        rollout = self.engine.generate(prompt_ids, prompt_mask, self.rollout_generator())
+        out = self.distillation_loss(rollout)
+        self._log_rollout(rollout, out)
+        return out.loss
+
+    def distillation_loss(self, rollout: Rollout) -> LossOutput:
+        """The configured loss on the kept tokens of ``rollout`` (student forward with grad)."""
+        s = self.loss_settings
+        prompt_width, width = rollout.prompt_ids.shape[1], rollout.tokens.shape[1]
+        mask = rollout.attention_mask
+        hidden = self.student.base_model(
+            input_ids=rollout.input_ids, attention_mask=mask, position_ids=prompt_positions(mask)
+        ).last_hidden_state
+        # position prompt_width-1+t predicts generated token t
+        hidden = hidden[:, prompt_width - 1 : prompt_width - 1 + width]
+        keep = rollout.loss_mask
+        rows = torch.arange(rollout.batch_size, device=keep.device)[:, None].expand_as(keep)
+        teacher = TeacherTargets(
+            hidden=None if rollout.teacher_hidden is None else rollout.teacher_hidden[keep],
+            lm_head=self.teacher.get_output_embeddings(),
+            topk_logprobs=None
+            if rollout.teacher_topk_logprobs is None
+            else rollout.teacher_topk_logprobs[keep],
+            topk_ids=None if rollout.teacher_topk_ids is None else rollout.teacher_topk_ids[keep],
+            sampled_logprobs=rollout.teacher_logprobs[keep],
+        )
+        return opd_loss(
+            hidden[keep],
+            self.student.get_output_embeddings(),
+            rollout.tokens[keep],
+            token_weights(keep, s.aggregation)[keep],
+            teacher,
+            kind=s.kind,
+            k=s.k,
+            support=s.support,
+            discount=s.discount,
+            row_index=rows[keep],
+            chunk_size=s.chunk_size,
+        )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.terminator.on_optimizer_step()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("perf/step_time_s", time.perf_counter() - self._step_start, on_step=True)
+
+    def _log_rollout(self, rollout: Rollout, out: LossOutput) -> None:
+        n = rollout.batch_size
+        generated = int(rollout.lengths.sum())
+        kept = int(rollout.loss_mask.sum())
+        seconds = rollout.timings.get("total", float("nan"))
+        self.totals["tokens_generated"] += generated
+        self.totals["tokens_kept"] += kept
+        self.totals["rollouts"] += n
+        self.totals["rollout_s"] += seconds
+        gen = rollout.gen_mask
+        metrics = {
+            "train/loss": out.loss.detach(),
+            "train/kl": float(rollout.kl[gen].nanmean()) if rollout.kl is not None else 0.0,
+            "train/loss_tokens": float(out.n_tokens),
+            "train/teacher_nonfinite": float(rollout.n_teacher_nonfinite + out.n_nonfinite),
+            "len/generated": generated / n,
+            "len/kept": float(rollout.cut.float().mean()),
+            "perf/tokens_per_s": generated / seconds,
+            "perf/rollout_s": seconds,
+            "perf/teacher_s": rollout.timings.get("teacher", 0.0),
+            "total/tokens_generated": float(self.totals["tokens_generated"]),
+        }
+        metrics.update({f"stop/{r}": c / n for r, c in rollout.stop_counts().items()})
+        metrics.update(rollout.terminator_metrics)
+        self.log_dict(metrics, on_step=True, batch_size=n)
+        self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
+        self.log("len", metrics["len/generated"], prog_bar=True, on_step=True, logger=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["terminator"] = self.terminator.state_dict()
+        checkpoint["rollout_rng"] = self.rollout_generator().get_state()
+        checkpoint["totals"] = dict(self.totals)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.terminator.load_state_dict(checkpoint["terminator"])
+        self._generator = None
+        self._pending_generator_state = checkpoint["rollout_rng"]
+        self.totals.update(checkpoint.get("totals", {}))
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...]) -> tuple[int, ...]:
+    """Ids of single vocabulary tokens; an unknown token is a configuration error."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"rollout.masked_tokens {missing} are not tokens of the student's vocabulary; "
+            "remove them or list tokens this tokenizer has"
+        )
+    return tuple(vocab[t] for t in tokens)
+
+
+def _as(cls: type, value: Any) -> Any:
+    """Build a settings dataclass from a dict / DictConfig (lists become tuples)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in dict(value).items()})

@@ -1,0 +1,172 @@
+"""`python -m kat_research.train`: on-policy distillation driven by the Hydra config in conf/.
+
+Each job writes into its own folder: the resolved config (.hydra/), TensorBoard logs and CSV
+metrics, checkpoints, evaluation samples, ``summary.json`` and the exported student.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kat_research.lit import OPDModule
+from kat_research.lit.eval_callback import EvalCallback
+from kat_research.models import check_vocab_agreement
+from kat_research.termination import CompositeTerminator, KATTerminator
+from kat_research.termination.base import Terminator
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+def _rules(terminator: Terminator) -> list[Terminator]:
+    if isinstance(terminator, CompositeTerminator):
+        return [r for child in terminator.terminators for r in _rules(child)]
+    return [terminator]
+
+
+def check_runnable(cfg: DictConfig, terminator: Terminator) -> None:
+    """Fail before any model is loaded if the configuration cannot run."""
+    cap = cfg.rollout.max_new_tokens
+    for rule in _rules(terminator):
+        if isinstance(rule, KATTerminator) and rule.window + rule.exempt > cap:
+            raise ConfigError(
+                f"KAT window {rule.window} (+ exempt {rule.exempt}) exceeds "
+                f"rollout.max_new_tokens={cap}: no window could ever be evaluated. Lower "
+                "method.terminator.window or raise rollout.max_new_tokens."
+            )
+    source = cfg.data.source
+    if source.kind == "file" and not Path(source.path).exists():
+        raise ConfigError(
+            f"data file {source.path} does not exist: set data.source.path (or paths.data_dir)"
+        )
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[L.Callback], EvalCallback | None]:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    eval_cb = None
+    if cfg.eval.get("enabled", False):
+        eval_cb = EvalCallback(
+            instantiate(cfg.eval.evaluator),
+            output_dir=output_dir,
+            every_n_steps=cfg.eval.every_n_steps,
+            at_start=cfg.eval.at_start,
+            at_end=cfg.eval.at_end,
+        )
+        callbacks.append(eval_cb)
+    return callbacks, eval_cb
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one OPD job described by ``cfg`` (``paths.output_dir`` set); return its summary."""
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    terminator = instantiate(cfg.method.terminator)
+    check_runnable(cfg, terminator)
+
+    student = instantiate(cfg.model.student)
+    teacher = instantiate(cfg.model.teacher)
+    check_vocab_agreement(
+        student.name, student.tokenizer, student.model,
+        teacher.name, teacher.tokenizer, teacher.model,
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.attach_tokenizer(student.tokenizer)
+    datamodule.setup("fit")
+
+    module = OPDModule(
+        student.model,
+        teacher.model,
+        student.tokenizer,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        terminator=terminator,
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        rollout=OmegaConf.to_container(cfg.rollout, resolve=True),
+        seed=cfg.seed,
+    )
+    callbacks, eval_cb = build_callbacks(cfg, output_dir)
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     default_root_dir=str(output_dir))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics({f"data/{k}": float(v) for k, v in datamodule.stats.items()}, step=0)
+
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - fit_start
+
+    if cfg.export_student:
+        student.model.save_pretrained(output_dir / "student")
+        student.tokenizer.save_pretrained(output_dir / "student")
+    summary = make_summary(cfg, module, trainer, eval_cb, datamodule.stats, fit_seconds,
+                           time.perf_counter() - start)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def make_summary(
+    cfg: DictConfig,
+    module: OPDModule,
+    trainer: L.Trainer,
+    eval_cb: EvalCallback | None,
+    data_stats: dict[str, int],
+    fit_seconds: float,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """What a job reports: settings, compute spent, lengths, final metrics, evaluation."""
+    totals = module.totals
+    rollouts = max(1, totals["rollouts"])
+    evals = eval_cb.results if eval_cb is not None else {}
+    steps = sorted(evals)
+    return {
+        "method": cfg.method.name,
+        "loss": cfg.loss.kind,
+        "seed": cfg.seed,
+        "student": module.student.name_or_path,
+        "steps": trainer.global_step,
+        "fit_time_s": fit_seconds,
+        "wall_time_s": wall_seconds,
+        "tokens_generated": totals["tokens_generated"],
+        "tokens_kept": totals["tokens_kept"],
+        "rollouts": totals["rollouts"],
+        "mean_generated_length": totals["tokens_generated"] / rollouts,
+        "mean_kept_length": totals["tokens_kept"] / rollouts,
+        "rollout_time_s": totals["rollout_s"],
+        "final_metrics": {
+            k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)
+        },
+        "eval_before": evals[steps[0]] if steps and steps[0] == 0 else None,
+        "eval_after": evals[steps[-1]] if steps and steps[-1] > 0 else None,
+        "data": data_stats,
+        "output_dir": cfg.paths.output_dir,
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (single run or `-m` multirun)."""
+    cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
