@@ -1,0 +1,40 @@
+"""Training data: the synthetic arithmetic task, row sources, chat prompts and the data module."""
+
+from kat_research.data.datamodule import PromptDataModule
+from kat_research.data.prompts import (
+    DEFAULT_INSTRUCTION,
+    PromptCollator,
+    SFTCollator,
+    drop_too_long,
+    format_prompt,
+)
+from kat_research.data.sources import LoadStats, Row, SourceSpec, load_rows
+from kat_research.data.synthetic import (
+    ArithmeticProblem,
+    ArithmeticTaskConfig,
+    generate_problems,
+    is_correct,
+    make_problem,
+    solution_text,
+    split_problems,
+)
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "ArithmeticProblem",
+    "ArithmeticTaskConfig",
+    "LoadStats",
+    "PromptCollator",
+    "PromptDataModule",
+    "Row",
+    "SFTCollator",
+    "SourceSpec",
+    "drop_too_long",
+    "format_prompt",
+    "generate_problems",
+    "is_correct",
+    "load_rows",
+    "make_problem",
+    "solution_text",
+    "split_problems",
+]

@@ -1,0 +1,169 @@
+"""The Lightning data module serving training prompts (OPD) or prompt + solution pairs (SFT)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from kat_research.data.prompts import (
+    DEFAULT_INSTRUCTION,
+    PromptCollator,
+    SFTCollator,
+    drop_too_long,
+)
+from kat_research.data.sampler import ResumableBatchSampler
+from kat_research.data.sources import Row, SourceSpec, as_source_spec, load_rows
+
+MODES = ("prompts", "sft")
+DEFAULT_SYNTHETIC_VAL_SIZE = 256
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Loads rows from a source, drops prompts too long for the model, and batches them.
+
+    Built from plain values (Hydra); the tokenizer comes later through ``attach_tokenizer``
+    because the model config decides it. ``mode="prompts"`` yields left-padded prompt batches
+    for rollouts; ``mode="sft"`` yields prompt + solution batches with masked labels
+    (``max_length`` tokens at most). Validation always yields prompt batches, for grading
+    generations. A synthetic source validates on its eval split (``val_size`` problems, 0 for
+    none) unless ``val_source`` is given; other sources validate only on ``val_source``
+    (``val_size`` caps its rows). After ``setup()``, ``stats`` holds row counts for logging.
+    """
+
+    def __init__(
+        self,
+        source: SourceSpec | Mapping[str, Any],
+        instruction: str = DEFAULT_INSTRUCTION,
+        system: str | None = None,
+        max_prompt_tokens: int = 512,
+        batch_size: int = 32,
+        mode: str = "prompts",
+        max_length: int = 1024,
+        val_source: SourceSpec | Mapping[str, Any] | None = None,
+        val_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
+        self.source = as_source_spec(source)
+        self.val_source = self._val_spec(val_source, val_size)
+        self.instruction = instruction
+        self.system = system
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batch_size = batch_size
+        self.mode = mode
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_rows: list[Row] = []
+        self.val_rows: list[Row] = []
+        self.stats: dict[str, int] = {}
+
+    def _val_spec(
+        self, val_source: SourceSpec | Mapping[str, Any] | None, val_size: int | None
+    ) -> SourceSpec | None:
+        if val_source is not None:
+            spec = as_source_spec(val_source)
+            return spec if val_size is None else dataclasses.replace(spec, limit=val_size)
+        if self.source.kind != "synthetic" or val_size == 0:
+            return None
+        n = DEFAULT_SYNTHETIC_VAL_SIZE if val_size is None else val_size
+        return dataclasses.replace(self.source, split="eval", n=n, limit=None)
+
+    def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Give the module the policy's tokenizer; needed before ``setup``."""
+        self.tokenizer = tokenizer
+
+    def _load(self, spec: SourceSpec, sft: bool) -> tuple[list[Row], dict[str, int]]:
+        assert self.tokenizer is not None
+        rows, load_stats = load_rows(spec)
+        if sft and any(row.solution is None for row in rows):
+            raise ValueError(
+                f"mode=sft needs a solution per row but {spec.name} has none: set solution_field"
+            )
+        kept, n_too_long = drop_too_long(
+            rows,
+            self.tokenizer,
+            self.max_prompt_tokens,
+            self.instruction,
+            self.system,
+            self.max_length if sft else None,
+        )
+        stats = {
+            "n_read": load_stats.n_read,
+            "n_skipped_malformed": load_stats.n_skipped_malformed,
+            "n_dropped_too_long": n_too_long,
+            "n_rows": len(kept),
+        }
+        stats.update({f"n_skipped_{r}": n for r, n in sorted(load_stats.reasons.items())})
+        if not kept:
+            limits = f"max_prompt_tokens={self.max_prompt_tokens}"
+            if sft:
+                limits += f" or max_length={self.max_length}"
+            raise ValueError(
+                f"no rows left from {spec.name}: read {load_stats.n_read}, skipped "
+                f"{load_stats.n_skipped_malformed} malformed {load_stats.reasons}, dropped "
+                f"{n_too_long} longer than {limits}"
+            )
+        return kept, stats
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and filter the training and validation rows (once)."""
+        if self.tokenizer is None:
+            raise RuntimeError("call attach_tokenizer(tokenizer) before setup()")
+        if self.stats:
+            return
+        self.train_rows, stats = self._load(self.source, sft=self.mode == "sft")
+        if self.val_source is not None:
+            self.val_rows, val_stats = self._load(self.val_source, sft=False)
+            stats.update({f"val_{key}": value for key, value in val_stats.items()})
+        self.stats = stats
+
+    def _collator(self, sft: bool) -> Callable[[Sequence[Row]], dict]:
+        assert self.tokenizer is not None
+        if sft:
+            return SFTCollator(self.tokenizer, self.max_length, self.instruction, self.system)
+        return PromptCollator(self.tokenizer, self.max_prompt_tokens, self.instruction, self.system)
+
+    def _batches_consumed(self) -> int:
+        """Training batches the attached trainer has consumed (0 without a trainer)."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+    def _loader(self, rows: list[Row], sft: bool, train: bool) -> DataLoader:
+        sampler = ResumableBatchSampler(
+            len(rows),
+            self.batch_size,
+            seed=self.seed,
+            shuffle=train and self.shuffle,
+            drop_last=train,
+            consumed=self._batches_consumed if train else (lambda: 0),
+        )
+        return DataLoader(
+            rows,
+            batch_sampler=sampler,
+            collate_fn=self._collator(sft),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches, reshuffled every epoch from ``seed``; a resumed run continues
+        where the checkpoint left off (see ``ResumableBatchSampler``)."""
+        return self._loader(self.train_rows, sft=self.mode == "sft", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Prompt batches of the validation rows (an empty list when there are none)."""
+        if not self.val_rows:
+            return []
+        return self._loader(self.val_rows, sft=False, train=False)

@@ -1,0 +1,269 @@
+"""Where training rows come from: the synthetic task, a local JSONL/Parquet file, or the hub.
+
+Every source yields the same ``Row``. Unusable records (bad JSON, no problem text, an empty
+answer when an answer field is configured, ...) are skipped and counted by reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kat_research.data.synthetic import (
+    ArithmeticTaskConfig,
+    problems_for_split,
+    solution_text,
+)
+from kat_research.eval.answers import after_hashes, last_boxed
+
+KINDS = ("synthetic", "file", "hub")
+ANSWER_TRANSFORMS = ("none", "gsm8k", "last_boxed")
+_INVALID_JSON = object()  # stands in for a JSONL line that does not parse
+_MISSING = object()  # a field path that does not resolve
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training prompt. ``answer`` is the gold final answer, ``solution`` an SFT target."""
+
+    problem_id: str
+    problem: str
+    answer: str | None
+    solution: str | None = None
+
+
+@dataclass
+class LoadStats:
+    """Records read, records skipped as malformed, and why (reason -> count)."""
+
+    n_read: int = 0
+    n_skipped_malformed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.n_skipped_malformed += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where rows come from and how to read them.
+
+    ``kind="file"``: ``path`` to a ``.jsonl``, ``.json`` (array) or ``.parquet`` file.
+    ``kind="hub"``: ``datasets.load_dataset(hub_id, config_name, split=split)``.
+    ``kind="synthetic"``: ``n`` arithmetic problems of ``split`` (train/eval) drawn with ``seed``.
+
+    Field names may be dotted paths (``reward_model.ground_truth``; list items by index). A field
+    holding a chat message list gives its last user message. With ``answer_field`` /
+    ``solution_field`` set, rows where that field is empty are skipped; ``answer_transform``
+    extracts the answer from it (``gsm8k``: after ``####``; ``last_boxed``: the last box).
+    Rows are numbered by position unless ``id_field`` names an id. ``limit`` caps rows kept.
+    """
+
+    kind: str = "synthetic"
+    path: str | None = None
+    hub_id: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    problem_field: str = "problem"
+    answer_field: str | None = "answer"
+    solution_field: str | None = None
+    id_field: str | None = None
+    answer_transform: str = "none"
+    limit: int | None = None
+    task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    n: int = 10_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, Mapping):  # plain values from Hydra
+            object.__setattr__(self, "task", ArithmeticTaskConfig(**self.task))
+        if self.kind not in KINDS:
+            raise ValueError(f"data source kind must be one of {KINDS}, got {self.kind!r}")
+        if self.answer_transform not in ANSWER_TRANSFORMS:
+            raise ValueError(
+                f"answer_transform must be one of {ANSWER_TRANSFORMS}, "
+                f"got {self.answer_transform!r}"
+            )
+        if self.kind == "file" and not self.path:
+            raise ValueError("a file data source needs data.path")
+        if self.kind == "hub" and not self.hub_id:
+            raise ValueError("a hub data source needs data.hub_id")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SourceSpec:
+        """Build from plain values (a dict or Hydra DictConfig), rejecting unknown keys."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown data source keys: {sorted(unknown)}")
+        return cls(**values)
+
+    @property
+    def name(self) -> str:
+        """A short name for row ids and messages."""
+        if self.kind == "file":
+            return Path(str(self.path)).stem
+        return f"synthetic-{self.split}" if self.kind == "synthetic" else str(self.hub_id)
+
+
+def as_source_spec(spec: SourceSpec | Mapping[str, Any]) -> SourceSpec:
+    """``spec`` itself, or a SourceSpec built from its plain values."""
+    return spec if isinstance(spec, SourceSpec) else SourceSpec.from_mapping(spec)
+
+
+def _jsonl_records(path: Path) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield _INVALID_JSON
+
+
+def _file_records(path: Path) -> Iterator[Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"training data file not found: {path} (fix data.path)")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return iter(pq.read_table(path).to_pylist())
+    if suffix == ".json":
+        return iter(json.loads(path.read_text(encoding="utf-8")))
+    if suffix == ".jsonl":
+        return _jsonl_records(path)
+    raise ValueError(f"unsupported data file type {suffix!r} for {path}: use .jsonl or .parquet")
+
+
+def _hub_records(spec: SourceSpec) -> Iterator[Any]:
+    import datasets
+    from huggingface_hub import constants
+
+    try:
+        dataset = datasets.load_dataset(spec.hub_id, spec.config_name, split=spec.split)
+    except Exception as error:
+        offline = " (HF_HUB_OFFLINE is set, not cached)" if constants.HF_HUB_OFFLINE else ""
+        raise RuntimeError(
+            f"could not load dataset {spec.hub_id!r} split {spec.split!r} from the hub{offline}; "
+            "point data.path at a local .jsonl or .parquet file (data.kind=file) instead"
+        ) from error
+    return iter(dataset)
+
+
+def resolve_field(record: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted ``path`` (``a.b``, ``a.0.c``), or ``_MISSING`` if it is absent."""
+    if path in record:
+        return record[path]
+    value: Any = record
+    for part in path.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list | tuple) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in value
+    )
+
+
+def _last_user_message(messages: list[Mapping[str, Any]]) -> Any:
+    contents = [m["content"] for m in messages if m["role"] == "user"]
+    return contents[-1] if contents else _MISSING
+
+
+def _number_text(value: int | float) -> str:
+    """A numeric answer as text; integral floats lose their ``.0`` (27.0 -> "27")."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _text_field(record: Mapping[str, Any], path: str, what: str) -> tuple[str | None, str | None]:
+    """(text, None) for a usable string/number field, else (None, reason for skipping)."""
+    value = resolve_field(record, path)
+    if _is_message_list(value) and value:
+        value = _last_user_message(value)
+    if value is _MISSING or value is None:
+        return None, f"missing_{what}"
+    if what != "problem" and isinstance(value, int | float) and not isinstance(value, bool):
+        value = _number_text(value)
+    if not isinstance(value, str):
+        return None, f"non_string_{what}"
+    if not value.strip():
+        return None, f"empty_{what}"
+    return value, None
+
+
+def _transform_answer(answer: str, transform: str) -> str | None:
+    if transform == "gsm8k":
+        number = after_hashes(answer)
+        return number.replace(",", "") if number else None
+    if transform == "last_boxed":
+        return last_boxed(answer)
+    return answer.strip()
+
+
+def _row(spec: SourceSpec, record: Any, index: int, stats: LoadStats) -> Row | None:
+    """A Row from one record, or None (counted in ``stats``) when it is unusable."""
+    if record is _INVALID_JSON:
+        stats.skip("invalid_json")
+        return None
+    if not isinstance(record, Mapping):
+        stats.skip("not_an_object")
+        return None
+    values: dict[str, str | None] = {}
+    for what, path in (
+        ("problem", spec.problem_field),
+        ("answer", spec.answer_field),
+        ("solution", spec.solution_field),
+    ):
+        if path is None:
+            values[what] = None
+            continue
+        values[what], reason = _text_field(record, path, what)
+        if reason:
+            stats.skip(reason)
+            return None
+    if values["answer"] is not None:
+        values["answer"] = _transform_answer(values["answer"], spec.answer_transform)
+        if not values["answer"]:
+            stats.skip(f"no_answer_after_{spec.answer_transform}")
+            return None
+    found_id = resolve_field(record, spec.id_field) if spec.id_field else _MISSING
+    problem_id = f"{spec.name}:{index}" if found_id in (_MISSING, None) else str(found_id)
+    return Row(problem_id, values["problem"], values["answer"], values["solution"])
+
+
+def _synthetic_rows(spec: SourceSpec) -> list[Row]:
+    n = spec.n if spec.limit is None else min(spec.n, spec.limit)
+    problems = problems_for_split(spec.split, n, spec.seed, spec.task)
+    return [
+        Row(f"{spec.name}:{i}", p.problem, p.answer, solution_text(p))
+        for i, p in enumerate(problems)
+    ]
+
+
+def load_rows(spec: SourceSpec | Mapping[str, Any]) -> tuple[list[Row], LoadStats]:
+    """The rows of a source and what was skipped on the way."""
+    spec = as_source_spec(spec)
+    if spec.kind == "synthetic":
+        rows = _synthetic_rows(spec)
+        return rows, LoadStats(n_read=len(rows))
+    records = _file_records(Path(str(spec.path))) if spec.kind == "file" else _hub_records(spec)
+    stats = LoadStats()
+    rows: list[Row] = []
+    for record in records:
+        if spec.limit is not None and len(rows) >= spec.limit:
+            break
+        stats.n_read += 1
+        row = _row(spec, record, stats.n_read - 1, stats)
+        if row is not None:
+            rows.append(row)
+    return rows, stats
