@@ -1,0 +1,227 @@
+"""Evaluation benchmarks: where each lives, how to read a problem and its gold answer."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kat_research.eval.answers import after_hashes, gold_from_solution
+
+Gold = str | tuple[str, ...]
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One evaluation problem. ``gold`` is a tuple for list-valued golds (OlympiadBench)."""
+
+    benchmark: str
+    problem_id: str
+    problem: str
+    gold: Gold
+
+
+@dataclass
+class LoadStats:
+    """Rows read from the source, rows skipped, and why (reason -> count)."""
+
+    n_read: int = 0
+    n_skipped: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.n_skipped += 1
+        self.reasons[reason] += 1
+
+
+def _scalar_text(value: Any) -> str | None:
+    """A scalar gold as text: floats that are integers lose their ``.0`` (AMC's 27.0 -> 27)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value).strip() or None
+
+
+def answer_field(row: Row) -> Gold | None:
+    """Gold from an ``answer`` field (string, int or float)."""
+    return _scalar_text(row.get("answer"))
+
+
+def answer_or_last_box(row: Row) -> Gold | None:
+    """Gold from ``answer`` when present (hub copies), else the last box of ``solution``."""
+    gold = _scalar_text(row.get("answer"))
+    solution = row.get("solution")
+    if gold is None and isinstance(solution, str):
+        return gold_from_solution(solution)
+    return gold
+
+
+def final_answer_list(row: Row) -> Gold | None:
+    """OlympiadBench's ``final_answer``: a list of strings (a scalar is accepted too)."""
+    value = row.get("final_answer")
+    if not isinstance(value, list | tuple):
+        return _scalar_text(value)
+    parts = tuple(text for text in map(_scalar_text, value) if text is not None)
+    return parts or None
+
+
+def gsm8k_answer(row: Row) -> Gold | None:
+    """GSM8K's number after ``####``, thousands separators removed (``2,125`` -> ``2125``)."""
+    answer = row.get("answer")
+    if not isinstance(answer, str):
+        return None
+    number = after_hashes(answer)
+    return number.replace(",", "") if number else None
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark lives and how to read it, plus its default sampling settings.
+
+    ``problem_fields`` / ``id_fields``: candidate column names, first present wins (local copies
+    and hub copies name them differently); rows without an id are numbered by position.
+    Sampling defaults follow the usual Qwen3 evaluation (temperature 0.6, top-p 0.95); the
+    KAT paper does not state them, so treat them as config defaults (?), not facts.
+    """
+
+    name: str
+    hub_id: str
+    split: str
+    gold: Callable[[Row], Gold | None]
+    n_samples: int = 8
+    hub_config: str | None = None
+    local_file: str = "test.jsonl"
+    problem_fields: tuple[str, ...] = ("problem", "question")
+    id_fields: tuple[str, ...] = ("unique_id", "id", "idx", "problem_idx")
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 4096
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in (
+        BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", answer_field),
+        BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", answer_field, n_samples=32),
+        BenchmarkSpec("aime25", "math-ai/aime25", "test", answer_field, n_samples=32),
+        BenchmarkSpec("amc23", "math-ai/amc23", "test", answer_field),
+        BenchmarkSpec("minerva_math", "math-ai/minervamath", "test", answer_or_last_box),
+        BenchmarkSpec(
+            "olympiadbench",
+            "Hothan/OlympiadBench",
+            "train",
+            final_answer_list,
+            hub_config="OE_TO_maths_en_COMP",
+        ),
+        BenchmarkSpec("gsm8k", "openai/gsm8k", "test", gsm8k_answer, hub_config="main"),
+    )
+}
+
+
+def get_spec(name: str) -> BenchmarkSpec:
+    """The spec of a registered benchmark; ValueError naming the valid ones otherwise."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid names: {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+_INVALID_JSON = object()  # stands in for a JSONL line that does not parse
+
+
+def _jsonl_rows(path: Path) -> Iterator[Any]:
+    """Parsed JSONL lines (``_INVALID_JSON`` for broken ones); blank lines are ignored."""
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield _INVALID_JSON
+
+
+def _file_rows(path: Path) -> Iterator[Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return iter(pq.read_table(path).to_pylist())
+    return _jsonl_rows(path)
+
+
+def _hub_rows(spec: BenchmarkSpec) -> Iterator[Any]:
+    import datasets
+    from huggingface_hub import constants
+
+    try:
+        dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.split)
+    except Exception as error:
+        offline = " (HF_HUB_OFFLINE is set, not cached)" if constants.HF_HUB_OFFLINE else ""
+        raise RuntimeError(
+            f"could not load {spec.name} from the hub as {spec.hub_id!r}{offline}; "
+            f"pass path=<file.jsonl|file.parquet> or data_dir=<dir with {spec.name}/"
+            f"{spec.local_file}> to load_benchmark"
+        ) from error
+    return iter(dataset)
+
+
+def _first_present(row: Row, names: tuple[str, ...]) -> Any:
+    return next((row[name] for name in names if row.get(name) is not None), None)
+
+
+def _problem(spec: BenchmarkSpec, row: Any, position: int, stats: LoadStats) -> Problem | None:
+    """A Problem from one row, or None (counted in ``stats``) when the row is unusable."""
+    if row is _INVALID_JSON:
+        stats.skip("invalid JSON")
+        return None
+    if not isinstance(row, Mapping):
+        stats.skip("row is not an object")
+        return None
+    text = _first_present(row, spec.problem_fields)
+    if not isinstance(text, str) or not text.strip():
+        stats.skip(f"missing problem field {'/'.join(spec.problem_fields)}")
+        return None
+    gold = spec.gold(row)
+    if gold is None:
+        stats.skip("empty gold answer")
+        return None
+    problem_id = _first_present(row, spec.id_fields)
+    problem_id = str(position) if problem_id is None else str(problem_id)
+    return Problem(spec.name, problem_id, text, gold)
+
+
+def load_benchmark(
+    name: str,
+    path: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Problem], LoadStats]:
+    """Problems of benchmark ``name`` and what was skipped on the way.
+
+    Source, first match: ``path`` (JSONL, or Parquet by suffix), ``data_dir/<name>/<local_file>``,
+    else the hub via ``datasets.load_dataset``. Rows with no problem text or no gold, and invalid
+    JSON lines, are skipped and counted. ``limit`` caps the number of problems returned.
+    """
+    spec = get_spec(name)
+    stats = LoadStats()
+    if path is not None:
+        rows = _file_rows(Path(path))
+    elif data_dir is not None:
+        rows = _file_rows(Path(data_dir) / name / spec.local_file)
+    else:
+        rows = _hub_rows(spec)
+    problems: list[Problem] = []
+    for row in rows:
+        if limit is not None and len(problems) >= limit:
+            break
+        stats.n_read += 1
+        problem = _problem(spec, row, stats.n_read - 1, stats)
+        if problem is not None:
+            problems.append(problem)
+    return problems, stats

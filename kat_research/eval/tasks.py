@@ -1,0 +1,94 @@
+"""Evaluators: callables that generate with a model, grade, and return metrics plus records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kat_research.data.prompts import format_prompt
+from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.data.synthetic import ArithmeticTaskConfig
+from kat_research.eval.answers import extract_answer
+from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
+from kat_research.rollout import SamplingConfig
+
+
+@dataclass
+class EvalResult:
+    """Scalar metrics (``<task>/<name>``) and the graded samples behind them."""
+
+    metrics: dict[str, float]
+    records: list[SampleRecord] = field(default_factory=list)
+
+
+def integer_match(answer: str | None, gold: str) -> bool:
+    """Exact integer equality of an extracted answer and the gold (synthetic task grading)."""
+    try:
+        return answer is not None and int(answer.strip()) == int(gold)
+    except ValueError:
+        return False
+
+
+def accuracy_metrics(name: str, records: list[SampleRecord]) -> dict[str, float]:
+    """Mean accuracy, mean length and stop-reason shares over ``records``."""
+    n = max(1, len(records))
+    return {
+        f"{name}/accuracy": sum(r.correct for r in records) / n,
+        f"{name}/mean_length": sum(r.length for r in records) / n,
+        f"{name}/eos_share": sum(r.stop_reason == "eos" for r in records) / n,
+    }
+
+
+class SyntheticEvaluator:
+    """Accuracy on the held-out split of the built-in arithmetic task (greedy by default)."""
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        n_problems: int = 256,
+        seed: int = 0,
+        task: dict | ArithmeticTaskConfig | None = None,
+        instruction: str = "",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 64,
+    ):
+        task_cfg = (
+            task if isinstance(task, ArithmeticTaskConfig) else ArithmeticTaskConfig(**(task or {}))
+        )
+        rows, _ = load_rows(
+            SourceSpec(kind="synthetic", split="eval", n=n_problems, seed=seed, task=task_cfg)
+        )
+        self.rows = rows
+        self.instruction = instruction
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
+
+    def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> EvalResult:
+        prompts = [format_prompt(tokenizer, r.problem, self.instruction) for r in self.rows]
+        sampling = SamplingConfig(
+            self.temperature, self.top_p, self.max_new_tokens, (tokenizer.eos_token_id,)
+        )
+        completions = generate_completions(
+            model,
+            tokenizer,
+            prompts,
+            sampling=sampling,
+            n_samples=self.n_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        records = grade_completions(
+            self.name,
+            [r.problem_id for r in self.rows],
+            [r.answer for r in self.rows],
+            completions,
+            extract=extract_answer,
+            grade_many=lambda pairs: [integer_match(a, g) for a, g in pairs],
+        )
+        return EvalResult(accuracy_metrics(self.name, records), records)
