@@ -56,7 +56,9 @@ def check_runnable(cfg: DictConfig, terminator: Terminator) -> None:
         )
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[L.Callback], EvalCallback | None]:
+def build_callbacks(
+    cfg: DictConfig, output_dir: Path
+) -> tuple[list[L.Callback], EvalCallback | None]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     eval_cb = None
     if cfg.eval.get("enabled", False):
@@ -83,8 +85,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     student = instantiate(cfg.model.student)
     teacher = instantiate(cfg.model.teacher)
     check_vocab_agreement(
-        student.name, student.tokenizer, student.model,
-        teacher.name, teacher.tokenizer, teacher.model,
+        student.name,
+        student.tokenizer,
+        student.model,
+        teacher.name,
+        teacher.tokenizer,
+        teacher.model,
     )
     datamodule = instantiate(cfg.data)
     datamodule.attach_tokenizer(student.tokenizer)
@@ -103,8 +109,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     callbacks, eval_cb = build_callbacks(cfg, output_dir)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     default_root_dir=str(output_dir))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_metrics({f"data/{k}": float(v) for k, v in datamodule.stats.items()}, step=0)
@@ -116,8 +123,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.export_student:
         student.model.save_pretrained(output_dir / "student")
         student.tokenizer.save_pretrained(output_dir / "student")
-    summary = make_summary(cfg, module, trainer, eval_cb, datamodule.stats, fit_seconds,
-                           time.perf_counter() - start)
+    summary = make_summary(
+        cfg, module, trainer, eval_cb, datamodule.stats, fit_seconds, time.perf_counter() - start
+    )
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("summary: %s", json.dumps(summary))
     return summary

@@ -42,7 +42,7 @@ class StopShareEarly(Terminator):
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time of each function, the repeats interleaved to share machine noise."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up
+    for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -97,8 +97,15 @@ def main() -> None:
     def hf_generate():
         with torch.no_grad():
             student.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95,
-                top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad,
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=0.95,
+                top_k=0,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=pad,
             )
 
     t = interleaved(
@@ -108,12 +115,15 @@ def main() -> None:
     print(f"[1] engine (no teacher) vs model.generate, batch {args.batch}, {n} new tokens")
     print(f"    engine   {tokens / t['engine']:8.0f} tok/s")
     print(f"    generate {tokens / t['generate']:8.0f} tok/s")
-    print(f"    ratio engine/generate tokens/s = {t['generate'] / t['engine']:.2f}  (target >= 0.9)")
+    print(
+        f"    ratio engine/generate tokens/s = {t['generate'] / t['engine']:.2f}  (target >= 0.9)"
+    )
 
     # 2. online teacher scoring vs generate-then-score
     def online(every: int) -> Callable[[], object]:
-        eng = RolloutEngine(student, teacher, sampling=sampling, pad_token_id=pad,
-                            score_every=every)
+        eng = RolloutEngine(
+            student, teacher, sampling=sampling, pad_token_id=pad, score_every=every
+        )
         return lambda: eng.generate(ids, mask)
 
     def offline():
@@ -133,14 +143,19 @@ def main() -> None:
     big = build_tiny_qwen3(tok, hidden_size=384, num_layers=4, num_heads=6, seed=2).eval()
     long = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=2 * n)
     base = RolloutEngine(big, sampling=long, pad_token_id=pad)
-    early = RolloutEngine(big, sampling=long, pad_token_id=pad,
-                          terminator=StopShareEarly(share=0.6, fraction=0.25))
-    t = interleaved({"full": lambda: base.generate(ids, mask),
-                     "early": lambda: early.generate(ids, mask)}, args.repeats)
+    early = RolloutEngine(
+        big, sampling=long, pad_token_id=pad, terminator=StopShareEarly(share=0.6, fraction=0.25)
+    )
+    t = interleaved(
+        {"full": lambda: base.generate(ids, mask), "early": lambda: early.generate(ids, mask)},
+        args.repeats,
+    )
     ideal = 0.4 + 0.6 * 0.25
     print(f"[3] 60% of rows stop at 25% of {2 * n} tokens (hidden 384, 4 layers)")
-    print(f"    no rule {t['full']:6.2f} s, with rule {t['early']:6.2f} s, "
-          f"ratio = {t['early'] / t['full']:.2f}  (target <= 0.60; token share {ideal:.2f})")
+    print(
+        f"    no rule {t['full']:6.2f} s, with rule {t['early']:6.2f} s, "
+        f"ratio = {t['early'] / t['full']:.2f}  (target <= 0.60; token share {ideal:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -250,10 +250,12 @@ def test_invalid_settings():
 
 @pytest.mark.parametrize("score_every", [None, 1, 3, 7])
 def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_every):
-    enc = char_tokenizer([f"{a}*{a + 3}-7=" for a in range(10, 26)], return_tensors="pt",
-                         padding=True)
-    probe = engine(tiny_pair).generate(enc.input_ids, enc.attention_mask,
-                                       torch.Generator().manual_seed(0))
+    enc = char_tokenizer(
+        [f"{a}*{a + 3}-7=" for a in range(10, 26)], return_tensors="pt", padding=True
+    )
+    probe = engine(tiny_pair).generate(
+        enc.input_ids, enc.attention_mask, torch.Generator().manual_seed(0)
+    )
     threshold = float(probe.kl[probe.gen_mask].median())
     settings = dict(window=4, stride=2, patience=2, exempt=1)
     rule = KATTerminator(**settings, threshold=threshold)

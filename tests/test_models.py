@@ -73,8 +73,12 @@ def test_vocab_mismatch_names_both_models_and_first_difference(char_tokenizer):
     assert first_vocab_difference(char_tokenizer, other) is not None
     with pytest.raises(VocabularyMismatchError) as err:
         check_vocab_agreement(
-            "student-x", char_tokenizer, build_tiny_qwen3(char_tokenizer, hidden_size=16),
-            "teacher-y", other, build_tiny_qwen3(other, hidden_size=16),
+            "student-x",
+            char_tokenizer,
+            build_tiny_qwen3(char_tokenizer, hidden_size=16),
+            "teacher-y",
+            other,
+            build_tiny_qwen3(other, hidden_size=16),
         )
     message = str(err.value)
     assert "student-x" in message and "teacher-y" in message and "id 14 is 'a'" in message

@@ -108,9 +108,7 @@ def build_tiny_qwen3(
     return model
 
 
-def save_tiny_model(
-    path: str | Path, tokenizer: PreTrainedTokenizerFast, **model_kwargs
-) -> Path:
+def save_tiny_model(path: str | Path, tokenizer: PreTrainedTokenizerFast, **model_kwargs) -> Path:
     """Build a tiny Qwen3 for ``tokenizer`` and save model + tokenizer to ``path``."""
     path = Path(path)
     build_tiny_qwen3(tokenizer, **model_kwargs).save_pretrained(path)
@@ -130,8 +128,13 @@ def tiny_random_model(
 ) -> LoadedModel:
     """A random-init tiny Qwen3 with the character tokenizer, saved once under ``cache_dir``
     and loaded through :func:`load_causal_lm` like any hub model (fast config smoke runs)."""
-    arch = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                num_kv_heads=num_kv_heads, seed=seed)
+    arch = dict(
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        seed=seed,
+    )
     path = Path(cache_dir) / "tiny_random" / "_".join(f"{k}{v}" for k, v in arch.items())
     if not (path / "config.json").exists():
         save_tiny_model(path, build_char_tokenizer(), **arch)

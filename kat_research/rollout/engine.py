@@ -79,7 +79,9 @@ def check_head_reproduces_logits(model: PreTrainedModel, name: str) -> None:
     ids = torch.arange(1, 5, device=device)[None] % model.get_output_embeddings().weight.shape[0]
     with torch.no_grad():
         full = model(input_ids=ids).logits
-        recomputed = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
+        recomputed = model.get_output_embeddings()(
+            model.base_model(input_ids=ids).last_hidden_state
+        )
     if not torch.allclose(full.float(), recomputed.float(), atol=1e-3, rtol=1e-3):
         raise ValueError(
             f"{name}: logits differ from output_embeddings(last hidden state) "
@@ -181,8 +183,9 @@ class RolloutEngine:
         was_training = self.student.training
         self.student.eval()
         try:
-            return _RolloutRun(self, prompt_ids.to(self.device), prompt_mask.to(self.device),
-                               generator).run()
+            return _RolloutRun(
+                self, prompt_ids.to(self.device), prompt_mask.to(self.device), generator
+            ).run()
         finally:
             self.student.train(was_training)
 
@@ -253,7 +256,9 @@ class _RolloutRun:
         """Sample token ``step`` for the active rows; return the next logits or None when done."""
         rows = self.s_rows
         tokens = sample_next_token(
-            s_logits, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+            s_logits,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
             generator=self.generator,
         )
         logprobs = torch.log_softmax(s_logits.float(), dim=-1)
@@ -280,8 +285,10 @@ class _RolloutRun:
         keep = torch.isin(rows, self.s_rows)
         new_tokens = tokens[keep][:, None]
         mask = torch.cat(
-            [self.prompt_mask[self.s_rows],
-             torch.ones(self.s_rows.numel(), step + 1, dtype=torch.long, device=self.device)],
+            [
+                self.prompt_mask[self.s_rows],
+                torch.ones(self.s_rows.numel(), step + 1, dtype=torch.long, device=self.device),
+            ],
             dim=1,
         )
         pos = (self.prompt_len[self.s_rows] + step)[:, None]

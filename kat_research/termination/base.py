@@ -39,9 +39,7 @@ class Terminator:
         """Start a batch; return per-row length caps [batch_size] (long)."""
         return torch.full((batch_size,), max_new_tokens, dtype=torch.long)
 
-    def observe(
-        self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
+    def observe(self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Return per-row cuts [n] for rows stopped at this chunk boundary, -1 elsewhere."""
         return torch.full((rows.numel(),), -1, dtype=torch.long)
 
