@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.eval.benchmarks import Gold
 from kat_research.rollout import RolloutEngine, SamplingConfig
 
 
@@ -83,11 +84,11 @@ def generate_completions(
 def grade_completions(
     benchmark: str,
     problem_ids: Sequence[str],
-    golds: Sequence[str],
+    golds: Sequence[Gold],
     completions: Sequence[Sequence[Completion]],
     *,
     extract: Callable[[str], str | None],
-    grade_many: Callable[[list[tuple[str | None, str]]], list[bool]],
+    grade_many: Callable[[list[tuple[str | None, Gold]]], list[bool]],
 ) -> list[SampleRecord]:
     """Extract each completion's answer, grade all pairs in one call, build the records."""
     flat = [
