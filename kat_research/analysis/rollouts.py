@@ -1,0 +1,77 @@
+"""Sample analysis rollouts: a fixed set of the run's training prompts, no termination rule,
+the teacher scoring every token (so each rollout's full KL trace is known)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from kat_research.data.prompts import PromptCollator
+from kat_research.lit import OPDModule
+from kat_research.lit.opd_module import token_ids
+from kat_research.rollout import Rollout, RolloutEngine, SamplingConfig
+from kat_research.rollout.engine import TeacherKeep
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How many rollouts and how they are sampled; None values follow the run's ``rollout``."""
+
+    n: int = 100
+    batch_size: int = 25
+    seed: int = 0
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+def prompt_batches(cfg: DictConfig, module: OPDModule, spec: RolloutSpec) -> list[dict]:
+    """``spec.n`` training prompts of the run (drawn with ``spec.seed``), in batches."""
+    data = instantiate(cfg.data)
+    data.attach_tokenizer(module.tokenizer)
+    data.setup("fit")
+    rows = data.train_rows
+    if spec.n > len(rows):
+        raise ValueError(f"asked for {spec.n} rollouts but the run has {len(rows)} prompts")
+    chosen = [rows[i] for i in random.Random(spec.seed).sample(range(len(rows)), spec.n)]
+    collate = PromptCollator(
+        module.tokenizer, data.max_prompt_tokens, data.instruction, data.system
+    )
+    return [collate(chosen[i : i + spec.batch_size]) for i in range(0, spec.n, spec.batch_size)]
+
+
+def sample_rollouts(
+    module: OPDModule,
+    batches: list[dict],
+    spec: RolloutSpec,
+    *,
+    teacher_keep: TeacherKeep = "none",
+    teacher_topk: int = 32,
+) -> Iterator[Rollout]:
+    """Rollouts of the module's current student over ``batches`` (one per batch, on CPU unless
+    ``teacher_keep="hidden"``, which the loss needs on the module's device)."""
+    run = module.rollout_settings
+    tokenizer = module.tokenizer
+    engine = RolloutEngine(
+        module.student,
+        module.teacher,
+        sampling=SamplingConfig(
+            run.temperature if spec.temperature is None else spec.temperature,
+            run.top_p if spec.top_p is None else spec.top_p,
+            run.max_new_tokens if spec.max_new_tokens is None else spec.max_new_tokens,
+            (tokenizer.eos_token_id,),
+        ),
+        pad_token_id=tokenizer.pad_token_id,
+        teacher_keep=teacher_keep,
+        teacher_topk=teacher_topk,
+        masked_token_ids=token_ids(tokenizer, run.masked_tokens),
+    )
+    generator = torch.Generator(device=module.device).manual_seed(spec.seed)
+    for batch in batches:
+        rollout = engine.generate(batch["input_ids"], batch["attention_mask"], generator)
+        yield rollout if teacher_keep == "hidden" else rollout.to("cpu")

@@ -1,0 +1,223 @@
+"""Analyses' pure parts: phase segmentation on planted traces, gradient projection ratios, and the
+planted-trap benchmark's traces, detection and scoring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kat_research.analysis.detector import Detector, resolve_threshold
+from kat_research.analysis.phases import AGREEMENT, PADDING, POST, PRE, segment_phases
+from kat_research.analysis.planted import TraceSpec, detect, planted_traces, score, window_minima
+from kat_research.analysis.projection import (
+    group_ratios,
+    parameter_groups,
+    projection_ratios,
+    top_left_singular_vectors,
+)
+from kat_research.termination import kat_cut
+
+HIGH, LOW = 1.0, 0.01
+
+
+def planted(*segments: tuple[float, int]) -> torch.Tensor:
+    return torch.tensor([value for value, count in segments for _ in range(count)])
+
+
+# --- phase segmentation ----------------------------------------------------------------------
+
+
+def test_trap_then_recovery_gives_three_phases() -> None:
+    kl = planted((HIGH, 16), (LOW, 24), (HIGH, 8))
+    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
+    assert (seg.pre_end, seg.agreement_end, seg.length) == (16, 40, 48)
+    assert seg.detected and not seg.stays_low
+    ids = seg.phase_ids(50)
+    assert ids[:16].eq(PRE).all() and ids[16:40].eq(AGREEMENT).all()
+    assert ids[40:48].eq(POST).all() and ids[48:].eq(PADDING).all()
+
+
+def test_trap_to_the_end_stays_low() -> None:
+    kl = planted((HIGH, 8), (LOW, 22))  # the last 2 tokens fit no complete window
+    seg = segment_phases(kl, threshold=0.5, window=4, patience=3)
+    assert (seg.pre_end, seg.agreement_end) == (8, 30) and seg.stays_low
+    assert not seg.phase_ids().eq(POST).any()
+
+
+def test_no_detection_is_all_pre_agreement() -> None:
+    kl = planted((HIGH, 10), (LOW, 7), (HIGH, 10))  # dip shorter than patience windows
+    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
+    assert not seg.detected and not seg.stays_low
+    assert (seg.pre_end, seg.agreement_end) == (27, 27)
+    assert seg.phase_ids().eq(PRE).all()
+
+
+def test_short_dip_is_skipped_and_the_later_trap_found() -> None:
+    kl = planted((HIGH, 8), (LOW, 4), (HIGH, 8), (LOW, 16), (HIGH, 4))
+    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
+    assert (seg.pre_end, seg.agreement_end) == (20, 36)
+
+
+def test_overlapping_windows_end_at_the_last_low_window() -> None:
+    kl = planted((HIGH, 10), (LOW, 12), (HIGH, 10))
+    seg = segment_phases(kl, threshold=0.5, window=4, stride=2, patience=2)
+    # windows starting at 10..18 hold >= 3 low tokens; the one at 20 holds 2 (mean 0.505)
+    assert (seg.pre_end, seg.agreement_end) == (10, 22)
+
+
+def test_non_finite_window_ends_the_agreement_like_kat_resets() -> None:
+    kl = planted((HIGH, 8), (LOW, 24))
+    kl[17] = math.nan  # window [16, 20) is not counted: the run ends before it
+    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
+    assert (seg.pre_end, seg.agreement_end) == (8, 16) and not seg.stays_low
+
+
+def test_exempt_tokens_are_never_agreement() -> None:
+    seg = segment_phases(planted((LOW, 32)), threshold=0.5, window=4, patience=2, exempt=8)
+    assert (seg.pre_end, seg.agreement_end) == (8, 32)
+
+
+def test_pre_end_is_kats_cut_and_agreement_windows_are_low() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        kl = torch.rand(60, generator=generator, dtype=torch.float64)
+        rule = dict(threshold=0.5, window=4, stride=2, patience=2)
+        seg = segment_phases(kl, **rule)
+        cut = kat_cut(kl, **rule)
+        assert seg.pre_end == (seg.length if cut is None else cut)
+        starts = range(seg.pre_end, seg.agreement_end - 4 + 1, 2)
+        assert all(kl[s : s + 4].mean() < 0.5 for s in starts)
+        if seg.detected and not seg.stays_low:  # the next window is back above the threshold
+            nxt = seg.agreement_end - 4 + 2
+            assert kl[nxt : nxt + 4].mean() >= 0.5
+
+
+def test_detector_threshold_sources() -> None:
+    traces = [planted((HIGH, 8), (LOW, 8)), planted((HIGH, 16))]
+    fixed, source = resolve_threshold(Detector(window=4, threshold=0.3), None, lambda: traces)
+    assert (fixed.threshold, source) == (0.3, "fixed")
+    buffer = torch.tensor([0.0, 1.0])
+    from_buffer, source = resolve_threshold(Detector(window=4, quantile=0.5), buffer, list)
+    assert (from_buffer.threshold, source) == (0.5, "checkpoint buffer")
+    minima, source = resolve_threshold(Detector(window=4, quantile=0.5), None, lambda: traces)
+    assert source == "rollout minima"
+    assert minima.threshold == pytest.approx((LOW + HIGH) / 2)
+    run = Detector.from_settings(
+        {"window": 8, "buffer_size": 4096}, {"window": None, "patience": 2}
+    )
+    assert (run.window, run.patience) == (8, 2)
+
+
+# --- gradient projection ---------------------------------------------------------------------
+
+
+def test_rho_is_one_inside_the_subspace_and_zero_orthogonal_to_it() -> None:
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(12, 8, generator=generator)
+    basis = top_left_singular_vectors(delta, 4)
+    inside = basis[:, :3] @ torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    assert projection_ratios(inside, basis, [3, 4]).tolist() == pytest.approx([1.0, 1.0])
+    other = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    orthogonal = other - basis @ (basis.T @ other)
+    assert projection_ratios(orthogonal, basis, [1, 4]).tolist() == pytest.approx(
+        [0.0, 0.0], abs=1e-10
+    )
+
+
+def test_rank_is_clipped_and_random_directions_average_k_over_rows() -> None:
+    generator = torch.Generator().manual_seed(1)
+    basis = top_left_singular_vectors(torch.randn(6, 10, generator=generator), 64)
+    assert basis.shape == (6, 6)
+    assert float(projection_ratios(torch.randn(6, 3), basis, [64])[0]) == pytest.approx(1.0)
+    wide = top_left_singular_vectors(torch.randn(32, 40, generator=generator), 8)
+    rho = torch.stack([projection_ratios(torch.randn(32, 40), wide, [8])[0] for _ in range(50)])
+    assert float(rho.mean()) == pytest.approx(8 / 32, abs=0.03)
+
+
+def test_group_ratio_is_the_ratio_of_summed_energies() -> None:
+    eye = torch.eye(4)
+    bases = {
+        "model.layers.0.self_attn.q_proj.weight": eye,
+        "model.layers.1.mlp.up_proj.weight": eye,
+    }
+    grads = {
+        "model.layers.0.self_attn.q_proj.weight": torch.diag(torch.tensor([3.0, 0, 0, 0])),
+        "model.layers.1.mlp.up_proj.weight": torch.diag(torch.tensor([0.0, 4, 0, 0])),
+    }
+    ratios = group_ratios(grads, bases, [1, 2])
+    assert list(ratios) == ["all", "attention", "mlp", "layer0", "layer1"]
+    assert ratios["attention"].tolist() == [1.0, 1.0]
+    assert ratios["mlp"].tolist() == [0.0, 1.0]
+    assert ratios["all"].tolist() == pytest.approx([9 / 25, 1.0])
+    assert parameter_groups("lm_head.weight") == ["all"]
+
+
+# --- planted-trap benchmark ------------------------------------------------------------------
+
+CLEAN = TraceSpec(length=128, onset_min=16, onset_max=64, decoys=0)
+
+
+def test_clean_traces_hold_their_traps_exactly() -> None:
+    traces = planted_traces(
+        10, CLEAN, noise=0.0, segment_length=32, generator=torch.Generator().manual_seed(0)
+    )
+    trapped = traces.onsets >= 0
+    assert int(trapped.sum()) == 5 and not traces.onsets[5:].ge(0).any()
+    for b in range(5):
+        onset = int(traces.onsets[b])
+        assert traces.kl[b, onset : onset + 32].eq(CLEAN.low_kl).all()
+        assert traces.kl[b, :onset].eq(CLEAN.high_kl).all()
+    assert traces.kl[5:].eq(CLEAN.high_kl).all()
+
+
+def test_benchmark_recovers_a_clean_trap_exactly() -> None:
+    kl = planted((HIGH, 32), (LOW, 32), (HIGH, 32))[None]
+    onsets = torch.tensor([32])
+    cuts = detect(kl, threshold=0.5, window=8, stride=8, patience=3)
+    assert cuts.tolist() == [32]
+    metrics = score(cuts, onsets, segment_length=32, window=8, stride=8, patience=3)
+    assert metrics["precision"] == metrics["recall"] == 1.0
+    assert metrics["delay_mean"] == 8 + 2 * 8 and metrics["onset_error_mean"] == 0
+
+
+def test_adaptive_threshold_finds_every_clean_trap() -> None:
+    generator = torch.Generator().manual_seed(0)
+    test = planted_traces(40, CLEAN, noise=0.0, segment_length=48, generator=generator)
+    calibration = planted_traces(40, CLEAN, noise=0.0, segment_length=48, generator=generator)
+    threshold = float(torch.quantile(window_minima(calibration.kl, window=8, stride=8), 0.7))
+    assert threshold == CLEAN.high_kl  # half the minima are high: a strict cut below them
+    cuts = detect(test.kl, threshold=threshold, window=8, stride=8, patience=4)
+    trapped = test.onsets >= 0
+    assert torch.equal(cuts[trapped], test.onsets[trapped] // 8 * 8)  # first overlapping window
+    assert cuts[~trapped].eq(-1).all()
+    metrics = score(cuts, test.onsets, segment_length=48, window=8, stride=8, patience=4)
+    assert metrics["precision"] == metrics["recall"] == 1.0
+    assert metrics["false_alarm_rate"] == 0.0
+
+
+def test_persistence_ignores_decoys_that_fool_patience_one() -> None:
+    spec = TraceSpec(length=128, onset_min=48, onset_max=64, decoys=1, decoy_length=16)
+    traces = planted_traces(
+        20, spec, noise=0.0, segment_length=48, generator=torch.Generator().manual_seed(2)
+    )
+    rule = dict(window=4, stride=4, threshold=0.5)
+    one = score(
+        detect(traces.kl, patience=1, **rule),
+        traces.onsets,
+        segment_length=48,
+        window=4,
+        stride=4,
+        patience=1,
+    )
+    five = score(
+        detect(traces.kl, patience=5, **rule),
+        traces.onsets,
+        segment_length=48,
+        window=4,
+        stride=4,
+        patience=5,
+    )
+    assert one["false_alarm_rate"] == 1.0 and one["precision"] == 0.0
+    assert five["precision"] == five["recall"] == 1.0
