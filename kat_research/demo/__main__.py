@@ -5,41 +5,34 @@ then runs each method (default: standard OPD and KAT-OPD) through the same train
 point as any experiment (`experiment=demo`), and prints the comparison table plus what the
 per-token KL does after a student's first mistake (the agreement trap).
 
-    python -m kat_research.demo [--methods opd kat] [--output-dir outputs/demo] [override ...]
+    python -m kat_research.demo [--methods opd kat] [--jobs 2] [--output-dir outputs/demo]
+                                [override ...]
 
 Extra arguments are Hydra overrides applied to every method (e.g. trainer.max_steps=300).
+On a small CPU the jobs are tiny-matrix bound, so they run side by side (`--jobs`, default:
+one per core, each with cores/jobs threads): the teacher and student SFT in parallel, then
+the methods in parallel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kat_research.data.sources import load_rows
+from kat_research.demo.jobs import demo_config, run_job
 from kat_research.demo.models import demo_model_info
 from kat_research.demo.trap import agreement_trap_stats
-from kat_research.train import CONFIG_DIR, train
-
-
-def demo_config(method: str, output_dir: Path, overrides: list[str]) -> DictConfig:
-    """The training config of one demo job."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "experiment=demo",
-                f"method={method}",
-                f"paths.output_dir={output_dir / method}",
-                *overrides,
-            ],
-        )
 
 
 def format_table(teacher_accuracy: float, summaries: list[dict[str, Any]]) -> str:
@@ -80,16 +73,33 @@ def trap_report(cfg: DictConfig) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["opd", "kat"])
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    overrides = list(args.overrides)
+    if args.jobs > 1:  # progress bars of parallel jobs would overwrite each other
+        overrides = [
+            "callbacks.progress_bar.refresh_rate=0",
+            "callbacks.step_log.every_n_steps=100",
+            *overrides,
+        ]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
-    summaries = []
-    for method in args.methods:
-        cfg = demo_config(method, args.output_dir, args.overrides)
-        print(f"\n=== demo: {method} ===", flush=True)
-        summaries.append(train(cfg))
+    def run_all(names: list[str]) -> list[dict | None]:
+        if args.jobs == 1:
+            return [run_job(n, args.output_dir, overrides, threads) for n in names]
+        with ProcessPoolExecutor(
+            min(args.jobs, len(names)), mp_context=get_context("spawn")
+        ) as pool:
+            jobs = [pool.submit(run_job, n, args.output_dir, overrides, threads) for n in names]
+            return [job.result() for job in jobs]
+
+    run_all(["teacher", "student"])
+    summaries = run_all(args.methods)
+    cfg = demo_config(args.methods[-1], args.output_dir, overrides)
     teacher = instantiate(cfg.model.teacher)
     teacher_accuracy = demo_model_info(teacher.name)["synthetic/accuracy"]
     trap = trap_report(cfg)

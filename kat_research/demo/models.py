@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.lit import SFTModule, warmup_cosine
+from kat_research.lit.step_log import StepLog
 from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
+from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 META_FILE = "demo_model.json"
@@ -43,7 +45,7 @@ def train_sft_model(
     """SFT a fresh tiny Qwen3 on worked solutions of the synthetic task; save it at ``path``."""
     start = time.perf_counter()
     L.seed_everything(sft["seed"], workers=True)
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
     model = build_tiny_qwen3(tokenizer, **architecture, seed=sft["seed"])
     data = PromptDataModule(
         source=SourceSpec(
@@ -76,7 +78,8 @@ def train_sft_model(
         gradient_clip_val=1.0,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        enable_progress_bar=sft.get("progress_bar", True),
+        enable_progress_bar=False,
+        callbacks=[StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",))],
     )
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
