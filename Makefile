@@ -41,3 +41,86 @@ bench: install
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache
+
+# ---------------------------------------------------------------------------------------------
+# Figures of the KAT paper's §3 analyses (kat_research.analysis), PNG + CSV in results/<name>/.
+# RUN: a training job folder with step checkpoints (default: the KAT job `make demo` trains).
+# ARGS: extra Hydra overrides, e.g. the paper's scale for the checkpoint analyses:
+#   make figure-kl-dynamics RUN=outputs/kat/<time> ARGS="analysis/detector=paper analysis/rollouts=paper"
+RUN ?= outputs/demo/kat
+ARGS ?=
+CHECK_RUN = test -d "$(RUN)" || { echo "RUN=$(RUN) is not a training job folder (set RUN=...)"; exit 1; }
+
+.PHONY: figures figure-kl-dynamics figure-gradient-projection figure-teacher-tokens figure-trap-benchmark
+
+figures: figure-kl-dynamics figure-gradient-projection figure-teacher-tokens figure-trap-benchmark
+
+figure-kl-dynamics: install
+	@$(CHECK_RUN)
+	$(PY) -m kat_research.analysis.kl_dynamics run_dir=$(RUN) $(ARGS)
+
+figure-gradient-projection: install
+	@$(CHECK_RUN)
+	$(PY) -m kat_research.analysis.gradient_projection run_dir=$(RUN) $(ARGS)
+
+figure-teacher-tokens: install
+	@$(CHECK_RUN)
+	$(PY) -m kat_research.analysis.teacher_tokens run_dir=$(RUN) $(ARGS)
+
+# Synthetic traces only: needs no training run.
+figure-trap-benchmark: install
+	$(PY) -m kat_research.analysis.trap_benchmark $(ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# Reproduction of the KAT paper's tables and ablations (kat_research.reproduce; the sweeps and
+# the paper's numbers are in experiments/<name>.yaml). Each target runs its jobs into
+# runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped, failed or killed ones re-run) and
+# writes results/<name>.{csv,md,tex,png}.
+#   SCALE=tiny   offline synthetic task, demo models, 2-core CPU (default; first use also trains
+#                and caches the demo teacher/students, ~15 min once)
+#   SCALE=paper  Qwen3-8B -> Qwen3-1.7B/4B-Base on DAPO-Math (GPUs + hub access)
+#   SCALE=smoke  tiny random models, 2 steps: checks a sweep's plumbing in about a minute
+#   DRY_RUN=1    list and validate the jobs, run nothing
+#   LAUNCHER=local | subprocess | a command template with {cmd}, e.g. "sbatch --gpus=1 --wrap '{cmd}'"
+#   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"
+# Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
+SCALE ?= tiny
+DRY_RUN ?=
+LAUNCHER ?= local
+REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNCHER)" $(if $(DRY_RUN),--dry-run)
+
+.PHONY: reproduce-all reproduce-table1 reproduce-table2 reproduce-ablation-prefix \
+	reproduce-ablation-kat-prefix reproduce-ablation-quantile reproduce-ablation-stagewise \
+	reproduce-ablation-topk
+
+reproduce-all: reproduce-table1 reproduce-table2 reproduce-ablation-prefix \
+	reproduce-ablation-kat-prefix reproduce-ablation-quantile reproduce-ablation-stagewise \
+	reproduce-ablation-topk
+
+# Table 1: 2 students x 4 methods x 3 seeds + teacher + 2 students before (27 jobs).
+reproduce-table1: install
+	$(REPRODUCE) table1 $(ARGS)
+
+# Table 2: efficiency, aggregated from Table 1's jobs (runs whatever of them is not done).
+reproduce-table2: install
+	$(REPRODUCE) table2 $(ARGS)
+
+# Fixed-prefix sweep: 3 caps x 3 seeds + KAT-OPD x 3 seeds, smaller student (12 jobs).
+reproduce-ablation-prefix: install
+	$(REPRODUCE) ablation_prefix $(ARGS)
+
+# KAT on top of the 3 caps x 3 seeds (9 jobs), plus the prefix sweep's 12 jobs.
+reproduce-ablation-kat-prefix: install
+	$(REPRODUCE) ablation_kat_prefix $(ARGS)
+
+# KAT threshold quantile: 3 quantiles x 3 seeds (9 jobs).
+reproduce-ablation-quantile: install
+	$(REPRODUCE) ablation_quantile $(ARGS)
+
+# Stage-wise supervision: pre / pre+agreement / all x 3 seeds (9 jobs).
+reproduce-ablation-stagewise: install
+	$(REPRODUCE) ablation_stagewise $(ARGS)
+
+# Top-K truncated reverse KL vs sampled-token OPD: 5 variants x 3 seeds (15 jobs).
+reproduce-ablation-topk: install
+	$(REPRODUCE) ablation_topk $(ARGS)
