@@ -28,6 +28,8 @@ from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 META_FILE = "demo_model.json"
+# Part of the cache key: bump it when the demo tokenizer changes (alphabet, chat template).
+TOKENIZER_VERSION = "char-compact-1"
 
 
 def _plain(value: Any) -> Any:
@@ -104,7 +106,8 @@ def demo_model(
 ) -> LoadedModel:
     """Load the demo ``role`` model (teacher/student), training and caching it on first use."""
     settings = {"architecture": _plain(architecture), "sft": _plain(sft), "task": _plain(task)}
-    path = Path(cache_dir) / "demo" / f"{role}-{settings_key(settings)}"
+    key = settings_key({**settings, "tokenizer": TOKENIZER_VERSION})
+    path = Path(cache_dir) / "demo" / f"{role}-{key}"
     if not (path / "config.json").exists():
         log.info("training the demo %s (first run; cached at %s)", role, path)
         path.parent.mkdir(parents=True, exist_ok=True)
