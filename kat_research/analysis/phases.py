@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kat_research.termination import kat_cut
+from kat_research.termination.marking import agreement_end
 
 PHASES = ("pre", "agreement", "post")
 PRE, AGREEMENT, POST = range(len(PHASES))
@@ -73,24 +74,12 @@ def segment_phases(
     """Phase boundaries of one sequence's per-token KL (see the module docstring)."""
     seq = torch.as_tensor(kl, dtype=torch.float64)
     length = seq.numel()
-    rule = dict(threshold=threshold, window=window, stride=stride, exempt=exempt)
-    cut = kat_cut(seq, patience=patience, **rule)
+    rule = dict(threshold=threshold, window=window, exempt=exempt)
+    cut = kat_cut(seq, stride=stride, patience=patience, **rule)
     if cut is None:
         return PhaseSegments(length, length, length)
     stride = window if stride is None else stride
-    last_window = (length - window) // stride  # index of the last evaluated window
-    # The run starting at `cut` holds n >= patience low windows. Every earlier run is shorter
-    # than `patience`, so with patience p >= patience the scan fires at `cut` iff n >= p:
-    # binary search for the largest such p.
-    lo, hi = patience, last_window - cut // stride + 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if kat_cut(seq, patience=mid, **rule) == cut:
-            lo = mid
-        else:
-            hi = mid - 1
-    run_end_window = cut // stride + lo - 1
-    end = length if run_end_window == last_window else run_end_window * stride + window
+    end = agreement_end(seq, cut, stride=stride, patience=patience, **rule)
     return PhaseSegments(length, cut, end)
 
 

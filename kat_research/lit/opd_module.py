@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -127,6 +127,8 @@ class OPDModule(L.LightningModule):
         self._pending_generator_state: torch.Tensor | None = None
         self.totals = {"tokens_generated": 0, "tokens_kept": 0, "rollouts": 0, "rollout_s": 0.0}
         self._step_start = 0.0
+        # the latest training rollout without its teacher targets, for callbacks (KL traces)
+        self.last_rollout: Rollout | None = None
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self) -> None:
@@ -158,6 +160,9 @@ class OPDModule(L.LightningModule):
         rollout = self.engine.generate(prompt_ids, prompt_mask, self.rollout_generator())
         out = self.distillation_loss(rollout)
         self._log_rollout(rollout, out)
+        self.last_rollout = replace(
+            rollout, teacher_hidden=None, teacher_topk_logprobs=None, teacher_topk_ids=None
+        )
         return out.loss
 
     def distillation_loss(self, rollout: Rollout) -> LossOutput:

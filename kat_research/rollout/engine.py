@@ -380,13 +380,16 @@ class _RolloutRun:
         width = int(self.lengths.max())
         buf = self.buf
         cut = torch.where(self.cut >= 0, self.cut, self.lengths)
+        has_teacher = self.teacher is not None
+        if terminator is not None:
+            kl = buf.kl[:, :width] if has_teacher else None
+            cut = terminator.kept_tokens(cut, kl, self.lengths).to(self.device)
         steps = torch.arange(width, device=self.device)
         tokens = buf.tokens[:, :width]
         loss_mask = steps[None, :] < cut[:, None]
         if self.e.masked_token_ids:
             masked = torch.tensor(self.e.masked_token_ids, device=self.device)
             loss_mask &= ~torch.isin(tokens, masked)
-        has_teacher = self.teacher is not None
         n_nonfinite = 0
         if has_teacher:
             finite = buf.teacher_finite[:, :width]

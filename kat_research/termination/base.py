@@ -21,8 +21,10 @@ class Terminator:
        undefined), ``lengths`` the tokens generated per row [n] (each <= t). Returns the
        cut per row [n] (number of tokens kept) for rows whose rule fired at this call,
        -1 elsewhere. A row reported once is stopped by the engine and not observed again.
-    3. ``end_batch()`` once every row has finished; adaptive rules update their state here
-       and return scalar metrics for logging.
+    3. ``kept_tokens(cut, kl, lengths)`` once every row has finished: the final number of
+       tokens kept per row (rules that mark phases instead of stopping lower it here).
+    4. ``end_batch()``; adaptive rules update their state here and return scalar metrics for
+       logging.
 
     ``on_optimizer_step()`` is called once per optimizer step (warm-up counting).
     """
@@ -42,6 +44,13 @@ class Terminator:
     def observe(self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Return per-row cuts [n] for rows stopped at this chunk boundary, -1 elsewhere."""
         return torch.full((rows.numel(),), -1, dtype=torch.long)
+
+    def kept_tokens(
+        self, cut: torch.Tensor, kl: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Final tokens kept per row [B] given the cuts so far [B] (== lengths where no rule
+        cut), the per-token KL [B, T] (None without a teacher) and the lengths [B]."""
+        return cut
 
     def end_batch(self) -> dict[str, float]:
         """Finish the batch; return metrics (e.g. threshold, buffer size)."""

@@ -122,6 +122,13 @@ class CompositeTerminator(Terminator):
                 cut = torch.where((child >= 0) & ((cut < 0) | (child < cut)), child, cut)
         return cut
 
+    def kept_tokens(
+        self, cut: torch.Tensor, kl: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        for t in self.terminators:
+            cut = t.kept_tokens(cut, kl, lengths)
+        return cut
+
     def end_batch(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for t in self.terminators:

@@ -1,0 +1,173 @@
+"""`python -m kat_research.reproduce <name>... [--scale tiny] [--dry-run] [key=value ...]`:
+run the sweep behind a table of the KAT paper and write the table (what `make reproduce-*` runs).
+
+For each name (experiments/<name>.yaml): expand its jobs and those of the specs it includes,
+list them with their state, compose and check the config of every job to launch (of every job
+with ``--dry-run``), launch those not done (finished jobs are skipped; failed and incomplete
+ones run again), then aggregate all of them
+into ``<results-dir>/<name>.{csv,md,tex}`` (+ ``.png`` and ``.jobs.csv``) and print the table.
+Arguments holding ``=`` (or starting with ``~``) are Hydra overrides for every job, e.g.
+``scale.seeds=[0]`` or ``~scale.students.large``.
+Job folders: ``<runs-dir>/<scale>/<experiment>/<job>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from hydra.utils import instantiate
+
+from kat_research.sweep.job import job_config
+from kat_research.sweep.launch import LOCAL, check_launcher, launch
+from kat_research.sweep.spec import (
+    EVALUATE,
+    ExperimentSpec,
+    Job,
+    expand_jobs,
+    load_spec,
+    with_includes,
+)
+from kat_research.sweep.state import (
+    DONE,
+    PENDING,
+    STALE,
+    TO_RUN,
+    job_folder,
+    job_state,
+    prepare_folder,
+)
+from kat_research.tables.aggregate import TableSpec, aggregate
+from kat_research.tables.figures import plot_figure
+from kat_research.tables.load import job_records
+from kat_research.tables.write import write_table
+from kat_research.train import ConfigError, check_runnable
+
+
+def plan(spec: ExperimentSpec, scale: str, extra: list[str]) -> list[Job]:
+    """Every job ``spec`` aggregates: those of its includes, then its own."""
+    return [job for s in with_includes(spec) for job in expand_jobs(s, scale, extra)]
+
+
+def validate(job: Job, folder: Path) -> None:
+    """Compose the job's config and build its termination rule; raise ConfigError if it cannot
+    run (no model or data is loaded)."""
+    cfg = job_config(job, folder)
+    check_runnable(cfg, instantiate(cfg.method.terminator))
+    if job.kind == EVALUATE and not cfg.eval.get("enabled", False):
+        raise ConfigError(f"{job.name}: an evaluation job needs eval.enabled (not eval=none)")
+
+
+def selected(state: str, args: argparse.Namespace) -> bool:
+    """Whether a job in ``state`` is launched."""
+    return (
+        state in TO_RUN
+        or (state == STALE and args.rerun_stale)
+        or (state == PENDING and args.relaunch_pending)
+    )
+
+
+def column_titles(records: pd.DataFrame, table: TableSpec) -> dict[str, str]:
+    """Titles of the column groups whose jobs give their axis one (e.g. students)."""
+    column = f"{table.columns}:title"
+    if column not in records:
+        return {}
+    pairs = records[[table.columns, column]].dropna().drop_duplicates(table.columns)
+    return dict(pairs.itertuples(index=False))
+
+
+def write_results(
+    spec: ExperimentSpec, jobs: list[Job], scale: str, runs_dir: Path, results_dir: Path
+) -> str:
+    """Aggregate ``jobs`` into the spec's table (and figure) files; return the Markdown."""
+    records = job_records(jobs, runs_dir)
+    table = TableSpec.from_dict(spec.table)
+    tidy = aggregate(records, table, spec.reference.get("values"))
+    titles = column_titles(records, table)
+    stem = results_dir / spec.name
+    notes = [
+        *(f"{label}: {title}" for label, title in titles.items()),
+        f"scale `{scale}`: {Counter(records['status'])[DONE]} of {len(records)} jobs done "
+        f"(folders under `{runs_dir / scale}`); mean ± std over seeds",
+        f"paper numbers: {spec.reference.get('source', 'none')}",
+    ]
+    text = write_table(tidy, table, stem, title=spec.title, notes=notes)
+    records.to_csv(stem.with_suffix(".jobs.csv"), index=False)
+    if spec.figure:
+        plot_figure(
+            tidy,
+            table,
+            spec.figure,
+            stem.with_suffix(".png"),
+            title=spec.title,
+            column_titles=titles,
+        )
+    return text
+
+
+def reproduce(name: str, args: argparse.Namespace, extra: list[str]) -> bool:
+    """List, check, run and aggregate one spec; False if a job failed."""
+    spec = load_spec(name)
+    jobs = plan(spec, args.scale, extra)
+    folders = [job_folder(args.runs_dir, job) for job in jobs]
+    states = [job_state(folder, job) for job, folder in zip(jobs, folders, strict=True)]
+    chosen = [i for i, state in enumerate(states) if selected(state, args)]
+    for i in range(len(jobs)) if args.dry_run else [] if args.no_run else chosen:
+        validate(jobs[i], folders[i])
+    counts = ", ".join(f"{n} {s}" for s, n in Counter(states).items())
+    print(f"{name} @ {args.scale}: {len(jobs)} jobs ({counts}); {len(chosen)} to run")
+    for i, job in enumerate(jobs):
+        mark = "run" if i in chosen else states[i]
+        print(f"  [{mark:>10}] {job.experiment}/{job.name}: {' '.join(job.overrides)}")
+    if args.dry_run:
+        return True
+    ok = True
+    if not args.no_run:
+        for n, i in enumerate(chosen, 1):
+            print(f"[{n}/{len(chosen)}] {jobs[i].experiment}/{jobs[i].name}", flush=True)
+            prepare_folder(folders[i], jobs[i])
+            ok &= launch(folders[i], args.launcher)
+    print(write_results(spec, jobs, args.scale, Path(args.runs_dir), Path(args.results_dir)))
+    return ok
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="+", help="spec names and Hydra overrides")
+    parser.add_argument("--scale", default="tiny", help="conf/scale option: paper | tiny | smoke")
+    parser.add_argument("--dry-run", action="store_true", help="list and check jobs, run nothing")
+    parser.add_argument("--no-run", action="store_true", help="only aggregate existing results")
+    parser.add_argument(
+        "--launcher", default=LOCAL, help="local | subprocess | a command template with {cmd}"
+    )
+    parser.add_argument("--runs-dir", default="runs", help="root of the job folders")
+    parser.add_argument("--results-dir", default="results", help="where tables are written")
+    parser.add_argument(
+        "--rerun-stale", action="store_true", help="re-run jobs done with other overrides"
+    )
+    parser.add_argument(
+        "--relaunch-pending", action="store_true", help="launch again jobs handed to a template"
+    )
+    args = parser.parse_intermixed_args(argv)
+    check_launcher(args.launcher)
+    extra = [t for t in args.targets if "=" in t or t.startswith("~")]  # Hydra overrides
+    names = [t for t in args.targets if t not in extra]
+    if not names:
+        parser.error("name at least one spec (experiments/<name>.yaml)")
+    args.targets = names
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    ok = all([reproduce(name, args, extra) for name in args.targets])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

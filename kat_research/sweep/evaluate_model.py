@@ -1,0 +1,47 @@
+"""Evaluation-only jobs: the teacher, or a student before training, evaluated with the config's
+evaluator (Table 1's "Teacher" and "Student (before)" rows), written like a training job."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from kat_research.train import ConfigError
+
+
+def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
+    """Evaluate ``cfg.model.<role>`` with ``cfg.eval.evaluator`` into ``cfg.paths.output_dir``:
+    graded samples in ``eval/step000000.jsonl``, metrics in ``summary.json`` (``eval``)."""
+    start = time.perf_counter()
+    if not cfg.eval.get("enabled", False):
+        raise ConfigError("evaluation jobs need an evaluator: choose an eval option, not none")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    evaluator = instantiate(cfg.eval.evaluator)
+    loaded = instantiate(cfg.model[role])
+    model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    result = evaluator(model, loaded.tokenizer)
+    folder = output_dir / "eval"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "step000000.jsonl", "w") as f:
+        for record in result.records:
+            f.write(json.dumps(record.to_dict()) + "\n")
+    summary = {
+        "kind": "evaluate",
+        "role": role,
+        "model": loaded.name,
+        "seed": cfg.seed,
+        "eval": result.metrics,
+        "wall_time_s": time.perf_counter() - start,
+        "output_dir": str(output_dir),
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,116 @@
+"""Run one prepared job: `python -m kat_research.sweep.job <job folder>`.
+
+Reads ``job.json``, composes its config, saves it as ``.hydra/config.yaml`` (like a Hydra job),
+runs training (``kat_research.train.train``) or a model evaluation, then records parameter
+counts and the job's hyperparameters and final metrics for TensorBoard's HPARAMS tab. Output
+goes to ``job.log``; ``status.json`` follows the job (running -> done | failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kat_research.sweep.evaluate_model import evaluate_model
+from kat_research.sweep.hparams import write_hparams
+from kat_research.sweep.spec import EVALUATE, ROLES, Job, compose_train
+from kat_research.sweep.state import DONE, FAILED, JOB_FILE, read_json, write_status
+from kat_research.train import train
+
+log = logging.getLogger(__name__)
+
+
+def job_config(job: Job, folder: Path) -> DictConfig:
+    """The job's training config, writing into ``folder``."""
+    return compose_train([*job.overrides, f"paths.output_dir='{folder}'"])  # quoted: '=' ','
+
+
+def count_parameters(node: DictConfig) -> int:
+    """Parameters of the model a ``model.*`` node builds: from the hub/folder config on the meta
+    device when it names one (no weights loaded), else by building it (tiny factories)."""
+    if "name_or_path" in node:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(node.name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = instantiate(node).model
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_counts(cfg: DictConfig, roles: tuple[str, ...]) -> dict[str, int | None]:
+    """``count_parameters`` per role; None (logged) where the model cannot be described here."""
+    counts: dict[str, int | None] = {}
+    for role in roles:
+        try:
+            counts[role] = count_parameters(cfg.model[role])
+        except Exception as error:  # e.g. a hub id offline: the compute estimate is then unknown
+            log.warning("cannot count the %s's parameters: %s", role, error)
+            counts[role] = None
+    return counts
+
+
+@contextlib.contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """Copy the root logger's records into ``path`` while the block runs."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run_job(folder: str | Path) -> dict[str, Any]:
+    """Run the job prepared in ``folder``; return its summary (raises what the job raised)."""
+    folder = Path(folder)
+    recorded = read_json(folder / JOB_FILE)
+    if recorded is None:
+        raise FileNotFoundError(f"{folder / JOB_FILE} does not exist: not a prepared job folder")
+    job = Job.from_dict(recorded)
+    start = time.time()
+    write_status(folder, "running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with log_to(folder / "job.log"):
+        try:
+            cfg = job_config(job, folder)
+            (folder / ".hydra").mkdir(exist_ok=True)
+            OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+            OmegaConf.save(list(job.overrides), folder / ".hydra" / "overrides.yaml")
+            if job.kind == EVALUATE:
+                summary = evaluate_model(cfg, job.role)
+            else:
+                summary = train(cfg)
+        except BaseException as error:
+            write_status(folder, FAILED, error="".join(traceback.format_exception(error)))
+            raise
+        roles = (job.role,) if job.kind == EVALUATE else ROLES
+        counts = parameter_counts(cfg, roles)
+        write_hparams(folder, job, summary)
+    write_status(folder, DONE, seconds=time.time() - start, n_params=counts)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a job folder holding job.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    run_job(args.folder)
+
+
+if __name__ == "__main__":
+    main()

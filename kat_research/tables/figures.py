@@ -1,0 +1,137 @@
+"""PNG figures of a tidy table (the ``figure`` section of experiments/<name>.yaml).
+
+Kinds: ``scatter`` (measure ``x`` against measure ``y``, one point per row, a panel per column
+group: e.g. accuracy against rollout length), ``line`` (measures ``y`` against the numeric row
+axis ``x``, a line per remaining row label; rows without a value on ``x`` are dashed
+horizontal references) and ``bars`` (measures ``y`` per row, grouped by column). Error bars are
+the std over seeds; incomplete cells are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kat_research.tables.aggregate import MISSING_LABEL, TableSpec  # noqa: E402
+from kat_research.tables.measures import measure_format  # noqa: E402
+
+
+def _cells(tidy: pd.DataFrame, measure: str) -> pd.DataFrame:
+    return tidy[(tidy["measure"] == measure) & tidy["mean"].notna()]
+
+
+def _groups(tidy: pd.DataFrame) -> list[Any]:
+    return list(dict.fromkeys(tidy["column"]))
+
+
+def _title(group: Any, titles: Mapping[str, str]) -> str:
+    return "" if pd.isna(group) else f"{group}: {titles[group]}" if group in titles else group
+
+
+def scatter(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str]) -> plt.Figure:
+    x, y = figure["x"], figure["y"]
+    groups = _groups(tidy)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        xs = _cells(tidy[tidy["column"] == group], x).set_index("row")
+        ys = _cells(tidy[tidy["column"] == group], y).set_index("row")
+        for row in xs.index.intersection(ys.index):
+            ax.errorbar(
+                xs.at[row, "mean"],
+                ys.at[row, "mean"],
+                xerr=np.nan_to_num(xs.at[row, "std"]),
+                yerr=np.nan_to_num(ys.at[row, "std"]),
+                fmt="o",
+                capsize=3,
+                label=row,
+            )
+        ax.set(xlabel=measure_format(x).title, ylabel=measure_format(y).title)
+        ax.set_title(_title(group, titles))
+        ax.legend(fontsize="small")
+    return fig
+
+
+def line(
+    tidy: pd.DataFrame, table: TableSpec, figure: Mapping[str, Any], titles: Mapping[str, str]
+) -> plt.Figure:
+    x, measures = figure["x"], list(np.atleast_1d(figure["y"]))
+    series = [a for a in table.rows if a != x]
+    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4), squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        cells = _cells(tidy, measure)
+        for key, part in cells.groupby([*series, "column"], dropna=False, sort=False):
+            *values, group = key
+            names = [table.label(v) for v in values if v != MISSING_LABEL]
+            label = " ".join(filter(None, [*names, _title(group, titles)]))
+            points = part[part[x] != MISSING_LABEL]
+            if points.empty:
+                ax.axhline(part["mean"].mean(), linestyle="--", color="gray", label=label)
+                continue
+            points = points.assign(_x=pd.to_numeric(points[x])).sort_values("_x")
+            ax.errorbar(
+                points["_x"], points["mean"], yerr=points["std"].fillna(0), marker="o", label=label
+            )
+        ax.set(xlabel=x.rsplit(".", 1)[-1], ylabel=measure_format(measure).title)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def bars(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str]) -> plt.Figure:
+    measures = list(np.atleast_1d(figure["y"]))
+    groups = _groups(tidy)
+    rows = list(dict.fromkeys(tidy["row"]))
+    width = 0.8 / len(groups)
+    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4), squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        for i, group in enumerate(groups):
+            cells = _cells(tidy[tidy["column"] == group], measure).set_index("row")
+            cells = cells.reindex(rows)
+            ax.bar(
+                np.arange(len(rows)) + i * width,
+                cells["mean"],
+                width,
+                yerr=cells["std"].fillna(0),
+                capsize=3,
+                label=_title(group, titles) or None,
+            )
+        ax.set_xticks(np.arange(len(rows)) + width * (len(groups) - 1) / 2, rows, rotation=30)
+        ax.set_ylabel(measure_format(measure).title)
+        if len(groups) > 1:
+            ax.legend(fontsize="small")
+    return fig
+
+
+def plot_figure(
+    tidy: pd.DataFrame,
+    table: TableSpec,
+    figure: Mapping[str, Any],
+    path: Path,
+    *,
+    title: str,
+    column_titles: Mapping[str, str] | None = None,
+) -> Path:
+    """Draw ``figure`` from ``tidy`` into ``path`` (PNG)."""
+    titles = column_titles or {}
+    kind = figure["kind"]
+    if kind == "scatter":
+        fig = scatter(tidy, figure, titles)
+    elif kind == "line":
+        fig = line(tidy, table, figure, titles)
+    elif kind == "bars":
+        fig = bars(tidy, figure, titles)
+    else:
+        raise ValueError(f"unknown figure kind {kind!r}: scatter, line or bars")
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,173 @@
+"""Reproduction sweeps: every experiment composes at every scale, a reduced Table 1 runs end to
+end and fills its table, re-runs skip finished jobs and re-run failed ones, and launchers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+
+from kat_research.reproduce import main as reproduce
+from kat_research.reproduce import validate
+from kat_research.sweep.job import job_config
+from kat_research.sweep.spec import expand_jobs, load_spec, spec_names
+from kat_research.sweep.state import DONE, PENDING, job_folder, job_state
+from kat_research.termination.marking import KATPhaseMarker
+
+SCALES = ("paper", "tiny")
+
+
+def covering(jobs):
+    """A few jobs holding every label of every axis at least once (composing all is slow)."""
+    seen, chosen = set(), []
+    for job in jobs:
+        labels = {(job.kind, axis, label) for axis, label in job.axes.items()}
+        if not labels <= seen:
+            seen |= labels
+            chosen.append(job)
+    return chosen
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", spec_names())
+def test_every_experiment_composes(tmp_path, name, scale):
+    """Jobs covering every axis label compose and validate (all of them: the slow test)."""
+    jobs = expand_jobs(load_spec(name), scale)
+    for job in covering(jobs):
+        validate(job, job_folder(tmp_path, job))
+    assert {job.scale for job in jobs} <= {scale}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", spec_names())
+def test_every_job_validates(tmp_path, name, scale):
+    assert reproduce([name, f"--scale={scale}", f"--runs-dir={tmp_path}", "--dry-run"]) == 0
+
+
+def test_sweep_sizes_at_paper_scale():
+    sizes = {name: len(expand_jobs(load_spec(name), "paper")) for name in spec_names()}
+    assert sizes == {
+        "table1": 1 + 2 + 2 * 4 * 3,
+        "table2": 0,
+        "ablation_prefix": 3 * 3 + 3,
+        "ablation_kat_prefix": 3 * 3,
+        "ablation_quantile": 3 * 3,
+        "ablation_stagewise": 3 * 3,
+        "ablation_topk": 5 * 3,
+    }
+
+
+def config_of(name: str, scale: str, **axes: str):
+    """The config of the first job of ``name`` whose axes hold ``axes``."""
+    job = next(
+        j
+        for j in expand_jobs(load_spec(name), scale)
+        if all(j.axes.get(k.replace("__", ".")) == v for k, v in axes.items())
+    )
+    return job_config(job, Path("/tmp/unused"))
+
+
+def test_scale_decides_models_and_sizes():
+    paper = config_of("table1", "paper", student="large", method="kat")
+    assert paper.model.student.name_or_path == "Qwen/Qwen3-4B-Base"
+    assert paper.model.teacher.name_or_path == "Qwen/Qwen3-8B"
+    assert paper.trainer.max_epochs == 2 and paper.data.source.hub_id.endswith("DAPO-Math-17k")
+    tiny = config_of("table1", "tiny", student="large", method="kat")
+    assert tiny.model.student.architecture.hidden_size == 128 and tiny.eval.evaluator.n_samples == 4
+    prefix = config_of("ablation_prefix", "paper", termination__fixed_prefix__budget="4096")
+    assert prefix.method.name == "fixed_prefix" and prefix.termination.fixed_prefix.budget == 4096
+    stagewise = config_of("ablation_stagewise", "tiny", method__supervise="pre+agreement")
+    rule = instantiate(stagewise.method.terminator)
+    assert isinstance(rule, KATPhaseMarker) and rule.supervise == "pre+agreement"
+    assert rule.window == stagewise.termination.kat.window == 8
+
+
+# A reduced Table 1: smoke scale (tiny random models, one seed, 2 steps), one student, shorter.
+REDUCED = [
+    "~scale.students.large",
+    "data.batch_size=2",
+    "rollout.group_size=1",
+    "rollout.max_new_tokens=8",
+    "eval.evaluator.n_problems=4",
+]
+
+
+def run(tmp_path: Path, *args: str) -> int:
+    return reproduce(
+        [
+            *args,
+            "--scale=smoke",
+            f"--runs-dir={tmp_path / 'runs'}",
+            f"--results-dir={tmp_path / 'results'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            *REDUCED,
+        ]
+    )
+
+
+def test_reduced_table1_end_to_end_and_resume(tmp_path, capsys):
+    assert run(tmp_path, "table1") == 0
+    tidy = pd.read_csv(tmp_path / "results" / "table1.csv")
+    accuracy = tidy[tidy["measure"].isin(["avg@k", "pass@k"])]
+    assert len(accuracy) == 6 * 2  # every row x measure
+    assert accuracy["mean"].notna().all() and accuracy["missing"].isna().all()
+    lengths = tidy[
+        (tidy["measure"] == "length") & ~tidy["method"].isin(["teacher", "student_before"])
+    ]
+    assert lengths["mean"].between(1, 8).all()
+    for suffix in (".md", ".tex", ".png", ".jobs.csv"):
+        assert (tmp_path / "results" / f"table1{suffix}").exists()
+
+    runs = tmp_path / "runs" / "smoke" / "table1"
+    kat = runs / "student=small,method=kat,seed=0"
+    assert json.loads((kat / "status.json").read_text())["n_params"]["teacher"] > 0
+    assert (kat / ".hydra" / "config.yaml").exists() and (
+        kat / "rollouts" / "kl_traces.jsonl"
+    ).exists()
+    assert len(list((kat / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # scalars + hparams
+
+    summaries = {p: p.stat().st_mtime_ns for p in runs.glob("*/summary.json")}
+    capsys.readouterr()
+    assert run(tmp_path, "table1", "table2") == 0  # everything done: nothing runs again
+    printed = capsys.readouterr().out
+    assert "table1 @ smoke: 6 jobs (6 done); 0 to run" in printed
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/summary.json")} == summaries
+    assert (tmp_path / "results" / "table2.md").exists()
+
+    (kat / "summary.json").unlink()  # a job killed before it finished
+    assert run(tmp_path, "table1") == 0
+    assert "1 incomplete" in capsys.readouterr().out
+    assert (kat / "summary.json").exists()
+    assert json.loads((kat / "status.json").read_text())["attempt"] == 2
+    others = {p: t for p, t in summaries.items() if p.parent != kat}
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+def test_changed_overrides_make_finished_jobs_stale(tmp_path, capsys):
+    args = ["ablation_quantile", "scale.quantiles=[0.5]"]
+    assert run(tmp_path, *args) == 0
+    capsys.readouterr()
+    assert run(tmp_path, *args, "optimizer.lr=0.01", "--dry-run") == 0
+    assert "1 stale); 0 to run" in capsys.readouterr().out
+    assert run(tmp_path, *args, "optimizer.lr=0.01", "--dry-run", "--rerun-stale") == 0
+    assert "1 to run" in capsys.readouterr().out
+
+
+def test_template_launcher_hands_jobs_over_once(tmp_path, capsys):
+    template = "echo {cmd} > {dir}/submitted.txt"
+    args = ["ablation_stagewise", "--no-run"]
+    assert run(tmp_path, "ablation_stagewise", f"--launcher={template}") == 0
+    jobs = expand_jobs(load_spec("ablation_stagewise"), "smoke")
+    folders = [job_folder(tmp_path / "runs", job) for job in jobs]
+    assert all("kat_research.sweep.job" in (f / "submitted.txt").read_text() for f in folders)
+    assert {job_state(f) for f in folders} == {PENDING}
+    capsys.readouterr()
+    assert run(tmp_path, "ablation_stagewise", f"--launcher={template}") == 0
+    assert "3 pending); 0 to run" in capsys.readouterr().out
+    assert run(tmp_path, *args) == 0  # the table reports the pending cells as missing
+    assert "missing cell" in (tmp_path / "results" / "ablation_stagewise.md").read_text()
+    assert DONE not in {job_state(f) for f in folders}
