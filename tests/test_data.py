@@ -246,7 +246,7 @@ def test_answer_transforms_and_limit(tmp_path):
 
 def test_missing_file_names_the_path_and_the_setting(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl.*data\.path"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl.*data\.source\.path"):
         load_rows({"kind": "file", "path": str(missing)})
 
 
@@ -257,7 +257,7 @@ def test_hub_source_offline_error_and_success(monkeypatch):
         raise ConnectionError("offline mode is enabled")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"BytedTsinghua-SIA/DAPO-Math-17k.*data\.path"):
+    with pytest.raises(RuntimeError, match=r"BytedTsinghua-SIA/DAPO-Math-17k.*data\.source\.path"):
         load_rows({**DAPO_SOURCE, "kind": "hub", "hub_id": "BytedTsinghua-SIA/DAPO-Math-17k"})
 
     calls = []

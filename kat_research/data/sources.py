@@ -6,12 +6,12 @@ answer when an answer field is configured, ...) are skipped and counted by reaso
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kat_research.data.records import INVALID_JSON, file_records, hub_records
 from kat_research.data.synthetic import (
     ArithmeticTaskConfig,
     problems_for_split,
@@ -21,7 +21,6 @@ from kat_research.eval.answers import after_hashes, last_boxed
 
 KINDS = ("synthetic", "file", "hub")
 ANSWER_TRANSFORMS = ("none", "gsm8k", "last_boxed")
-_INVALID_JSON = object()  # stands in for a JSONL line that does not parse
 _MISSING = object()  # a field path that does not resolve
 
 
@@ -114,46 +113,6 @@ def as_source_spec(spec: SourceSpec | Mapping[str, Any]) -> SourceSpec:
     return spec if isinstance(spec, SourceSpec) else SourceSpec.from_mapping(spec)
 
 
-def _jsonl_records(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield _INVALID_JSON
-
-
-def _file_records(path: Path) -> Iterator[Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"training data file not found: {path} (fix data.path)")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return iter(pq.read_table(path).to_pylist())
-    if suffix == ".json":
-        return iter(json.loads(path.read_text(encoding="utf-8")))
-    if suffix == ".jsonl":
-        return _jsonl_records(path)
-    raise ValueError(f"unsupported data file type {suffix!r} for {path}: use .jsonl or .parquet")
-
-
-def _hub_records(spec: SourceSpec) -> Iterator[Any]:
-    import datasets
-    from huggingface_hub import constants
-
-    try:
-        dataset = datasets.load_dataset(spec.hub_id, spec.config_name, split=spec.split)
-    except Exception as error:
-        offline = " (HF_HUB_OFFLINE is set, not cached)" if constants.HF_HUB_OFFLINE else ""
-        raise RuntimeError(
-            f"could not load dataset {spec.hub_id!r} split {spec.split!r} from the hub{offline}; "
-            "point data.path at a local .jsonl or .parquet file (data.kind=file) instead"
-        ) from error
-    return iter(dataset)
-
-
 def resolve_field(record: Mapping[str, Any], path: str) -> Any:
     """The value at a dotted ``path`` (``a.b``, ``a.0.c``), or ``_MISSING`` if it is absent."""
     if path in record:
@@ -212,7 +171,7 @@ def _transform_answer(answer: str, transform: str) -> str | None:
 
 def _row(spec: SourceSpec, record: Any, index: int, stats: LoadStats) -> Row | None:
     """A Row from one record, or None (counted in ``stats``) when it is unusable."""
-    if record is _INVALID_JSON:
+    if record is INVALID_JSON:
         stats.skip("invalid_json")
         return None
     if not isinstance(record, Mapping):
@@ -256,7 +215,15 @@ def load_rows(spec: SourceSpec | Mapping[str, Any]) -> tuple[list[Row], LoadStat
     if spec.kind == "synthetic":
         rows = _synthetic_rows(spec)
         return rows, LoadStats(n_read=len(rows))
-    records = _file_records(Path(str(spec.path))) if spec.kind == "file" else _hub_records(spec)
+    if spec.kind == "file":
+        records = file_records(Path(str(spec.path)), "fix data.source.path")
+    else:
+        records = hub_records(
+            str(spec.hub_id),
+            spec.config_name,
+            spec.split,
+            "point data.source.path at a local .jsonl or .parquet file (kind: file) instead",
+        )
     stats = LoadStats()
     rows: list[Row] = []
     for record in records:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kat_research.data.records import INVALID_JSON, file_records, hub_records
 from kat_research.eval.answers import after_hashes, gold_from_solution
 
 Gold = str | tuple[str, ...]
@@ -130,54 +130,13 @@ def get_spec(name: str) -> BenchmarkSpec:
     return BENCHMARKS[name]
 
 
-_INVALID_JSON = object()  # stands in for a JSONL line that does not parse
-
-
-def _jsonl_rows(path: Path) -> Iterator[Any]:
-    """Parsed JSONL lines (``_INVALID_JSON`` for broken ones); blank lines are ignored."""
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield _INVALID_JSON
-
-
-def _file_rows(path: Path) -> Iterator[Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return iter(pq.read_table(path).to_pylist())
-    return _jsonl_rows(path)
-
-
-def _hub_rows(spec: BenchmarkSpec) -> Iterator[Any]:
-    import datasets
-    from huggingface_hub import constants
-
-    try:
-        dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.split)
-    except Exception as error:
-        offline = " (HF_HUB_OFFLINE is set, not cached)" if constants.HF_HUB_OFFLINE else ""
-        raise RuntimeError(
-            f"could not load {spec.name} from the hub as {spec.hub_id!r}{offline}; "
-            f"pass path=<file.jsonl|file.parquet> or data_dir=<dir with {spec.name}/"
-            f"{spec.local_file}> to load_benchmark"
-        ) from error
-    return iter(dataset)
-
-
 def _first_present(row: Row, names: tuple[str, ...]) -> Any:
     return next((row[name] for name in names if row.get(name) is not None), None)
 
 
 def _problem(spec: BenchmarkSpec, row: Any, position: int, stats: LoadStats) -> Problem | None:
     """A Problem from one row, or None (counted in ``stats``) when the row is unusable."""
-    if row is _INVALID_JSON:
+    if row is INVALID_JSON:
         stats.skip("invalid JSON")
         return None
     if not isinstance(row, Mapping):
@@ -211,11 +170,17 @@ def load_benchmark(
     spec = get_spec(name)
     stats = LoadStats()
     if path is not None:
-        rows = _file_rows(Path(path))
+        rows = file_records(Path(path), "pass an existing benchmark file as path=")
     elif data_dir is not None:
-        rows = _file_rows(Path(data_dir) / name / spec.local_file)
+        rows = file_records(Path(data_dir) / name / spec.local_file, "check data_dir=")
     else:
-        rows = _hub_rows(spec)
+        rows = hub_records(
+            spec.hub_id,
+            spec.hub_config,
+            spec.split,
+            f"pass path=<file.jsonl|file.parquet> or data_dir=<dir with {spec.name}/"
+            f"{spec.local_file}> to load_benchmark",
+        )
     problems: list[Problem] = []
     for row in rows:
         if limit is not None and len(problems) >= limit:
