@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.lit import SFTModule, warmup_cosine
+from kat_research.lit.eval_callback import EvalCallback
 from kat_research.lit.step_log import StepLog
 from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
 from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 META_FILE = "demo_model.json"
 # Part of the cache key: bump it when the demo tokenizer changes (alphabet, chat template).
 TOKENIZER_VERSION = "char-compact-1"
+ACCURACY = "synthetic/accuracy"
 
 
 def _plain(value: Any) -> Any:
@@ -44,7 +46,11 @@ def settings_key(settings: dict[str, Any]) -> str:
 def train_sft_model(
     path: Path, *, architecture: dict[str, Any], sft: dict[str, Any], task: dict[str, Any]
 ) -> dict[str, Any]:
-    """SFT a fresh tiny Qwen3 on worked solutions of the synthetic task; save it at ``path``."""
+    """SFT a fresh tiny Qwen3 on worked solutions of the synthetic task; save it at ``path``.
+
+    Held-out greedy accuracy is measured every ``sft.eval_every`` steps (0: at the end only);
+    with ``sft.target_accuracy`` set, training stops at the first check that reaches it.
+    """
     start = time.perf_counter()
     L.seed_everything(sft["seed"], workers=True)
     tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
@@ -70,6 +76,14 @@ def train_sft_model(
         scheduler=functools.partial(
             warmup_cosine, warmup_steps=sft["warmup_steps"], min_lr_ratio=sft["min_lr_ratio"]
         ),
+        tokenizer=tokenizer,
+    )
+    target = sft["target_accuracy"]
+    accuracy_check = EvalCallback(
+        SyntheticEvaluator(n_problems=256, task=task),
+        every_n_steps=sft["eval_every"],
+        at_start=False,
+        stop_when={ACCURACY: target} if target is not None else None,
     )
     trainer = L.Trainer(
         max_steps=sft["steps"],
@@ -81,16 +95,30 @@ def train_sft_model(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         enable_progress_bar=False,
-        callbacks=[StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",))],
+        callbacks=[
+            StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",)),
+            accuracy_check,
+        ],
     )
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
-    accuracy = SyntheticEvaluator(n_problems=256, task=task)(model.eval(), tokenizer).metrics
+    accuracy = accuracy_check.results[trainer.global_step]
+    log.info(
+        "sft %s: held-out accuracy by step %s",
+        path.name,
+        {step: round(m[ACCURACY], 3) for step, m in sorted(accuracy_check.results.items())},
+    )
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"sft_seconds": seconds, **accuracy, "architecture": architecture, "sft": sft}
+    meta = {
+        "sft_seconds": seconds,
+        "sft_steps": trainer.global_step,
+        **accuracy,
+        "architecture": architecture,
+        "sft": sft,
+    }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     tmp.rename(path)  # atomic: a half-trained model is never mistaken for a cached one
     return meta
@@ -116,7 +144,7 @@ def demo_model(
             "demo %s: %.0f s of SFT, held-out accuracy %.1f%%",
             role,
             meta["sft_seconds"],
-            100 * meta["synthetic/accuracy"],
+            100 * meta[ACCURACY],
         )
     return load_causal_lm(str(path), trainable=trainable)
 

@@ -1,9 +1,10 @@
-"""Run an evaluator on the student during training: at the start, every N steps, at the end."""
+"""Run an evaluator on the student during training: at the start, every N steps, at the end;
+optionally stop training once the evaluation reaches a target."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ class EvalCallback(L.Callback):
     """Evaluates ``pl_module.student`` with ``evaluator(model, tokenizer) -> EvalResult``.
 
     Metrics go to every logger at the current global step and into ``results`` (step →
-    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``.
+    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``. With
+    ``stop_when`` (metric → minimum), training stops after the first evaluation in which every
+    listed metric reaches its minimum (``stopped_at`` holds that step).
     """
 
     def __init__(
@@ -26,11 +29,14 @@ class EvalCallback(L.Callback):
         every_n_steps: int = 0,
         at_start: bool = True,
         at_end: bool = True,
+        stop_when: Mapping[str, float] | None = None,
     ):
         self.evaluator = evaluator
         self.output_dir = Path(output_dir) if output_dir else None
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
+        self.stop_when = dict(stop_when or {})
         self.results: dict[int, dict[str, float]] = {}
+        self.stopped_at: int | None = None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         step = trainer.global_step
@@ -62,14 +68,27 @@ class EvalCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
+            metrics = self.evaluate(trainer, pl_module)
+            if self.stop_when and target_reached(metrics, self.stop_when):
+                self.stopped_at = trainer.global_step
+                trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end:
             self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"results": dict(self.results)}
+        return {"results": dict(self.results), "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = {int(k): v for k, v in state_dict["results"].items()}
+        self.stopped_at = state_dict.get("stopped_at")
+
+
+def target_reached(metrics: Mapping[str, float], minimums: Mapping[str, float]) -> bool:
+    """Whether every metric named in ``minimums`` is at least its minimum (a missing one is
+    an error: a misspelt target would otherwise never stop training)."""
+    missing = sorted(set(minimums) - set(metrics))
+    if missing:
+        raise KeyError(f"stop_when names metrics the evaluator does not report: {missing}")
+    return all(metrics[name] >= value for name, value in minimums.items())

@@ -12,13 +12,17 @@ import lightning as L
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kat_research.lit.schedule import optimizers_config
 
 
 class SFTModule(L.LightningModule):
-    """Next-token cross-entropy on the completion tokens."""
+    """Next-token cross-entropy on the completion tokens.
+
+    ``student`` and ``tokenizer`` are the names the training callbacks (evaluation) read, as on
+    the OPD module; the tokenizer is only needed by such callbacks.
+    """
 
     def __init__(
         self,
@@ -26,10 +30,17 @@ class SFTModule(L.LightningModule):
         *,
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., LRScheduler] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
         self.model = model.train()
+        self.tokenizer = tokenizer
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+
+    @property
+    def student(self) -> PreTrainedModel:
+        """The model being trained."""
+        return self.model
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(
