@@ -42,6 +42,14 @@ bench: install
 clean:
 	rm -rf $(VENV) outputs multirun .cache
 
+# Compute plan of any training config: parameter counts, GPU memory per rank (fits or not) and
+# FLOPs per step and run, from the model configs alone (meta device: no weights, no network).
+# ARGS: Hydra overrides and plan knobs (conf/plan.yaml), e.g. the paper's 8B teacher + 4B student:
+#   make plan ARGS="experiment=table1 model/student=1.6b trainer.devices=8 plan.rollout_length=1947"
+.PHONY: plan
+plan: install
+	$(PY) -m kat_research.plan $(ARGS)
+
 # ---------------------------------------------------------------------------------------------
 # Figures of the KAT paper's §3 analyses (kat_research.analysis), PNG + CSV in results/<name>/.
 # RUN: a training job folder with step checkpoints (default: the KAT job `make demo` trains).
@@ -81,7 +89,12 @@ figure-trap-benchmark: install
 #   SCALE=paper  Qwen3-8B -> Qwen3-1.7B/4B-Base on DAPO-Math (GPUs + hub access)
 #   SCALE=smoke  tiny random models, 2 steps: checks a sweep's plumbing in about a minute
 #   DRY_RUN=1    list and validate the jobs, run nothing
-#   LAUNCHER=local | subprocess | a command template with {cmd}, e.g. "sbatch --gpus=1 --wrap '{cmd}'"
+#   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a command template with {cmd},
+#                e.g. "sbatch --gpus=1 --wrap '{cmd}'". submitit_*: resources of
+#                conf/hydra/launcher/<name>.yaml (as `kat_research.train -m hydra/launcher=<name>`);
+#                submitit_local runs the jobs one by one and waits, submitit_slurm submits one job
+#                array and returns (jobs stay pending: run the target again to aggregate), e.g.
+#                make reproduce-table1 SCALE=paper LAUNCHER=submitit_slurm ARGS="trainer.devices=8"
 #   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"
 # Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
 SCALE ?= tiny

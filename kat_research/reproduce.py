@@ -23,7 +23,7 @@ import pandas as pd
 from hydra.utils import instantiate
 
 from kat_research.sweep.job import job_config
-from kat_research.sweep.launch import LOCAL, check_launcher, launch
+from kat_research.sweep.launch import LAUNCHERS, LOCAL, check_launcher, launch_all
 from kat_research.sweep.spec import (
     EVALUATE,
     ExperimentSpec,
@@ -39,7 +39,6 @@ from kat_research.sweep.state import (
     TO_RUN,
     job_folder,
     job_state,
-    prepare_folder,
 )
 from kat_research.tables.aggregate import TableSpec, aggregate
 from kat_research.tables.figures import plot_figure
@@ -125,12 +124,7 @@ def reproduce(name: str, args: argparse.Namespace, extra: list[str]) -> bool:
         print(f"  [{mark:>10}] {job.experiment}/{job.name}: {' '.join(job.overrides)}")
     if args.dry_run:
         return True
-    ok = True
-    if not args.no_run:
-        for n, i in enumerate(chosen, 1):
-            print(f"[{n}/{len(chosen)}] {jobs[i].experiment}/{jobs[i].name}", flush=True)
-            prepare_folder(folders[i], jobs[i])
-            ok &= launch(folders[i], args.launcher)
+    ok = args.no_run or launch_all([(jobs[i], folders[i]) for i in chosen], args.launcher)
     print(write_results(spec, jobs, args.scale, Path(args.runs_dir), Path(args.results_dir)))
     return ok
 
@@ -142,7 +136,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dry-run", action="store_true", help="list and check jobs, run nothing")
     parser.add_argument("--no-run", action="store_true", help="only aggregate existing results")
     parser.add_argument(
-        "--launcher", default=LOCAL, help="local | subprocess | a command template with {cmd}"
+        "--launcher",
+        default=LOCAL,
+        help=f"{' | '.join(LAUNCHERS)} | a command template with {{cmd}}",
     )
     parser.add_argument("--runs-dir", default="runs", help="root of the job folders")
     parser.add_argument("--results-dir", default="results", help="where tables are written")
@@ -150,7 +146,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--rerun-stale", action="store_true", help="re-run jobs done with other overrides"
     )
     parser.add_argument(
-        "--relaunch-pending", action="store_true", help="launch again jobs handed to a template"
+        "--relaunch-pending",
+        action="store_true",
+        help="launch again jobs handed to a template or to Slurm",
     )
     args = parser.parse_intermixed_args(argv)
     check_launcher(args.launcher)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ from kat_research.termination.base import Terminator
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/hydra/launcher/submitit_*.yaml override the submitit plugin's presets of the same name on
+# purpose; Hydra validates them against those and warns that it does (once per composition).
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema"
+)
 
 
 class ConfigError(ValueError):

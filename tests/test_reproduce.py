@@ -4,6 +4,7 @@ end and fills its table, re-runs skip finished jobs and re-run failed ones, and 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -171,3 +172,46 @@ def test_template_launcher_hands_jobs_over_once(tmp_path, capsys):
     assert run(tmp_path, *args) == 0  # the table reports the pending cells as missing
     assert "missing cell" in (tmp_path / "results" / "ablation_stagewise.md").read_text()
     assert DONE not in {job_state(f) for f in folders}
+
+
+def test_submitit_local_launcher_runs_jobs_and_aggregates(tmp_path):
+    assert (
+        run(tmp_path, "ablation_quantile", "scale.quantiles=[0.5]", "--launcher=submitit_local")
+        == 0
+    )
+    folder = tmp_path / "runs" / "smoke" / "ablation_quantile" / "student=small,quantile=0.5,seed=0"
+    assert job_state(folder) == DONE
+    assert Path(json.loads((folder / "submitit.json").read_text())["stdout"]).exists()
+    assert "1 of 1 jobs done" in (tmp_path / "results" / "ablation_quantile.md").read_text()
+
+
+def test_submitit_slurm_launcher_submits_one_array_and_returns(tmp_path, monkeypatch, capsys):
+    """A fake sbatch records the submission file: resources come from the Hydra preset."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(
+        f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n'
+    )
+    sbatch.chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\n")  # submitit checks that srun exists
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert run(tmp_path, "ablation_stagewise", "--launcher=submitit_slurm") == 0
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--array=0-2%3", "--ntasks-per-node=1", "--gpus-per-node=1", "--time=1440"):
+        assert f"#SBATCH {line}" in script
+    assert "#SBATCH --job-name=kat_ablation_stagewise" in script
+    folders = [
+        job_folder(tmp_path / "runs", j)
+        for j in expand_jobs(load_spec("ablation_stagewise"), "smoke")
+    ]
+    assert {job_state(f) for f in folders} == {PENDING}
+    assert [json.loads((f / "submitit.json").read_text())["job_id"] for f in folders] == [
+        "4242_0",
+        "4242_1",
+        "4242_2",
+    ]
+    capsys.readouterr()
+    assert run(tmp_path, "ablation_stagewise", "--launcher=submitit_slurm") == 0
+    assert "3 pending); 0 to run" in capsys.readouterr().out

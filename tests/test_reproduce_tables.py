@@ -86,8 +86,10 @@ def test_ratios_to_a_reference_row(records):
 
 
 def test_compute_estimate():
-    assert compute_eflops(1e6, {"student": 1e9, "teacher": 8e9}) == pytest.approx(0.024)
-    assert math.isnan(compute_eflops(1e6, {"student": 1e9, "teacher": None}))
+    # 1000 rollouts x 1000 generated tokens, 400 kept: (2 + 16) 1e9 x 1e6 + 6e9 x 4e5 = 0.0204e18
+    summary = {"rollouts": 1000, "mean_generated_length": 1000.0, "mean_kept_length": 400.0}
+    assert compute_eflops(summary, {"student": 1e9, "teacher": 8e9}) == pytest.approx(0.0204)
+    assert math.isnan(compute_eflops(summary, {"student": 1e9, "teacher": None}))
 
 
 def test_writers(tmp_path, records):

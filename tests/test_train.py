@@ -172,3 +172,27 @@ def test_mismatched_vocabularies_fail_before_training(tmp_path):
     with pytest.raises(VocabularyMismatchError, match="do not share a vocabulary"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_two_job_multirun_with_submitit_local(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAT_ROOT": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # the jobs' too
+    cmd = [
+        sys.executable,
+        "-m",
+        "kat_research.train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "method=opd,kat",
+        "logger=csv",
+        "export_student=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *FAST,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "validated against ConfigStore schema" not in done.stderr
+    sweep = next((tmp_path / "multirun").iterdir())
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert [json.loads(p.read_text())["method"] for p in summaries] == ["opd", "kat"]
+    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2  # one submitit job each

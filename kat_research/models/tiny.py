@@ -83,7 +83,7 @@ def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrai
     return _wrap(tok)
 
 
-def build_tiny_qwen3(
+def tiny_qwen3_config(
     tokenizer: PreTrainedTokenizerFast,
     *,
     hidden_size: int = 64,
@@ -93,12 +93,11 @@ def build_tiny_qwen3(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = True,
-    seed: int = 0,
-) -> Qwen3ForCausalLM:
-    """A random-init Qwen3 causal LM whose vocabulary is exactly ``tokenizer``'s."""
+) -> Qwen3Config:
+    """The config of a tiny Qwen3 whose vocabulary is exactly ``tokenizer``'s."""
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-    config = Qwen3Config(
+    return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 3 * hidden_size,
@@ -112,6 +111,13 @@ def build_tiny_qwen3(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+
+
+def build_tiny_qwen3(
+    tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **architecture
+) -> Qwen3ForCausalLM:
+    """A random-init Qwen3 causal LM of ``tiny_qwen3_config(tokenizer, **architecture)``."""
+    config = tiny_qwen3_config(tokenizer, **architecture)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)

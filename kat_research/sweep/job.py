@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.planning.configs import model_config
+from kat_research.planning.params import count_params
 from kat_research.sweep.evaluate_model import evaluate_model
 from kat_research.sweep.hparams import write_hparams
 from kat_research.sweep.spec import EVALUATE, ROLES, Job, compose_train
@@ -36,17 +36,9 @@ def job_config(job: Job, folder: Path) -> DictConfig:
 
 
 def count_parameters(node: DictConfig) -> int:
-    """Parameters of the model a ``model.*`` node builds: from the hub/folder config on the meta
-    device when it names one (no weights loaded), else by building it (tiny factories)."""
-    if "name_or_path" in node:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(node.name_or_path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    else:
-        model = instantiate(node).model
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model a ``model.*`` node builds, counted on the meta device from its
+    config (``kat_research.planning``: no weights loaded, nothing trained)."""
+    return count_params(model_config(node)).total
 
 
 def parameter_counts(cfg: DictConfig, roles: tuple[str, ...]) -> dict[str, int | None]:

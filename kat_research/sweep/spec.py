@@ -100,12 +100,13 @@ def with_includes(spec: ExperimentSpec, directory: Path = EXPERIMENTS_DIR) -> li
     return list(seen.values())
 
 
-def compose_train(overrides: Sequence[str]) -> DictConfig:
-    """conf/train.yaml composed with ``overrides`` (Hydra's compose API)."""
+def compose_train(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
+    """conf/train.yaml composed with ``overrides`` (Hydra's compose API); ``with_hydra`` keeps
+    the ``hydra`` node (e.g. the launcher a ``hydra/launcher=...`` override picks)."""
     from kat_research.train import CONFIG_DIR  # here: reading results needs no Lightning import
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def base_overrides(spec: ExperimentSpec, scale: str) -> list[str]:

@@ -3,9 +3,10 @@
 Accuracy comes from the job's last graded samples (``eval/stepNNNNNN.jsonl``): avg@k and
 pass@k per benchmark (``kat_research.eval.metrics.summarize``), macro-averaged over the
 paper's four benchmarks when all ran, else over the benchmarks present (e.g. the synthetic
-task). The compute estimate counts the usual 2N FLOPs per token and forward pass: rollouts
-(student forward), online teacher scoring (teacher forward) and the training step (student
-forward + backward, 6N), over generated tokens only (prompt prefill and attention ignored).
+task). The compute estimate is ``kat_research.planning.flops.opd_flops`` (the planner's
+formula) with the job's parameter counts and lengths, without prompts and the attention term:
+2 N_student + 2 N_teacher per generated token (rollout, teacher scoring) + 6 N_student per
+kept token (training).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kat_research.eval.metrics import PAPER_BENCHMARKS, macro_average, summarize
+from kat_research.planning.flops import FlopsModel, opd_flops
 from kat_research.sweep.state import STATUS_FILE, SUMMARY_FILE, read_json
 
 
@@ -86,13 +88,20 @@ def _devices(folder: Path) -> int:
     return (count if isinstance(count, int) and count > 0 else 1) * trainer.get("num_nodes", 1)
 
 
-def compute_eflops(tokens: float, n_params: dict[str, Any] | None) -> float:
-    """(8 N_student + 2 N_teacher) x generated tokens, in 1e18 FLOPs (NaN if a count is unknown)."""
+def compute_eflops(summary: dict[str, Any], n_params: dict[str, Any] | None) -> float:
+    """The OPD FLOPs of a training job's ``summary`` in 1e18 (NaN if a count is unknown)."""
     counts = n_params or {}
     student, teacher = counts.get("student"), counts.get("teacher")
     if student is None or teacher is None:
         return math.nan
-    return (8 * student + 2 * teacher) * tokens / 1e18
+    flops = opd_flops(
+        FlopsModel(student),
+        FlopsModel(teacher),
+        rollouts=summary["rollouts"],
+        generated=summary["mean_generated_length"],
+        kept=summary["mean_kept_length"],
+    )
+    return flops.total / 1e18
 
 
 def curve_means(folder: Path) -> dict[str, float]:
@@ -124,7 +133,7 @@ def job_measures(folder: str | Path) -> dict[str, float]:
         tokens_generated=float(summary["tokens_generated"]),
         steps=float(summary["steps"]),
         accel_hours=summary["fit_time_s"] * _devices(folder) / 3600,
-        eflops=compute_eflops(summary["tokens_generated"], status.get("n_params")),
+        eflops=compute_eflops(summary, status.get("n_params")),
         **curve_means(folder),
     )
     return out

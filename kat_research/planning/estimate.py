@@ -1,0 +1,170 @@
+"""Assemble a compute plan from a composed training config: models, per-rank memory, FLOPs
+per step and per run, and whether it fits (the numbers ``python -m kat_research.plan`` shows).
+
+Data-parallel layout: each of the ``trainer.devices x trainer.num_nodes`` ranks holds both
+models and samples ``data.batch_size x rollout.group_size`` rollouts per batch from its share
+of the prompts, so a run has ``trainer.max_steps`` optimizer steps or
+``max_epochs x prompts // (batch_size x ranks x accumulate_grad_batches)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from kat_research.lit.opd_module import TEACHER_KEEP
+from kat_research.planning.configs import model_config
+from kat_research.planning.flops import FlopsModel, opd_flops
+from kat_research.planning.memory import (
+    GIB,
+    activation_bytes,
+    dtype_bytes,
+    kv_cache_bytes,
+    loss_chunk_bytes,
+    teacher_target_bytes,
+    training_state_bytes,
+)
+from kat_research.planning.params import ModelShape, count_params
+
+
+def describe_model(node: DictConfig, architectures: Path | None) -> dict[str, Any]:
+    """Name, dtype, parameter counts and shape of the model ``node`` builds."""
+    config = model_config(node, architectures)
+    counts = count_params(config)
+    return {
+        "name": node.get("name_or_path") or node._target_.rsplit(".", 1)[-1],
+        "dtype": node.get("dtype", "float32"),
+        "params": {
+            "total": counts.total,
+            "embedding": counts.embedding,
+            "non_embedding": counts.non_embedding,
+        },
+        "shape": asdict(ModelShape.from_config(config)),
+    }
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Ranks of a Lightning trainer config (``devices`` an int or a list; others count 1)."""
+    devices = trainer.get("devices", 1)
+    count = len(devices) if not isinstance(devices, int | str) else devices
+    return (count if isinstance(count, int) and count > 0 else 1) * trainer.get("num_nodes", 1)
+
+
+def expected_lengths(cfg: DictConfig) -> dict[str, Any]:
+    """Generated and kept tokens per rollout (knobs, else a run's summary.json, else the cap)
+    and the mean prompt length counted in FLOPs."""
+    plan, cap = cfg.plan, cfg.rollout.max_new_tokens
+    generated, kept, source = cap, None, "rollout.max_new_tokens"
+    if plan.from_run:
+        summary = json.loads((Path(plan.from_run) / "summary.json").read_text())
+        generated, kept = summary["mean_generated_length"], summary["mean_kept_length"]
+        source = f"{plan.from_run}/summary.json"
+    if plan.rollout_length is not None:
+        generated, source = plan.rollout_length, "plan.rollout_length"
+    if plan.kept_length is not None:
+        kept = plan.kept_length
+    return {
+        "generated": float(generated),
+        "kept": float(generated if kept is None else kept),
+        "prompt": float(plan.prompt_length),
+        "source": source,
+    }
+
+
+def run_steps(cfg: DictConfig) -> int | None:
+    """Optimizer steps of the run (None if it depends on an unknown number of prompts)."""
+    trainer = cfg.trainer
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    source = cfg.data.source
+    prompts = cfg.plan.train_prompts or source.get("n") or source.get("limit")
+    if not prompts or trainer.max_epochs is None or trainer.max_epochs < 0:
+        return None
+    per_step = cfg.data.batch_size * world_size(trainer) * trainer.get("accumulate_grad_batches", 1)
+    per_epoch = prompts // per_step
+    return int(trainer.max_epochs * per_epoch)
+
+
+def fp32_master(cfg: DictConfig, weight_bytes: int) -> bool:
+    """``plan.fp32_master``, where ``auto`` means: mixed precision with 16-bit weights."""
+    setting = cfg.plan.fp32_master
+    if setting == "auto":
+        return "mixed" in str(cfg.trainer.precision) and weight_bytes < 4
+    return bool(setting)
+
+
+def rank_memory(
+    cfg: DictConfig, student: dict[str, Any], teacher: dict[str, Any]
+) -> dict[str, int]:
+    """Bytes one rank needs, by component, at the longest rollouts."""
+    s_shape, t_shape = ModelShape(**student["shape"]), ModelShape(**teacher["shape"])
+    s_bytes, t_bytes = dtype_bytes(student["dtype"]), dtype_bytes(teacher["dtype"])
+    rows = cfg.data.batch_size * cfg.rollout.group_size
+    tokens = rows * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    keep = cfg.rollout.teacher_keep
+    keep = TEACHER_KEEP[cfg.loss.kind] if keep == "auto" else keep
+    state = training_state_bytes(student["params"]["total"], s_bytes, fp32_master(cfg, s_bytes))
+    return {
+        "teacher_weights": teacher["params"]["total"] * t_bytes,
+        **{f"student_{k}": v for k, v in state.items()},
+        "kv_cache_student": kv_cache_bytes(s_shape, tokens, s_bytes),
+        "kv_cache_teacher": kv_cache_bytes(t_shape, tokens, t_bytes),
+        "teacher_targets": teacher_target_bytes(
+            keep, rows * cfg.rollout.max_new_tokens, t_shape.hidden, t_bytes, cfg.loss.k or 32
+        ),
+        "activations": activation_bytes(s_shape, tokens, s_bytes),
+        "loss_chunk": loss_chunk_bytes(cfg.loss.chunk_size, s_shape.vocab, cfg.plan.loss_blocks),
+        "reserved": int(cfg.plan.reserved_gib * GIB),
+    }
+
+
+def flops_model(model: dict[str, Any], attention: bool) -> FlopsModel:
+    shape = model["shape"]
+    if not attention:
+        return FlopsModel(model["params"]["total"])
+    return FlopsModel(model["params"]["total"], shape["layers"], shape["heads"] * shape["head_dim"])
+
+
+def make_plan(cfg: DictConfig) -> dict[str, Any]:
+    """The whole plan of the training config ``cfg`` (with its ``plan`` knobs)."""
+    architectures = Path(cfg.plan.architectures) if cfg.plan.architectures else None
+    student = describe_model(cfg.model.student, architectures)
+    teacher = describe_model(cfg.model.teacher, architectures)
+    ranks = world_size(cfg.trainer)
+    rows = cfg.data.batch_size * cfg.rollout.group_size
+    rollouts = rows * ranks * cfg.trainer.get("accumulate_grad_batches", 1)
+    lengths = expected_lengths(cfg)
+    attention = cfg.plan.attention_flops
+    step = opd_flops(
+        flops_model(student, attention),
+        flops_model(teacher, attention),
+        rollouts=rollouts,
+        generated=lengths["generated"],
+        kept=lengths["kept"],
+        prompt=lengths["prompt"],
+    )
+    steps = run_steps(cfg)
+    memory = rank_memory(cfg, student, teacher)
+    need, have = sum(memory.values()), cfg.plan.device_memory_gib * GIB
+    return {
+        "student": student,
+        "teacher": teacher,
+        "layout": {
+            "ranks": ranks,
+            "rollouts_per_rank": rows,
+            "rollouts_per_step": rollouts,
+            "max_tokens_per_rollout": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            "steps": steps,
+        },
+        "lengths": lengths,
+        "memory_per_rank_bytes": memory,
+        "flops_per_step": {**asdict(step), "total": step.total},
+        "flops_per_run": None if steps is None else step.total * steps,
+        "fits": need <= have,
+        "need_gib": need / GIB,
+        "device_gib": float(cfg.plan.device_memory_gib),
+    }
