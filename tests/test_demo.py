@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kat_research.demo.__main__ import main
+from kat_research.demo.models import train_sft_model
+from kat_research.lit.eval_callback import target_reached
 
 
 def test_demo_pipeline_reduced(tmp_path, capsys):
@@ -40,3 +44,36 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
     cached = sorted(p.name.split("-")[0] for p in (cache / "demo").iterdir())
     assert cached == ["student", "teacher"]
     assert all((p / "demo_model.json").exists() for p in (cache / "demo").iterdir())
+
+
+def test_target_reached_checks_every_listed_metric():
+    metrics = {"synthetic/accuracy": 0.95, "synthetic/mean_length": 20.0}
+    assert target_reached(metrics, {"synthetic/accuracy": 0.95})
+    assert not target_reached(metrics, {"synthetic/accuracy": 0.96})
+    assert not target_reached(metrics, {"synthetic/accuracy": 0.5, "synthetic/mean_length": 21})
+    with pytest.raises(KeyError, match="synthetic/acc"):
+        target_reached(metrics, {"synthetic/acc": 0.5})  # a misspelt target never stops
+
+
+def test_sft_stops_at_the_first_check_reaching_the_target(tmp_path):
+    sft = {
+        "steps": 6,
+        "eval_every": 2,
+        "target_accuracy": 0.0,  # any accuracy reaches it: stop at the first check
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "min_lr_ratio": 0.1,
+        "n_problems": 32,
+        "seed": 0,
+    }
+    architecture = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    meta = train_sft_model(tmp_path / "m", architecture=architecture, sft=sft, task={})
+    assert meta["sft_steps"] == 2
+    assert 0.0 <= meta["synthetic/accuracy"] <= 1.0
+    assert (tmp_path / "m" / "config.json").exists()
+    # without a target every step runs
+    meta = train_sft_model(
+        tmp_path / "n", architecture=architecture, sft={**sft, "target_accuracy": None}, task={}
+    )
+    assert meta["sft_steps"] == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ def run_job(name: str, output_dir: Path, overrides: list[str], threads: int) -> 
     """One demo job: ``teacher``/``student`` prepares (trains, caches) that model; a method
     name runs its training job and returns the summary."""
     torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # spawned workers start bare
     if name in ("teacher", "student"):
         instantiate(demo_config("opd", output_dir, overrides).model[name])
         return None

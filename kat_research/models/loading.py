@@ -56,10 +56,14 @@ def load_causal_lm(
     gguf_file: str | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Load ``AutoModelForCausalLM`` + ``AutoTokenizer``.
 
     ``trainable=False`` (the teacher) freezes every parameter and puts the model in eval mode.
+    ``gradient_checkpointing`` (trainable models) recomputes each decoder layer in the backward
+    pass instead of keeping its activations: the training pass over long rollouts then holds
+    one layer's activations plus every layer's input. Rollouts (eval mode) are unaffected.
     """
     kwargs: dict = {"dtype": resolve_dtype(dtype)}
     if gguf_file:
@@ -71,6 +75,8 @@ def load_causal_lm(
         model.to(device)
     if not trainable:
         freeze(model)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return LoadedModel(
         name=name_or_path, model=model, tokenizer=load_tokenizer(name_or_path, gguf_file=gguf_file)
     )

@@ -97,6 +97,12 @@ def fp32_master(cfg: DictConfig, weight_bytes: int) -> bool:
     return bool(setting)
 
 
+def compute_bytes(cfg: DictConfig, weight_bytes: int) -> int:
+    """Bytes per activation / KV-cache element: 2 under 16-bit mixed precision (autocast), else
+    the weights' own size."""
+    return 2 if "16-mixed" in str(cfg.trainer.precision) else weight_bytes
+
+
 def rank_memory(
     cfg: DictConfig, student: dict[str, Any], teacher: dict[str, Any]
 ) -> dict[str, int]:
@@ -108,15 +114,18 @@ def rank_memory(
     keep = cfg.rollout.teacher_keep
     keep = TEACHER_KEEP[cfg.loss.kind] if keep == "auto" else keep
     state = training_state_bytes(student["params"]["total"], s_bytes, fp32_master(cfg, s_bytes))
+    s_act = compute_bytes(cfg, s_bytes)
     return {
         "teacher_weights": teacher["params"]["total"] * t_bytes,
         **{f"student_{k}": v for k, v in state.items()},
-        "kv_cache_student": kv_cache_bytes(s_shape, tokens, s_bytes),
+        "kv_cache_student": kv_cache_bytes(s_shape, tokens, s_act),
         "kv_cache_teacher": kv_cache_bytes(t_shape, tokens, t_bytes),
         "teacher_targets": teacher_target_bytes(
             keep, rows * cfg.rollout.max_new_tokens, t_shape.hidden, t_bytes, cfg.loss.k or 32
         ),
-        "activations": activation_bytes(s_shape, tokens, s_bytes),
+        "activations": activation_bytes(
+            s_shape, tokens, s_act, bool(cfg.model.student.get("gradient_checkpointing", False))
+        ),
         "loss_chunk": loss_chunk_bytes(cfg.loss.chunk_size, s_shape.vocab, cfg.plan.loss_blocks),
         "reserved": int(cfg.plan.reserved_gib * GIB),
     }

@@ -9,7 +9,8 @@ models and the whole optimizer state).
   fused (SDPA / flash) attention that stores no [ctx, ctx] matrix,
   4 hidden (norm inputs and outputs) + 3 attn_dim (q before and after its norm, attention
   output) + 3 kv_dim (k before and after its norm, v) + 4 intermediate (gate, up, silu(gate),
-  their product) elements.
+  their product) elements; with gradient checkpointing, each layer's input (hidden elements)
+  plus one layer's full set, recomputed during backward.
 - the chunked loss: a few [chunk, vocab] float32 blocks (logits, log-probabilities and their
   gradients, for student and teacher).
 """
@@ -43,10 +44,14 @@ def kv_cache_bytes(shape: ModelShape, tokens: int, element_bytes: int) -> int:
     return shape.layers * 2 * shape.kv_heads * shape.head_dim * element_bytes * tokens
 
 
-def activation_bytes(shape: ModelShape, tokens: int, element_bytes: int) -> int:
+def activation_bytes(
+    shape: ModelShape, tokens: int, element_bytes: int, checkpointed: bool = False
+) -> int:
     """Activations a training forward over ``tokens`` tokens saves for backward."""
     kv_dim = shape.kv_heads * shape.head_dim
     per_layer = 4 * shape.hidden + 3 * shape.attn_dim + 3 * kv_dim + 4 * shape.intermediate
+    if checkpointed:
+        return (shape.layers * shape.hidden + per_layer) * element_bytes * tokens
     return shape.layers * per_layer * element_bytes * tokens
 
 
