@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ class EvalCallback(L.Callback):
     """Evaluates ``pl_module.student`` with ``evaluator(model, tokenizer) -> EvalResult``.
 
     Metrics go to every logger at the current global step and into ``results`` (step →
-    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``.
+    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``. With several
+    ranks only rank 0 evaluates (the others wait; their ``results`` hold empty metrics), on
+    weights gathered by the module's ``full_student()`` context when it has one (FSDP).
     """
 
     def __init__(
@@ -36,6 +39,17 @@ class EvalCallback(L.Callback):
         step = trainer.global_step
         if step in self.results:
             return self.results[step]
+        metrics: dict[str, float] = {}
+        with getattr(pl_module, "full_student", nullcontext)():
+            if trainer.is_global_zero:
+                metrics = self._evaluate(trainer, pl_module, step)
+        trainer.strategy.barrier("eval")
+        self.results[step] = metrics
+        return metrics
+
+    def _evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
+    ) -> dict[str, float]:
         model = pl_module.student
         was_training = model.training
         model.eval()
@@ -43,7 +57,6 @@ class EvalCallback(L.Callback):
             result = self.evaluator(model, pl_module.tokenizer)
         finally:
             model.train(was_training)
-        self.results[step] = result.metrics
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
         if self.output_dir is not None:
