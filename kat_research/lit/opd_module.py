@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kat_research.lit.distributed import all_gather_cat, all_reduce_sum, world_size
+from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
 from kat_research.lit.schedule import optimizers_config
 from kat_research.losses import LOSS_KINDS, LossOutput, TeacherTargets, opd_loss, token_weights
 from kat_research.models import freeze
