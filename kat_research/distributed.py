@@ -34,4 +34,4 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([x, x.new_zeros(width - x.numel())])
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: int(s)] for part, s in zip(parts, sizes)])
+    return torch.cat([part[: int(s)] for part, s in zip(parts, sizes, strict=True)])

@@ -50,6 +50,10 @@ RUN = [
     "~optimizer.eps",
     "scheduler=none",
     "logger=csv",
+    "eval=synthetic",
+    "eval.evaluator.n_problems=8",
+    "eval.evaluator.max_new_tokens=8",
+    "eval.every_n_steps=1",
     "callbacks.model_checkpoint.every_n_train_steps=1",
     "callbacks.progress_bar.refresh_rate=0",
 ]
@@ -73,7 +77,7 @@ def test_sampler_gives_ranks_disjoint_shards_of_each_global_batch():
         for r in (0, 1)
     ]
     single_later = list(ResumableBatchSampler(20, 4, seed=3, consumed=lambda: 7))
-    assert [a + b for a, b in zip(*later)] == single_later
+    assert [a + b for a, b in zip(*later, strict=True)] == single_later
     with pytest.raises(ValueError, match="divisible"):
         ResumableBatchSampler(20, 5, rank=0, world_size=2)
 
@@ -174,11 +178,14 @@ def _per_step(job: Path) -> pd.DataFrame:
 def _check_matches_single_process(job: Path, single: Path) -> None:
     # metrics: global sums / means over both ranks equal the single process's
     pd.testing.assert_frame_equal(_per_step(job), _per_step(single), rtol=1e-5)
-    a, b = json.loads((job / "summary.json").read_text()), json.loads(
-        (single / "summary.json").read_text()
-    )
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (job, single))
     for key in ("steps", "rollouts", "tokens_generated", "tokens_kept"):
         assert a[key] == b[key], key
+    # rank 0 evaluated the same weights at every step (on gathered weights under FSDP)
+    assert a["eval_after"] is not None
+    assert a["eval_before"] == b["eval_before"] and a["eval_after"] == b["eval_after"]
+    written = sorted(p.name for p in (job / "eval").iterdir())
+    assert written == [f"step{i:06d}.jsonl" for i in range(3)]
     # weights after two SGD steps
     trained, reference = (load_file(p / "student" / "model.safetensors") for p in (job, single))
     start = torch.load(single / "checkpoints" / "step000001.ckpt", weights_only=False)
@@ -209,7 +216,6 @@ def test_ddp_run_equals_single_process_run(tmp_path, single_run):
     assert AutoModelForCausalLM.from_pretrained(job / "student").config.vocab_size > 0
 
 
-@pytest.mark.slow
 def test_fsdp_run_equals_single_process_run(tmp_path, single_run):
     """`trainer=fsdp` (FSDP2 fully_shard via ModelParallelStrategy) on 2 CPU ranks."""
     job = _launch(tmp_path, "fsdp", single_run / "cache")

@@ -295,7 +295,7 @@ class OPDModule(L.LightningModule):
             **{f"stop/{r}": c for r, c in rollout.stop_counts().items()},
         }
         values = torch.tensor([float(v) for v in local.values()], dtype=torch.float64)
-        g = dict(zip(local, all_reduce_sum(values.to(self.device)).tolist()))
+        g = dict(zip(local, all_reduce_sum(values.to(self.device)).tolist(), strict=True))
         ranks = world_size()
         self.totals["tokens_generated"] += int(g["generated"])
         self.totals["tokens_kept"] += int(g["kept"])
