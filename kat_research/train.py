@@ -1,7 +1,9 @@
 """`python -m kat_research.train`: on-policy distillation driven by the Hydra config in conf/.
 
 Each job writes into its own folder: the resolved config (.hydra/), TensorBoard logs and CSV
-metrics, checkpoints, evaluation samples, ``summary.json`` and the exported student.
+metrics, checkpoints, evaluation samples, ``summary.json`` and the exported student. Under
+data parallelism (``trainer=ddp`` / ``trainer=fsdp``) every rank runs :func:`train`; files
+are written by rank 0 only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat_research.lit import OPDModule
 from kat_research.lit.eval_callback import EvalCallback
-from kat_research.models import check_vocab_agreement
+from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.termination import CompositeTerminator, KATTerminator
 from kat_research.termination.base import Terminator
 
@@ -127,14 +129,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_seconds = time.perf_counter() - fit_start
 
     if cfg.export_student:
-        student.model.save_pretrained(output_dir / "student")
-        student.tokenizer.save_pretrained(output_dir / "student")
+        export_student(trainer, student, output_dir / "student")
     summary = make_summary(
         cfg, module, trainer, eval_cb, datamodule.stats, fit_seconds, time.perf_counter() - start
     )
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("summary: %s", json.dumps(summary))
+    if trainer.is_global_zero:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def export_student(trainer: L.Trainer, student: LoadedModel, folder: Path) -> None:
+    """``save_pretrained`` the trained student (+ tokenizer) from rank 0. Every rank must call
+    it: under FSDP the strategy gathers the full weights collectively."""
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = "student."
+        weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        student.model.save_pretrained(folder, state_dict=weights)
+        student.tokenizer.save_pretrained(folder)
 
 
 def make_summary(
@@ -146,7 +159,10 @@ def make_summary(
     fit_seconds: float,
     wall_seconds: float,
 ) -> dict[str, Any]:
-    """What a job reports: settings, compute spent, lengths, final metrics, evaluation."""
+    """What a job reports: settings, compute spent, lengths, final metrics, evaluation.
+
+    Token and rollout counts are totals over all ranks; times are wall-clock (per rank).
+    """
     totals = module.totals
     rollouts = max(1, totals["rollouts"])
     evals = eval_cb.results if eval_cb is not None else {}

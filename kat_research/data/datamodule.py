@@ -141,6 +141,7 @@ class PromptDataModule(L.LightningDataModule):
         return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
     def _loader(self, rows: list[Row], sft: bool, train: bool) -> DataLoader:
+        trainer = self.trainer if train else None
         sampler = ResumableBatchSampler(
             len(rows),
             self.batch_size,
@@ -148,6 +149,8 @@ class PromptDataModule(L.LightningDataModule):
             shuffle=train and self.shuffle,
             drop_last=train,
             consumed=self._batches_consumed if train else (lambda: 0),
+            rank=0 if trainer is None else trainer.global_rank,
+            world_size=1 if trainer is None else trainer.world_size,
         )
         return DataLoader(
             rows,
@@ -159,7 +162,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches, reshuffled every epoch from ``seed``; a resumed run continues
-        where the checkpoint left off (see ``ResumableBatchSampler``)."""
+        where the checkpoint left off. ``batch_size`` is the global batch: under data
+        parallelism each rank gets its disjoint share (see ``ResumableBatchSampler``), so the
+        trainer must not inject a ``DistributedSampler`` (``use_distributed_sampler: false``)."""
         return self._loader(self.train_rows, sft=self.mode == "sft", train=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -1,5 +1,6 @@
 """A batch sampler whose order is a pure function of (seed, batches consumed), so a resumed
-run sees exactly the prompts an uninterrupted run would have seen."""
+run sees exactly the prompts an uninterrupted run would have seen, and each data-parallel rank
+sees its own disjoint share of every global batch."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from torch.utils.data import Sampler
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Epoch ``e`` visits ``randperm(n)`` drawn from ``seed + e`` in batches of ``batch_size``
-    (the last partial batch dropped when ``drop_last``).
+    """Epoch ``e`` visits ``randperm(n)`` drawn from ``seed + e`` in global batches of
+    ``batch_size`` (the last partial batch dropped when ``drop_last``).
 
-    Each ``__iter__`` asks ``consumed()`` how many batches the run has already trained on and
-    continues from there: the rest of that epoch. Lightning restarts a mid-epoch resume by
-    calling ``iter`` again, so no loader state has to be checkpointed.
+    With ``world_size`` ranks, rank ``r`` yields the ``r``-th of ``world_size`` equal,
+    contiguous slices of each global batch (``batch_size`` must divide evenly), so the ranks'
+    prompts are disjoint and their union in rank order is the single-process batch.
+
+    Each ``__iter__`` asks ``consumed()`` how many global batches the run has already trained
+    on and continues from there: the rest of that epoch. Lightning restarts a mid-epoch resume
+    by calling ``iter`` again, so no loader state has to be checkpointed.
     """
 
     def __init__(
@@ -27,15 +32,25 @@ class ResumableBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         drop_last: bool = True,
         consumed: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if n < 1 or batch_size < 1:
             raise ValueError(f"need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} (the global batch) must be divisible by the "
+                f"{world_size} data-parallel ranks"
+            )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.drop_last, self.consumed = (
             shuffle,
             drop_last and n >= batch_size,
             consumed,
         )
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
@@ -50,5 +65,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         epoch, offset = divmod(self.consumed(), len(self))
         order = self.epoch_order(epoch)
+        share = self.batch_size // self.world_size
         for b in range(offset, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            start = b * self.batch_size + self.rank * share
+            yield order[start : start + share]

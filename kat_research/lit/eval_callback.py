@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ class EvalCallback(L.Callback):
     """Evaluates ``pl_module.student`` with ``evaluator(model, tokenizer) -> EvalResult``.
 
     Metrics go to every logger at the current global step and into ``results`` (step →
-    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``. With
+    metrics); graded samples are written to ``<output_dir>/eval/step<N>.jsonl``. With several
+    ranks only rank 0 evaluates (the others wait; their ``results`` hold empty metrics), on
+    weights gathered by the module's ``full_student()`` context when it has one (FSDP). With
     ``stop_when`` (metric → minimum), training stops after the first evaluation in which every
     listed metric reaches its minimum (``stopped_at`` holds that step).
     """
@@ -42,6 +45,17 @@ class EvalCallback(L.Callback):
         step = trainer.global_step
         if step in self.results:
             return self.results[step]
+        metrics: dict[str, float] = {}
+        with getattr(pl_module, "full_student", nullcontext)():
+            if trainer.is_global_zero:
+                metrics = self._evaluate(trainer, pl_module, step)
+        trainer.strategy.barrier("eval")
+        self.results[step] = metrics
+        return metrics
+
+    def _evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
+    ) -> dict[str, float]:
         model = pl_module.student
         was_training = model.training
         model.eval()
@@ -49,7 +63,6 @@ class EvalCallback(L.Callback):
             result = self.evaluator(model, pl_module.tokenizer)
         finally:
             model.train(was_training)
-        self.results[step] = result.metrics
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
         if self.output_dir is not None:
@@ -69,9 +82,11 @@ class EvalCallback(L.Callback):
     ) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             metrics = self.evaluate(trainer, pl_module)
-            if self.stop_when and target_reached(metrics, self.stop_when):
-                self.stopped_at = trainer.global_step
-                trainer.should_stop = True
+            if self.stop_when:  # rank 0 evaluated: its verdict is every rank's
+                reached = trainer.is_global_zero and target_reached(metrics, self.stop_when)
+                if trainer.strategy.broadcast(reached, src=0):
+                    self.stopped_at = trainer.global_step
+                    trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end:

@@ -7,22 +7,28 @@ terminator and loss configuration.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
 from kat_research.lit.schedule import optimizers_config
 from kat_research.losses import LOSS_KINDS, LossOutput, TeacherTargets, opd_loss, token_weights
 from kat_research.models import freeze
 from kat_research.rollout import (
+    STOP_REASONS,
     Rollout,
     RolloutEngine,
     SamplingConfig,
@@ -72,13 +78,36 @@ class RolloutSettings:
         return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, stop_token_ids)
 
 
+class FinalHidden(torch.nn.Module):
+    """The student's final hidden states: the forward whose graph the loss back-propagates.
+
+    Under FSDP this module is the sharded unit, so that forward runs FSDP's hooks (gradient
+    reduce-scatter); calling the student's submodules directly would skip them.
+    """
+
+    def __init__(self, student: PreTrainedModel):
+        super().__init__()
+        self.student = student
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.student.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+
+
 class OPDModule(L.LightningModule):
     """Samples rollouts from the current student, scores them with the teacher online, and
     trains the student on the kept tokens.
 
     The teacher is held outside the module's registered children: it never receives
     gradients, is never in ``state_dict`` (so never in a checkpoint), and is moved to the
-    student's device at the start of fitting.
+    student's device at the start of fitting (one full replica per rank).
+
+    Data parallelism (DDP, or FSDP through Lightning's ``ModelParallelStrategy``): each rank
+    rolls out its share of the global batch with its own sampling RNG; the KAT buffer, the
+    loss normalisation and the logged metrics are global (see ``setup`` and ``_log_rollout``).
     """
 
     def __init__(
@@ -97,6 +126,7 @@ class OPDModule(L.LightningModule):
         super().__init__()
         self.student = student.train()
         self.__dict__["teacher"] = freeze(teacher)
+        self.__dict__["final_hidden"] = FinalHidden(student)
         self.tokenizer = tokenizer
         self.terminator = terminator or NoTermination()
         self.loss_settings = _as(LossSettings, loss)
@@ -131,11 +161,39 @@ class OPDModule(L.LightningModule):
         self.last_rollout: Rollout | None = None
 
     # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        if world_size() > 1:
+            self.terminator.set_gather(self._gather)
+
+    def configure_model(self) -> None:
+        """Under FSDP (a device mesh is set), shard the student as one unit that keeps its
+        weights gathered from the first forward of a step until backward: rollouts run a
+        different number of forwards on each rank, so no forward may need a collective."""
+        if self.device_mesh is None or isinstance(self.final_hidden, FSDPModule):
+            return
+        fully_shard(
+            self.final_hidden, mesh=self.device_mesh["data_parallel"], reshard_after_forward=False
+        )
+
+    @contextmanager
+    def full_student(self) -> Iterator[None]:
+        """Gather the student's weights on every rank (FSDP) for code that runs it outside a
+        training step, e.g. evaluation on rank 0; a no-op without sharding. Call on all ranks."""
+        sharded = isinstance(self.final_hidden, FSDPModule)
+        if sharded:
+            self.final_hidden.unshard()
+        try:
+            yield
+        finally:
+            if sharded:
+                self.final_hidden.reshard()
+
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
 
     def rollout_generator(self) -> torch.Generator:
-        """The sampling RNG, seeded per rank; its state is checkpointed."""
+        """The sampling RNG, seeded per rank (seed + 1000 * rank, so that runs with
+        neighbouring seeds share no stream); its state is checkpointed per rank."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(self.seed + 1000 * self.global_rank)
@@ -143,6 +201,10 @@ class OPDModule(L.LightningModule):
                 self._generator.set_state(self._pending_generator_state)
                 self._pending_generator_state = None
         return self._generator
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate a 1-D tensor over ranks (through the module's device, as NCCL needs)."""
+        return all_gather_cat(x.to(self.device)).to(x.device)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return optimizers_config(
@@ -154,6 +216,8 @@ class OPDModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if isinstance(self.final_hidden, FSDPModule):
+            self.final_hidden.unshard()  # the step's one all-gather, on every rank
         group = self.rollout_settings.group_size
         prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
@@ -170,9 +234,7 @@ class OPDModule(L.LightningModule):
         s = self.loss_settings
         prompt_width, width = rollout.prompt_ids.shape[1], rollout.tokens.shape[1]
         mask = rollout.attention_mask
-        hidden = self.student.base_model(
-            input_ids=rollout.input_ids, attention_mask=mask, position_ids=prompt_positions(mask)
-        ).last_hidden_state
+        hidden = self.final_hidden(rollout.input_ids, mask, prompt_positions(mask))
         # position prompt_width-1+t predicts generated token t
         hidden = hidden[:, prompt_width - 1 : prompt_width - 1 + width]
         keep = rollout.loss_mask
@@ -190,7 +252,9 @@ class OPDModule(L.LightningModule):
             hidden[keep],
             self.student.get_output_embeddings(),
             rollout.tokens[keep],
-            token_weights(keep, s.aggregation)[keep],
+            token_weights(
+                keep, s.aggregation, sum_over_ranks=all_reduce_sum, world_size=world_size()
+            )[keep],
             teacher,
             kind=s.kind,
             k=s.k,
@@ -208,46 +272,78 @@ class OPDModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log("perf/step_time_s", time.perf_counter() - self._step_start, on_step=True)
+        step_time = time.perf_counter() - self._step_start
+        self.log("perf/step_time_s", step_time, on_step=True, sync_dist=True)
 
     def _log_rollout(self, rollout: Rollout, out: LossOutput) -> None:
-        n = rollout.batch_size
-        generated = int(rollout.lengths.sum())
-        kept = int(rollout.loss_mask.sum())
+        """Log the step's metrics over all ranks: counts and token totals are sums, rates
+        are global ratios, times are means over ranks (every rank logs the same values)."""
         seconds = rollout.timings.get("total", float("nan"))
-        self.totals["tokens_generated"] += generated
-        self.totals["tokens_kept"] += kept
-        self.totals["rollouts"] += n
-        self.totals["rollout_s"] += seconds
-        gen = rollout.gen_mask
+        kl = rollout.kl[rollout.gen_mask] if rollout.kl is not None else torch.zeros(0)
+        local = {
+            "rollouts": rollout.batch_size,
+            "generated": rollout.lengths.sum(),
+            "kept": rollout.cut.sum(),
+            "loss": out.loss.detach(),
+            "loss_tokens": out.n_tokens,
+            "nonfinite": rollout.n_teacher_nonfinite + out.n_nonfinite,
+            "kl_sum": kl.nansum(),
+            "kl_count": (~kl.isnan()).sum(),
+            "tokens_per_s": rollout.lengths.sum() / seconds,
+            "rollout_s": seconds,
+            "teacher_s": rollout.timings.get("teacher", 0.0),
+            **{f"stop/{r}": c for r, c in rollout.stop_counts().items()},
+        }
+        values = torch.tensor([float(v) for v in local.values()], dtype=torch.float64)
+        g = dict(zip(local, all_reduce_sum(values.to(self.device)).tolist(), strict=True))
+        ranks = world_size()
+        self.totals["tokens_generated"] += int(g["generated"])
+        self.totals["tokens_kept"] += int(g["kept"])
+        self.totals["rollouts"] += int(g["rollouts"])
+        self.totals["rollout_s"] += g["rollout_s"] / ranks
+        if rollout.kl is None:
+            mean_kl = 0.0
+        else:
+            mean_kl = g["kl_sum"] / g["kl_count"] if g["kl_count"] else math.nan
         metrics = {
-            "train/loss": out.loss.detach(),
-            "train/kl": float(rollout.kl[gen].nanmean()) if rollout.kl is not None else 0.0,
-            "train/loss_tokens": float(out.n_tokens),
-            "train/teacher_nonfinite": float(rollout.n_teacher_nonfinite + out.n_nonfinite),
-            "len/generated": generated / n,
-            "len/kept": float(rollout.cut.float().mean()),
-            "perf/tokens_per_s": generated / seconds,
-            "perf/rollout_s": seconds,
-            "perf/teacher_s": rollout.timings.get("teacher", 0.0),
+            "train/loss": g["loss"] / ranks,
+            "train/kl": mean_kl,
+            "train/loss_tokens": g["loss_tokens"],
+            "train/teacher_nonfinite": g["nonfinite"],
+            "len/generated": g["generated"] / g["rollouts"],
+            "len/kept": g["kept"] / g["rollouts"],
+            "perf/tokens_per_s": g["tokens_per_s"],
+            "perf/rollout_s": g["rollout_s"] / ranks,
+            "perf/teacher_s": g["teacher_s"] / ranks,
             "total/tokens_generated": float(self.totals["tokens_generated"]),
         }
-        metrics.update({f"stop/{r}": c / n for r, c in rollout.stop_counts().items()})
-        metrics.update(rollout.terminator_metrics)
-        self.log_dict(metrics, on_step=True, batch_size=n)
+        metrics.update({f"stop/{r}": g[f"stop/{r}"] / g["rollouts"] for r in STOP_REASONS})
+        metrics.update(rollout.terminator_metrics)  # global already (see Terminator.set_gather)
+        self.log_dict(metrics, on_step=True, batch_size=rollout.batch_size)
         self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
         self.log("len", metrics["len/generated"], prog_bar=True, on_step=True, logger=False)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Runs on every rank (Lightning writes rank 0's dict): the terminator state is the
+        same everywhere, the rollout RNG states are gathered into [ranks, state] rows."""
         checkpoint["terminator"] = self.terminator.state_dict()
-        checkpoint["rollout_rng"] = self.rollout_generator().get_state()
+        rng = self.rollout_generator().get_state()
+        checkpoint["rollout_rng"] = self._gather(rng).view(world_size(), -1)
         checkpoint["totals"] = dict(self.totals)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.terminator.load_state_dict(checkpoint["terminator"])
         self._generator = None
-        self._pending_generator_state = checkpoint["rollout_rng"]
+        states = torch.atleast_2d(checkpoint["rollout_rng"])
+        if states.shape[0] == world_size():
+            self._pending_generator_state = states[self.global_rank].contiguous()
+        else:
+            rank_zero_warn(
+                f"the checkpoint holds rollout RNG states of {states.shape[0]} ranks, this run "
+                f"has {world_size()}: rollout sampling restarts from the seed"
+            )
+            self._pending_generator_state = None
         self.totals.update(checkpoint.get("totals", {}))
 
 

@@ -65,21 +65,33 @@ class LossOutput:
     per_token: Tensor  # [N] detached per-token values (0 at dropped positions)
 
 
-def token_weights(mask: Tensor, aggregation: str = "token_mean") -> Tensor:
+def token_weights(
+    mask: Tensor,
+    aggregation: str = "token_mean",
+    *,
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+    world_size: int = 1,
+) -> Tensor:
     """Per-token loss weights [B, T] for a validity mask [B, T] (0 where masked).
 
     ``token_mean``: 1 / (valid tokens in the whole batch). ``seq_mean``: each row with
     tokens gets total weight 1 / (rows with tokens), spread evenly over its valid tokens.
     An all-masked batch gives all zeros.
+
+    Data parallelism: each of ``world_size`` ranks holds a share of the global batch and the
+    gradients are averaged over ranks. Pass ``sum_over_ranks`` (an all-reduce sum): the counts
+    become global and the weights are scaled by ``world_size``, so the averaged gradient (and
+    the mean over ranks of the loss) equals a single process's on the whole global batch.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    total = sum_over_ranks or (lambda x: x)
     valid = mask.bool().float()
     if aggregation == "token_mean":
-        return valid / valid.sum().clamp(min=1.0)
+        return valid * world_size / total(valid.sum()).clamp(min=1.0)
     row_len = valid.sum(-1, keepdim=True)
-    n_rows = (row_len > 0).sum().clamp(min=1)
-    return valid / (row_len.clamp(min=1.0) * n_rows)
+    n_rows = total((row_len > 0).sum().float()).clamp(min=1.0)
+    return valid * world_size / (row_len.clamp(min=1.0) * n_rows)
 
 
 def opd_loss(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class Terminator:
        logging.
 
     ``on_optimizer_step()`` is called once per optimizer step (warm-up counting).
+    ``set_gather(gather)`` is called once under data parallelism, before the first batch.
     """
 
     #: whether ``observe`` needs the teacher's per-token KL (no-teacher rollouts skip it)
@@ -55,6 +57,11 @@ class Terminator:
     def end_batch(self) -> dict[str, float]:
         """Finish the batch; return metrics (e.g. threshold, buffer size)."""
         return {}
+
+    def set_gather(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Make adaptive state global over data-parallel ranks: ``gather(x)`` returns the
+        concatenation of every rank's 1-D ``x`` in rank order (no-op for stateless rules)."""
+        return None
 
     def on_optimizer_step(self) -> None:
         """Count one optimizer step (no-op for stateless rules)."""

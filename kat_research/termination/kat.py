@@ -16,7 +16,7 @@ The same scan (:func:`_scan`) serves the online :class:`KATTerminator` and the o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +184,11 @@ def kat_window_minimum(
     return minimum if math.isfinite(minimum) else None
 
 
+def _own_rank_only(x: torch.Tensor) -> torch.Tensor:
+    """The gather of a single process: its own values."""
+    return x
+
+
 class KATTerminator(Terminator):
     """Online KAT with an adaptive (buffer quantile) or fixed threshold.
 
@@ -192,6 +197,10 @@ class KATTerminator(Terminator):
     >= ``warmup_steps`` optimizer steps were counted. Minima are collected in every mode
     (pushed in row order at ``end_batch``). With ``threshold`` set the rule is always active
     with that threshold and the buffer does not affect it.
+
+    Under data parallelism (``set_gather``) every rank pushes the minima of all ranks' rows,
+    in rank order, so buffers and thresholds are identical on every rank and equal to a
+    single process's on the union of the ranks' batches.
     """
 
     needs_kl = True
@@ -228,6 +237,7 @@ class KATTerminator(Terminator):
         self._batch: _ScanState | None = None
         self._batch_threshold = math.nan
         self._batch_active = False
+        self._gather: Callable[[torch.Tensor], torch.Tensor] = _own_rank_only
 
     @property
     def chunk_hint(self) -> int:
@@ -267,15 +277,18 @@ class KATTerminator(Terminator):
 
     def end_batch(self) -> dict[str, float]:
         batch = self._current_batch()
-        minima = batch.minimum[batch.minimum.isfinite()]
-        self._buffer = torch.cat([self._buffer, minima])[-self.buffer_size :]
+        minimum, cut = self._gather(batch.minimum), self._gather(batch.cut)
+        self._buffer = torch.cat([self._buffer, minimum[minimum.isfinite()]])[-self.buffer_size :]
         self._batch = None
         return {
             "kat/threshold": self._batch_threshold,
             "kat/buffer_size": float(self._buffer.numel()),
             "kat/active": float(self._batch_active),
-            "kat/cut_rows": float((batch.cut >= 0).sum()),
+            "kat/cut_rows": float((cut >= 0).sum()),
         }
+
+    def set_gather(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._gather = gather
 
     def on_optimizer_step(self) -> None:
         self._steps += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -134,6 +135,10 @@ class CompositeTerminator(Terminator):
         for t in self.terminators:
             metrics.update(t.end_batch())
         return metrics
+
+    def set_gather(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for t in self.terminators:
+            t.set_gather(gather)
 
     def on_optimizer_step(self) -> None:
         for t in self.terminators:
