@@ -107,7 +107,8 @@ def test_paper_plan():
         "experiment=table1",
         "model/student=1.6b",
         "trainer.devices=8",
-        "data.batch_size=8",
+        "data.batch_size=8",  # global: one prompt per rank
+        "rollout.group_size=8",
         "plan.rollout_length=1947",
         "plan.train_prompts=17000",
     )
@@ -118,7 +119,7 @@ def test_paper_plan():
         "rollouts_per_rank": 8,
         "rollouts_per_step": 64,
         "max_tokens_per_rollout": 1024 + 8192,
-        "steps": 3 * (17000 // 64),  # trainer=gpu: 3 epochs
+        "steps": 3 * (17000 // 8),  # trainer=gpu: 3 epochs of 8-prompt batches
     }
     memory = plan["memory_per_rank_bytes"]
     # the paper presets keep fp32 weights (the master copy itself) under bf16-mixed autocast
@@ -160,3 +161,13 @@ def test_plan_entry_prints_a_table_and_writes_json(tmp_path):
     assert plan["layout"]["steps"] == 3 and plan["fits"] is True
     assert not list(tmp_path.glob("*.log"))  # no job folder or log file
     assert plan["flops_per_run"] == pytest.approx(3 * plan["flops_per_step"]["total"])
+
+
+def test_fsdp_shards_the_student_state_but_not_its_weights():
+    common = ("experiment=table1", "model/student=1.6b", "data.batch_size=64")
+    ddp = make_plan(plan_config(*common, "trainer=ddp"))["memory_per_rank_bytes"]
+    fsdp = make_plan(plan_config(*common, "trainer=fsdp"))["memory_per_rank_bytes"]
+    assert fsdp["student_weights"] == ddp["student_weights"]  # gathered for the whole step
+    for part in ("student_grads", "student_adamw"):
+        assert fsdp[part] == -(-ddp[part] // 8)
+    assert fsdp["kv_cache_student"] == ddp["kv_cache_student"]  # 8 prompts per rank in both

@@ -1,10 +1,13 @@
 """Assemble a compute plan from a composed training config: models, per-rank memory, FLOPs
 per step and per run, and whether it fits (the numbers ``python -m kat_research.plan`` shows).
 
-Data-parallel layout: each of the ``trainer.devices x trainer.num_nodes`` ranks holds both
-models and samples ``data.batch_size x rollout.group_size`` rollouts per batch from its share
-of the prompts, so a run has ``trainer.max_steps`` optimizer steps or
-``max_epochs x prompts // (batch_size x ranks x accumulate_grad_batches)``.
+Data-parallel layout: ``data.batch_size`` prompts per batch over all the
+``trainer.devices x trainer.num_nodes`` ranks, each rank sampling its share
+``batch_size / ranks x rollout.group_size`` rollouts; a run has ``trainer.max_steps`` optimizer
+steps or ``max_epochs x prompts // (batch_size x accumulate_grad_batches)``. Every rank holds
+both models; under a sharding strategy (``trainer=fsdp``) the student's gradients, AdamW
+moments and master copy are split over the ranks, while its full weights are gathered for the
+whole step (rollout and backward), so they count in full.
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ def world_size(trainer: DictConfig) -> int:
     return (count if isinstance(count, int) and count > 0 else 1) * trainer.get("num_nodes", 1)
 
 
+def rows_per_rank(cfg: DictConfig) -> int:
+    """Rollouts one rank samples per batch: its share of the global prompt batch x group size."""
+    ranks = world_size(cfg.trainer)
+    return -(-cfg.data.batch_size // ranks) * cfg.rollout.group_size
+
+
+def shards_student_state(trainer: DictConfig) -> bool:
+    """Whether the trainer's strategy shards the student's training state (FSDP)."""
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return any(name in str(target).lower() for name in ("fsdp", "modelparallel"))
+
+
 def expected_lengths(cfg: DictConfig) -> dict[str, Any]:
     """Generated and kept tokens per rollout (knobs, else a run's summary.json, else the cap)
     and the mean prompt length counted in FLOPs."""
@@ -84,7 +100,7 @@ def run_steps(cfg: DictConfig) -> int | None:
     prompts = cfg.plan.train_prompts or source.get("n") or source.get("limit")
     if not prompts or trainer.max_epochs is None or trainer.max_epochs < 0:
         return None
-    per_step = cfg.data.batch_size * world_size(trainer) * trainer.get("accumulate_grad_batches", 1)
+    per_step = cfg.data.batch_size * trainer.get("accumulate_grad_batches", 1)
     per_epoch = prompts // per_step
     return int(trainer.max_epochs * per_epoch)
 
@@ -109,11 +125,14 @@ def rank_memory(
     """Bytes one rank needs, by component, at the longest rollouts."""
     s_shape, t_shape = ModelShape(**student["shape"]), ModelShape(**teacher["shape"])
     s_bytes, t_bytes = dtype_bytes(student["dtype"]), dtype_bytes(teacher["dtype"])
-    rows = cfg.data.batch_size * cfg.rollout.group_size
+    rows = rows_per_rank(cfg)
     tokens = rows * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     keep = cfg.rollout.teacher_keep
     keep = TEACHER_KEEP[cfg.loss.kind] if keep == "auto" else keep
     state = training_state_bytes(student["params"]["total"], s_bytes, fp32_master(cfg, s_bytes))
+    if shards_student_state(cfg.trainer):
+        ranks = world_size(cfg.trainer)
+        state = {k: v if k == "weights" else -(-v // ranks) for k, v in state.items()}
     s_act = compute_bytes(cfg, s_bytes)
     return {
         "teacher_weights": teacher["params"]["total"] * t_bytes,
@@ -144,7 +163,7 @@ def make_plan(cfg: DictConfig) -> dict[str, Any]:
     student = describe_model(cfg.model.student, architectures)
     teacher = describe_model(cfg.model.teacher, architectures)
     ranks = world_size(cfg.trainer)
-    rows = cfg.data.batch_size * cfg.rollout.group_size
+    rows = rows_per_rank(cfg)
     rollouts = rows * ranks * cfg.trainer.get("accumulate_grad_batches", 1)
     lengths = expected_lengths(cfg)
     attention = cfg.plan.attention_flops
