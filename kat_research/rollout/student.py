@@ -25,12 +25,12 @@ BACKENDS = ("hf", "vllm")
 class ChunkSample:
     """Up to C tokens sampled for each of n rows. Entries at index >= ``counts[i]`` are
     undefined. ``logits`` are the student's logits predicting each token (kept only when
-    the engine computes the KL against a teacher)."""
+    the engine computes the KL against a teacher), over at least ``max(counts)`` columns."""
 
     tokens: torch.Tensor  # [n, C] long
     counts: torch.Tensor  # [n] long, tokens sampled per row (>= 1)
     logprobs: torch.Tensor  # [n, C] float, log p(y_t) at temperature 1
-    logits: torch.Tensor | None  # [n, C, V]
+    logits: torch.Tensor | None  # [n, <= C, V]
 
 
 class StudentSampler(Protocol):
