@@ -35,6 +35,7 @@ class VLLMSettings:
     """Arguments of the colocated ``vllm.LLM`` (see ``conf/rollout/default.yaml``)."""
 
     gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
     max_model_len: int | None = None
     enforce_eager: bool = False
     dtype: str | None = None  # None: the student's dtype
@@ -72,6 +73,7 @@ class VLLMBackend:
             generation_config="vllm",  # no sampling defaults from the checkpoint
             dtype=s.dtype or str(self.student.dtype).removeprefix("torch."),
             gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
             max_model_len=s.max_model_len,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=s.enable_prefix_caching,
@@ -95,6 +97,7 @@ class VLLMBackend:
             return
         weights = [(name, t.detach()) for name, t in self.student.state_dict().items()]
         self._llm.collective_rpc(_reload_weights, args=(weights,))
+        self._llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
 
 
 def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
