@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm
+.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm
 
 # Creates .venv; installs the CPU torch wheel first (otherwise pip pulls a multi-GB CUDA
 # build), then the package with its dev extra. The stamp makes re-runs a no-op until
@@ -43,6 +43,10 @@ $(VENV_VLLM)/.installed: pyproject.toml
 test-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) -m pytest -q -m vllm
 
+# Rollout tokens/s of the HF and vLLM backends, tiny models and SmolLM2-135M.
+bench-vllm: install-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_backends.py --smollm2
+
 test: install
 	$(PY) -m pytest -q
 
@@ -59,7 +63,7 @@ bench: install
 	$(PY) scripts/bench_grading.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .cache
+	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .cache
 
 # ---------------------------------------------------------------------------------------------
 # Figures of the KAT paper's §3 analyses (kat_research.analysis), PNG + CSV in results/<name>/.
