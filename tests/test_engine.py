@@ -300,3 +300,14 @@ def test_unknown_backend_is_a_clear_error(tiny_pair):
         build_backend("sglang", tiny_pair[0].model)
     with pytest.raises(ValueError, match="unknown rollout.backend 'sglang'"):
         RolloutSettings(backend="sglang")
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_pair, monkeypatch):
+    import sys
+
+    from kat_research.rollout import build_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as in an environment without vLLM
+    monkeypatch.delitem(sys.modules, "kat_research.rollout.vllm_backend", raising=False)
+    with pytest.raises(ImportError, match="make install-vllm"):
+        build_backend("vllm", tiny_pair[0].model)

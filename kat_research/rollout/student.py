@@ -174,7 +174,12 @@ def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None)
     if name == "hf":
         return HFBackend(student)
     if name == "vllm":
-        from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
-
+        try:
+            from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+        except ImportError as error:
+            raise ImportError(
+                f"rollout.backend=vllm needs vLLM ({error}); `make install-vllm` builds "
+                ".venv-vllm with it"
+            ) from error
         return VLLMBackend(student, VLLMSettings(**(vllm or {})))
     raise ValueError(f"unknown rollout backend {name!r}; valid: {', '.join(BACKENDS)}")

@@ -49,6 +49,8 @@ class VLLMBackend:
 
     The engine starts at the first rollout from the student's weights at that time (saved to
     a temporary folder), so a run resumed from a checkpoint starts from the restored weights.
+    Tested with the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); in vLLM's default
+    mode the weights are serialized to the engine process at every push.
     """
 
     def __init__(self, student: PreTrainedModel, settings: VLLMSettings):
