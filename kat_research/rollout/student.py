@@ -1,0 +1,185 @@
+"""Student-side sampling for the rollout engine: the part that differs between backends.
+
+A ``StudentBackend`` lives as long as the engine (it may own an inference server); for each
+``generate`` call it starts a ``StudentSampler`` over the batch's prompts. The engine asks
+the sampler for one chunk of tokens at a time, then scores the chunk with the teacher and
+runs the terminator; everything but the sampling itself is shared by all backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from kat_research.rollout.cached_lm import CachedLM, prompt_positions
+from kat_research.rollout.sampling import sample_next_token
+from kat_research.rollout.types import SamplingConfig
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class ChunkSample:
+    """Up to C tokens sampled for each of n rows. Entries at index >= ``counts[i]`` are
+    undefined. ``logits`` are the student's logits predicting each token (kept only when
+    the engine computes the KL against a teacher), over at least ``max(counts)`` columns."""
+
+    tokens: torch.Tensor  # [n, C] long
+    counts: torch.Tensor  # [n] long, tokens sampled per row (>= 1)
+    logprobs: torch.Tensor  # [n, C] float, log p(y_t) at temperature 1
+    logits: torch.Tensor | None  # [n, <= C, V]
+
+
+class StudentSampler(Protocol):
+    """Sampling state of one batch. Its rows are the engine's active rows, in order."""
+
+    def sample(
+        self,
+        start: int,
+        n_steps: int,
+        remaining: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> ChunkSample:
+        """Sample generated positions [start, start + n_steps) of every row. Row i stops after
+        a stop token or after ``remaining[i]`` tokens (its cap); such rows *end* and the
+        sampler drops them itself. Every other row samples exactly ``n_steps`` tokens."""
+        ...
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only rows ``index`` (positions in the current row order): rows stopped by
+        the terminator."""
+        ...
+
+
+class StudentBackend(Protocol):
+    """Where the student's tokens come from; lives as long as the engine."""
+
+    def begin(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        keep_logits: bool,
+    ) -> StudentSampler:
+        """Start sampling continuations of left-padded prompts [B, P]."""
+        ...
+
+    def sync_weights(self) -> None:
+        """Make the next rollouts use the student's current weights."""
+        ...
+
+
+class HFBackend:
+    """The student itself decodes, one token per forward, with its KV cache."""
+
+    def __init__(self, student: PreTrainedModel):
+        self.student = student
+
+    def begin(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        keep_logits: bool,
+    ) -> HFSampler:
+        return HFSampler(self.student, prompt_ids, prompt_mask, sampling, keep_logits)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: sampling runs on the trained module itself."""
+
+
+class HFSampler:
+    """KV-cache decoding of one batch. The token sampled last in a chunk is fed at the start
+    of the next chunk, so rows the terminator stops in between cost no forward."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        keep_logits: bool,
+    ):
+        self.lm = CachedLM(model)
+        self.cfg = sampling
+        self.keep_logits = keep_logits
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
+        self.prompt_mask = prompt_mask
+        self.prompt_len = prompt_mask.sum(-1)
+        hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
+        self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
+        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+
+    def sample(
+        self,
+        start: int,
+        n_steps: int,
+        remaining: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> ChunkSample:
+        n = remaining.numel()
+        device = remaining.device
+        tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
+        logprobs = torch.full((n, n_steps), float("nan"), device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)
+        logits_out = None
+        live = torch.arange(n, device=device)  # chunk rows still decoding
+        for j in range(n_steps):
+            logits = self._next_logits(start + j)
+            if logits_out is None and self.keep_logits:
+                logits_out = logits.new_empty((n, n_steps, logits.shape[-1]))
+            new = sample_next_token(
+                logits, temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=generator
+            )
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[:, None]).squeeze(-1)
+            tokens[live, j], logprobs[live, j], counts[live] = new, lp, j + 1
+            if logits_out is not None:
+                logits_out[live, j] = logits
+            ended = torch.isin(new, self.stop_ids) | (j + 1 == remaining[live])
+            keep = (~ended).nonzero().flatten()
+            self.pending, live = new[keep], live[keep]
+            self._select(keep)
+            if live.numel() == 0:
+                break
+        return ChunkSample(tokens, counts, logprobs, logits_out)
+
+    def _next_logits(self, position: int) -> torch.Tensor:
+        """Logits predicting generated token ``position`` of the live rows."""
+        if self.pending is not None:  # feed generated token position-1
+            n = self.pending.numel()
+            ones = torch.ones(n, position, dtype=torch.long, device=self.pending.device)
+            mask = torch.cat([self.prompt_mask, ones], dim=1)
+            pos = (self.prompt_len + position - 1)[:, None]
+            hidden = self.lm.forward(self.pending[:, None], mask, pos)
+            self.logits, self.pending = self.lm.head(hidden[:, -1]), None
+        return self.logits
+
+    def _select(self, index: torch.Tensor) -> None:
+        if index.numel() == self.prompt_mask.shape[0]:
+            return
+        self.prompt_mask, self.prompt_len = self.prompt_mask[index], self.prompt_len[index]
+        self.lm.keep_rows(index)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        self.pending = self.pending[index]
+        self._select(index)
+
+
+def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None) -> StudentBackend:
+    """The student backend called ``name`` (``hf`` or ``vllm``; ``vllm`` = settings of the
+    vLLM engine, see ``conf/rollout/default.yaml``)."""
+    if name == "hf":
+        return HFBackend(student)
+    if name == "vllm":
+        try:
+            from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+        except ImportError as error:
+            raise ImportError(
+                f"rollout.backend=vllm needs vLLM ({error}); `make install-vllm` builds "
+                ".venv-vllm with it"
+            ) from error
+        return VLLMBackend(student, VLLMSettings(**(vllm or {})))
+    raise ValueError(f"unknown rollout backend {name!r}; valid: {', '.join(BACKENDS)}")

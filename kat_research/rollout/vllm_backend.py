@@ -1,0 +1,214 @@
+"""vLLM as the student's sampler, colocated with training (``rollout.backend: vllm``).
+
+vLLM generates each chunk of ``score_every`` tokens in one call, continuing from the prompt
+plus the tokens sampled so far. The engine's full-vocabulary losses and the KL that drives
+termination need the student's whole distribution p_t at every generated position, which
+vLLM does not return (only top log-probs), and its kernels differ numerically from the
+trained model's; so, as verl and TRL do, each chunk is re-scored by the trained student
+itself (one incremental no-grad forward over the chunk, with its KV cache). The training
+loss therefore sees exactly the distributions of the model it differentiates, and vLLM only
+chooses the tokens. Without a teacher (evaluation) only log p(y_t) is needed and vLLM's own
+log-probs are used.
+
+After every optimizer step the student's weights are pushed into the engine in place.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from vllm import LLM, SamplingParams
+
+from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
+from kat_research.rollout.student import ChunkSample
+from kat_research.rollout.types import SamplingConfig
+
+_SEED_RANGE = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """Arguments of the colocated ``vllm.LLM`` (see ``conf/rollout/default.yaml``)."""
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    dtype: str | None = None  # None: the student's dtype
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VLLMBackend:
+    """Owns a vLLM engine serving a snapshot of the student, kept in sync with its weights.
+
+    The engine starts at the first rollout from the student's weights at that time (saved to
+    a temporary folder), so a run resumed from a checkpoint starts from the restored weights.
+    Tested with the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); in vLLM's default
+    mode the weights are serialized to the engine process at every push.
+    """
+
+    def __init__(self, student: PreTrainedModel, settings: VLLMSettings):
+        self.student = student
+        self.settings = settings
+        self._llm: LLM | None = None
+        self._snapshot: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def llm(self) -> LLM:
+        if self._llm is None:
+            self._llm = self._start()
+        return self._llm
+
+    def _start(self) -> LLM:
+        self._snapshot = tempfile.TemporaryDirectory(prefix="kat-vllm-")
+        self.student.save_pretrained(self._snapshot.name)
+        s = self.settings
+        return LLM(
+            model=self._snapshot.name,
+            skip_tokenizer_init=True,  # the engine exchanges token ids only
+            generation_config="vllm",  # no sampling defaults from the checkpoint
+            dtype=s.dtype or str(self.student.dtype).removeprefix("torch."),
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
+            max_model_len=s.max_model_len,
+            enforce_eager=s.enforce_eager,
+            enable_prefix_caching=s.enable_prefix_caching,
+            seed=s.seed,
+            **s.extra,
+        )
+
+    def begin(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        keep_logits: bool,
+    ) -> VLLMSampler:
+        rescorer = ChunkScorer(self.student) if keep_logits else None
+        return VLLMSampler(self.llm, prompt_ids, prompt_mask, sampling, rescorer)
+
+    def sync_weights(self) -> None:
+        """Copy the student's current weights into the running engine (no-op before start)."""
+        if self._llm is None:
+            return
+        weights = [(name, t.detach()) for name, t in self.student.state_dict().items()]
+        self._llm.collective_rpc(_reload_weights, args=(weights,))
+        self._llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
+
+
+def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs in vLLM's worker: load ``weights`` in place, then re-pack a tied output head.
+
+    ``model.load_weights`` after start-up fails on CPU, where weights were re-packed for the
+    kernels; the model runner's ``reload_weights`` repeats that processing. A head tied to
+    the embeddings is not in the loaded names and keeps its stale packed copy unless it is
+    re-processed (measured: logits then drift by tens of nats).
+    """
+    runner = worker.model_runner
+    runner.reload_weights(weights_iterator=iter(weights))
+    head = getattr(runner.get_model(), "lm_head", None)
+    if head is not None and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+class VLLMSampler:
+    """One batch sampled by vLLM, chunk by chunk; rows that stop are not continued."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        rescorer: ChunkScorer | None,
+    ):
+        self.llm = llm
+        self.cfg = sampling
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
+        self.sequences = [
+            ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask, strict=True)
+        ]
+        self.prompt_mask = prompt_mask
+        self.prompt_len = prompt_mask.sum(-1)
+        self.rescorer = rescorer
+        if rescorer is not None:
+            rescorer.prefill(prompt_ids, prompt_mask)
+
+    def sample(
+        self,
+        start: int,
+        n_steps: int,
+        remaining: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> ChunkSample:
+        device = remaining.device
+        n = remaining.numel()
+        budget = remaining.clamp(max=n_steps).tolist()
+        seeds = torch.randint(
+            _SEED_RANGE, (n,), generator=generator, device=generator.device if generator else "cpu"
+        ).tolist()
+        params = [self._params(b, seed) for b, seed in zip(budget, seeds, strict=True)]
+        prompts = [{"prompt_token_ids": seq} for seq in self.sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
+        logprobs = torch.full((n, n_steps), float("nan"), device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)
+        for i, out in enumerate(outputs):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            if len(ids) < budget[i] and (not ids or ids[-1] not in self.cfg.stop_token_ids):
+                raise RuntimeError(
+                    f"vLLM stopped a row after {len(ids)} of {budget[i]} tokens "
+                    f"({completion.finish_reason}); raise rollout.vllm.max_model_len"
+                )
+            tokens[i, : len(ids)] = torch.tensor(ids, device=device)
+            counts[i] = len(ids)
+            if self.rescorer is None:
+                logprobs[i, : len(ids)] = torch.tensor(
+                    [step[t].logprob for step, t in zip(completion.logprobs, ids, strict=True)],
+                    device=device,
+                )
+            self.sequences[i].extend(ids)
+        logits = None
+        if self.rescorer is not None:
+            logits = self._rescore(tokens, counts, start)
+            width = logits.shape[1]
+            logprobs[:, :width] = torch.log_softmax(logits.float(), -1).gather(
+                -1, tokens[:, :width, None]
+            )[..., 0]
+        last = tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
+        ended = torch.isin(last, self.stop_ids) | (counts == remaining)
+        self.keep_rows((~ended).nonzero().flatten())
+        return ChunkSample(tokens, counts, logprobs, logits)
+
+    def _params(self, max_tokens: int, seed: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            seed=seed,
+            stop_token_ids=list(self.cfg.stop_token_ids),
+            ignore_eos=True,  # stop only at the configured stop tokens, as the HF backend does
+            logprobs=None if self.rescorer is not None else 0,  # 0: the sampled token's only
+            detokenize=False,
+        )
+
+    def _rescore(self, tokens: torch.Tensor, counts: torch.Tensor, start: int) -> torch.Tensor:
+        """The trained student's logits [n, max(counts), V] predicting each sampled token."""
+        end = start + int(counts.max())
+        mask, pos, _ = chunk_inputs(self.prompt_mask, self.prompt_len, start + counts, start, end)
+        return self.rescorer.head(self.rescorer.feed(tokens[:, : end - start], mask, pos))
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        if index.numel() == len(self.sequences):
+            return
+        self.sequences = [self.sequences[i] for i in index.tolist()]
+        self.prompt_mask, self.prompt_len = self.prompt_mask[index], self.prompt_len[index]
+        if self.rescorer is not None:
+            self.rescorer.keep_rows(index)
