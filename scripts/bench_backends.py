@@ -21,30 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from bench_timing import interleaved
 from transformers import PreTrainedModel
 
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
 from kat_research.models.smollm2 import smollm2_model
 from kat_research.rollout import RolloutEngine, SamplingConfig
 from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, the repeats interleaved to share machine noise."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_model(

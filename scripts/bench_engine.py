@@ -13,11 +13,10 @@ Each measurement is repeated ``--repeats`` times, interleaved, and the median is
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_timing import interleaved
 
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
 from kat_research.rollout import RolloutEngine, SamplingConfig, prompt_positions
@@ -37,19 +36,6 @@ class StopShareEarly(Terminator):
 
     def __repr__(self) -> str:
         return f"StopShareEarly({self.share}, {self.fraction})"
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, the repeats interleaved to share machine noise."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_prompts(tokenizer, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
