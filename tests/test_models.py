@@ -15,6 +15,7 @@ from kat_research.models import (
     load_causal_lm,
     save_tiny_model,
 )
+from kat_research.models.cache import publish_folder
 
 
 def test_tiny_model_round_trips_through_the_loader(tmp_path, char_tokenizer):
@@ -115,3 +116,17 @@ def test_special_token_difference_is_reported(char_tokenizer):
     assert first_vocab_difference(char_tokenizer, other) == (
         "special token '<tool>' exists only in the teacher"
     )
+
+
+def test_publish_folder_is_atomic_and_first_writer_wins(tmp_path):
+    target = tmp_path / "cache" / "model"
+    with publish_folder(target) as first:
+        (first / "weights").write_text("first")
+        with publish_folder(target) as second:  # a concurrent job finishing earlier
+            (second / "weights").write_text("second")
+        assert (target / "weights").read_text() == "second"
+    assert (target / "weights").read_text() == "second"  # the later copy is discarded
+    with pytest.raises(RuntimeError), publish_folder(tmp_path / "cache" / "broken") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("training failed")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model"]  # no leftovers

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from kat_research.lit import SFTModule, warmup_cosine
 from kat_research.lit.eval_callback import EvalCallback
 from kat_research.lit.step_log import StepLog
 from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
+from kat_research.models.cache import publish_folder
 from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE, tiny_qwen3_config
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,6 @@ def train_sft_model(
         path.name,
         {step: round(m[ACCURACY], 3) for step, m in sorted(accuracy_check.results.items())},
     )
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     meta = {
         "sft_seconds": seconds,
         "sft_steps": trainer.global_step,
@@ -120,8 +116,10 @@ def train_sft_model(
         "architecture": architecture,
         "sft": sft,
     }
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    tmp.rename(path)  # atomic: a half-trained model is never mistaken for a cached one
+    with publish_folder(path) as tmp:  # a half-written model is never mistaken for a cached one
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 

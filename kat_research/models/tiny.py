@@ -14,6 +14,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from kat_research.models.cache import publish_folder
 from kat_research.models.loading import LoadedModel, load_causal_lm
 
 PAD_TOKEN = "<|endoftext|>"
@@ -155,5 +156,6 @@ def tiny_random_model(
     )
     path = Path(cache_dir) / "tiny_random" / "_".join(f"{k}{v}" for k, v in arch.items())
     if not (path / "config.json").exists():
-        save_tiny_model(path, build_char_tokenizer(), **arch)
+        with publish_folder(path) as tmp:
+            save_tiny_model(tmp, build_char_tokenizer(), **arch)
     return load_causal_lm(str(path), trainable=trainable)
