@@ -76,6 +76,7 @@ def build_callbacks(
             every_n_steps=cfg.eval.every_n_steps,
             at_start=cfg.eval.at_start,
             at_end=cfg.eval.at_end,
+            stop_when=cfg.eval.get("stop_when"),
         )
         callbacks.append(eval_cb)
     return callbacks, eval_cb

@@ -82,6 +82,18 @@ def test_each_method_trains_two_steps(tmp_path, method):
         assert metrics["kat/buffer_size"].notna().any()
 
 
+def test_training_stops_once_the_evaluation_reaches_its_target(tmp_path):
+    cfg = config(
+        tmp_path,
+        "eval=synthetic",
+        "eval.evaluator.n_problems=4",
+        "eval.every_n_steps=1",
+        "eval.stop_when={synthetic/accuracy: 0.0}",  # reached at the first check
+        "trainer.max_steps=3",
+    )
+    assert train(cfg)["steps"] == 1
+
+
 @pytest.mark.parametrize("loss", ["full", "topk_tail", "topk_lsm", "sampled_token"])
 def test_each_loss_trains(tmp_path, loss):
     summary = train(config(tmp_path, "method=opd", f"loss={loss}", "logger=csv"))
