@@ -138,13 +138,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert json.loads((resumed / "summary.json").read_text())["steps"] == 4
 
 
-def test_two_job_multirun(tmp_path):
+def run_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m kat_research.train -m method=opd,kat`` on tiny models into ``tmp_path``; the
+    jobs (also those a launcher starts) import this checkout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAT_ROOT": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [
-        sys.executable,
-        "-m",
-        "kat_research.train",
-        "-m",
+        *(sys.executable, "-m", "kat_research.train", "-m"),
+        *overrides,
         "method=opd,kat",
         "logger=csv",
         f"paths.cache_dir={tmp_path / 'cache'}",
@@ -152,6 +153,11 @@ def test_two_job_multirun(tmp_path):
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_job_multirun(tmp_path):
+    run_sweep(tmp_path)
     summaries = sorted((tmp_path / "multirun").glob("*/*/summary.json"))
     assert [json.loads(p.read_text())["method"] for p in summaries] == ["opd", "kat"]
     for path in summaries:
@@ -187,22 +193,7 @@ def test_mismatched_vocabularies_fail_before_training(tmp_path):
 
 
 def test_two_job_multirun_with_submitit_local(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAT_ROOT": str(tmp_path)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # the jobs' too
-    cmd = [
-        sys.executable,
-        "-m",
-        "kat_research.train",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "method=opd,kat",
-        "logger=csv",
-        "export_student=false",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        *FAST,
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_sweep(tmp_path, "hydra/launcher=submitit_local", "export_student=false")
     assert "validated against ConfigStore schema" not in done.stderr
     sweep = next((tmp_path / "multirun").iterdir())
     summaries = sorted(sweep.glob("*/summary.json"))
