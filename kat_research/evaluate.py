@@ -22,9 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
+from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.eval.suite import BenchmarkEvaluator, SuiteResult
+from kat_research.layout import write_samples, write_summary
 from kat_research.models import load_causal_lm
-from kat_research.train import CONFIG_DIR, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ def resolve_model(name_or_path: str) -> str:
 def write_outputs(result: SuiteResult, output_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Write samples.jsonl, summary.csv, summary.json and TensorBoard scalars; return the
     summary (``info`` + per-benchmark table + flat metrics)."""
-    with open(output_dir / "samples.jsonl", "w") as f:
-        for record in result.records:
-            f.write(json.dumps(record.to_dict()) + "\n")
+    write_samples(output_dir / "samples.jsonl", result.records)
     result.table.to_csv(output_dir / "summary.csv")
     summary = {
         **info,
@@ -51,7 +50,7 @@ def write_outputs(result: SuiteResult, output_dir: Path, info: dict[str, Any]) -
         "paper_avg_missing": list(result.paper_missing),
         "metrics": result.metrics,
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(output_dir, summary)
     with SummaryWriter(str(output_dir / "tensorboard")) as writer:
         for name, value in result.metrics.items():
             writer.add_scalar(f"eval/{name}", value, global_step=0)
@@ -77,6 +76,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     result = evaluator(loaded.model, loaded.tokenizer)
     info = {
+        "kind": "evaluate",
+        "role": "student",
+        "seed": cfg.seed,
         "model": name,
         "dtype": cfg.dtype,
         "device": device,

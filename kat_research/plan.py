@@ -11,9 +11,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from kat_research.config import CONFIG_DIR
 from kat_research.planning.estimate import make_plan
 from kat_research.planning.memory import GIB
-from kat_research.train import CONFIG_DIR
 
 
 def _count(n: float) -> str:

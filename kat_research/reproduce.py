@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from hydra.utils import instantiate
 
+from kat_research.config import ConfigError, check_runnable
 from kat_research.sweep.job import job_config
 from kat_research.sweep.launch import LAUNCHERS, LOCAL, check_launcher, launch_all
 from kat_research.sweep.spec import (
@@ -44,7 +44,6 @@ from kat_research.tables.aggregate import TableSpec, aggregate
 from kat_research.tables.figures import plot_figure
 from kat_research.tables.load import job_records
 from kat_research.tables.write import write_table
-from kat_research.train import ConfigError, check_runnable
 
 
 def plan(spec: ExperimentSpec, scale: str, extra: list[str]) -> list[Job]:
@@ -56,7 +55,7 @@ def validate(job: Job, folder: Path) -> None:
     """Compose the job's config and build its termination rule; raise ConfigError if it cannot
     run (no model or data is loaded)."""
     cfg = job_config(job, folder)
-    check_runnable(cfg, instantiate(cfg.method.terminator))
+    check_runnable(cfg)
     if job.kind == EVALUATE and not cfg.eval.get("enabled", False):
         raise ConfigError(f"{job.name}: an evaluation job needs eval.enabled (not eval=none)")
 

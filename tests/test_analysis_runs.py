@@ -20,7 +20,8 @@ from kat_research.analysis import (
     trap_benchmark,
 )
 from kat_research.analysis.runs import kat_buffer, load_run, read_checkpoint
-from kat_research.train import CONFIG_DIR, train
+from kat_research.config import CONFIG_DIR
+from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = Path(CONFIG_DIR)

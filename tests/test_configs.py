@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
+from kat_research.config import CONFIG_DIR
 from kat_research.termination.base import Terminator
-from kat_research.train import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
 

@@ -18,10 +18,11 @@ from dist_worker import KAT, free_port, kat_step, rank_kl, rank_mask, worker
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from kat_research.config import CONFIG_DIR
 from kat_research.data.sampler import ResumableBatchSampler
 from kat_research.losses import token_weights
 from kat_research.termination import KATTerminator
-from kat_research.train import CONFIG_DIR, train
+from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
+from kat_research.config import CONFIG_DIR
 from kat_research.data.prompts import format_prompt
 from kat_research.eval import PAPER_BENCHMARKS
 from kat_research.eval.runner import Completion
 from kat_research.eval.suite import BenchmarkEvaluator, BenchmarkSettings
 from kat_research.evaluate import evaluate, resolve_model
 from kat_research.models import build_tiny_qwen3, save_tiny_model
-from kat_research.train import CONFIG_DIR, train
+from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT.parent / "shared" / "data"

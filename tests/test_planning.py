@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from kat_research.config import CONFIG_DIR
 from kat_research.models import build_tiny_qwen3
 from kat_research.models.tiny import tiny_qwen3_config
 from kat_research.planning.configs import architecture_key, pretrained_config
@@ -24,7 +25,6 @@ from kat_research.planning.memory import (
     training_state_bytes,
 )
 from kat_research.planning.params import ModelShape, count_params
-from kat_research.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURES = ROOT.parent / "shared" / "models" / "qwen3_architectures.json"

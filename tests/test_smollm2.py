@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kat_research.train import CONFIG_DIR, train
+from kat_research.config import CONFIG_DIR
+from kat_research.training import train
 
 pytestmark = pytest.mark.slow
 

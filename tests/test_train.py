@@ -14,8 +14,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.models import VocabularyMismatchError, build_char_tokenizer, save_tiny_model
-from kat_research.train import CONFIG_DIR, ConfigError, train
+from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

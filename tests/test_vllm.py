@@ -11,7 +11,7 @@ from test_train import config
 
 from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
-from kat_research.train import train
+from kat_research.training import train
 
 pytestmark = pytest.mark.vllm
 

@@ -36,7 +36,7 @@ from kat_research.analysis.projection import (
     projection_ratios,
     top_left_singular_vectors,
 )
-from kat_research.train import CONFIG_DIR
+from kat_research.config import CONFIG_DIR
 
 RANDOM = "random"
 

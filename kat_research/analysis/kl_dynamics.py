@@ -25,7 +25,7 @@ from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
 from kat_research.analysis.detector import Detector
 from kat_research.analysis.figures import new_figure, save_figure, shade_phases, window_means
 from kat_research.analysis.phases import PHASES, PhaseSegments
-from kat_research.train import CONFIG_DIR
+from kat_research.config import CONFIG_DIR
 
 STAGES = ("early", "late")
 

@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research import config
 from kat_research.lit import OPDModule
 
 CONFIG_FILES = (".hydra/config.yaml", "csv/hparams.yaml")
@@ -81,17 +82,8 @@ def load_run(path: str | Path) -> TrainingRun:
 
 def build_module(cfg: DictConfig, device: torch.device) -> OPDModule:
     """The run's OPD module (student as configured, i.e. before training; frozen teacher)."""
-    student = instantiate(cfg.model.student)
-    teacher = instantiate(cfg.model.teacher)
-    module = OPDModule(
-        student.model,
-        teacher.model,
-        student.tokenizer,
-        optimizer=instantiate(cfg.optimizer),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        rollout=OmegaConf.to_container(cfg.rollout, resolve=True),
-        seed=cfg.seed,
-    )
+    student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
+    module = config.build_module(cfg, student, teacher)
     module.to(device)
     module.teacher.to(device)
     return module

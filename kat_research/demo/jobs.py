@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kat_research.train import CONFIG_DIR, train
+from kat_research.config import CONFIG_DIR
+from kat_research.training import train
 
 
 def demo_config(method: str, output_dir: Path, overrides: list[str]) -> DictConfig:

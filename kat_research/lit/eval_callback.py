@@ -3,7 +3,6 @@ optionally stop training once the evaluation reaches a target."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import lightning as L
 
 from kat_research.eval.tasks import EvalResult
+from kat_research.layout import eval_file, write_samples
 
 
 class EvalCallback(L.Callback):
@@ -66,11 +66,7 @@ class EvalCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
         if self.output_dir is not None:
-            folder = self.output_dir / "eval"
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / f"step{step:06d}.jsonl", "w") as f:
-                for record in result.records:
-                    f.write(json.dumps(record.to_dict()) + "\n")
+            write_samples(eval_file(self.output_dir, step), result.records)
         return result.metrics
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -3,7 +3,6 @@ evaluator (Table 1's "Teacher" and "Student (before)" rows), written like a trai
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kat_research.train import ConfigError
+from kat_research.config import ConfigError
+from kat_research.layout import eval_file, write_samples, write_summary
 
 
 def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
@@ -29,11 +29,7 @@ def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
     loaded = instantiate(cfg.model[role])
     model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     result = evaluator(model, loaded.tokenizer)
-    folder = output_dir / "eval"
-    folder.mkdir(exist_ok=True)
-    with open(folder / "step000000.jsonl", "w") as f:
-        for record in result.records:
-            f.write(json.dumps(record.to_dict()) + "\n")
+    write_samples(eval_file(output_dir, 0), result.records)
     summary = {
         "kind": "evaluate",
         "role": role,
@@ -43,5 +39,5 @@ def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - start,
         "output_dir": str(output_dir),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(output_dir, summary)
     return summary

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+
+from kat_research.config import compose
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 TRAIN, EVALUATE = "train", "evaluate"  # job kinds
@@ -103,10 +104,7 @@ def with_includes(spec: ExperimentSpec, directory: Path = EXPERIMENTS_DIR) -> li
 def compose_train(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
     """conf/train.yaml composed with ``overrides`` (Hydra's compose API); ``with_hydra`` keeps
     the ``hydra`` node (e.g. the launcher a ``hydra/launcher=...`` override picks)."""
-    from kat_research.train import CONFIG_DIR  # here: reading results needs no Lightning import
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=with_hydra)
+    return compose(overrides, with_hydra=with_hydra)
 
 
 def base_overrides(spec: ExperimentSpec, scale: str) -> list[str]:
