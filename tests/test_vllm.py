@@ -34,7 +34,7 @@ def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_weight_sync_reaches_the_next_rollouts(tiny_dirs, char_tokenizer):
-    from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+    from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings
 
     student = load_causal_lm(tiny_dirs["student"]).model
     backend = VLLMBackend(student, VLLMSettings(**VLLM_TEST_SETTINGS))
@@ -73,7 +73,7 @@ def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(tmp_path, monkeypatch):
     """Greedy rollouts make both backends sample the same tokens, so the two runs log the same
     losses; after each optimizer step the engine is out of date until the weights are pushed,
     then it scores like the trained student."""
-    from kat_research.rollout.vllm_backend import VLLMBackend
+    from kat_research.rollout.backends.vllm import VLLMBackend
 
     probe = list(range(4, 60))
     gaps: list[tuple[float, float]] = []  # (before, after) the push, per optimizer step

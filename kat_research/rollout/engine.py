@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedModel
 
 from kat_research.losses.kl import per_token_reverse_kl
+from kat_research.rollout.backends import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
-from kat_research.rollout.student import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -192,7 +192,6 @@ class _RolloutRun:
             else torch.full((batch,), self.width, dtype=torch.long)
         )
         self.limit = caps.to(self.device).clamp(max=self.width)  # tokens each row may generate
-        self.stop_ids = torch.tensor(self.cfg.stop_token_ids, dtype=torch.long, device=self.device)
         self.s_rows = torch.arange(batch, device=self.device)  # rows the student still samples
         self.chunk_start = 0
         self.t_time = 0.0
@@ -232,14 +231,12 @@ class _RolloutRun:
         self.lengths[rows] = start + counts
         end = start + int(counts.max())
 
-        last = sample.tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
-        is_eos = torch.isin(last, self.stop_ids)
-        ended = is_eos | (counts == remaining)
         at_max = self.lengths[rows] >= self.width
-        for i in ended.nonzero().flatten().tolist():
-            reason = STOP_EOS if is_eos[i] else STOP_MAX_TOKENS if at_max[i] else STOP_TERMINATED
+        for i in sample.ended.nonzero().flatten().tolist():
+            at_stop = sample.at_stop[i]
+            reason = STOP_EOS if at_stop else STOP_MAX_TOKENS if at_max[i] else STOP_TERMINATED
             self.stop_reason[rows[i]] = reason
-        self.s_rows = rows[~ended]  # the sampler dropped ended rows itself
+        self.s_rows = rows[~sample.ended]  # the sampler dropped ended rows itself
         if self.teacher is not None:
             self._score_chunk(rows, start, end, sample)
         self.chunk_start = end

@@ -1,4 +1,5 @@
-"""vLLM as the student's sampler, colocated with training (``rollout.backend: vllm``).
+"""The ``vllm`` student backend: vLLM as the student's sampler, colocated with training
+(``rollout.backend: vllm``).
 
 vLLM generates each chunk of ``score_every`` tokens in one call, continuing from the prompt
 plus the tokens sampled so far. The engine's full-vocabulary losses and the KL that drives
@@ -23,8 +24,8 @@ import torch
 from transformers import PreTrainedModel
 from vllm import LLM, SamplingParams
 
+from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
-from kat_research.rollout.student import ChunkSample
 from kat_research.rollout.types import SamplingConfig
 
 _SEED_RANGE = 2**31 - 1
@@ -183,9 +184,9 @@ class VLLMSampler:
                 -1, tokens[:, :width, None]
             )[..., 0]
         last = tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
-        ended = torch.isin(last, self.stop_ids) | (counts == remaining)
+        ended, at_stop = row_ends(last, counts, remaining, self.stop_ids)
         self.keep_rows((~ended).nonzero().flatten())
-        return ChunkSample(tokens, counts, logprobs, logits)
+        return ChunkSample(tokens, counts, logprobs, logits, ended, at_stop)
 
     def _params(self, max_tokens: int, seed: int) -> SamplingParams:
         return SamplingParams(
