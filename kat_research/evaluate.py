@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 import pandas as pd
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -25,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.eval.suite import BenchmarkEvaluator, SuiteResult
 from kat_research.layout import write_samples, write_summary
-from kat_research.models import load_causal_lm
+from kat_research.models import load_causal_lm, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"eval.evaluator must be a BenchmarkEvaluator, got {type(evaluator).__name__}"
         )
     name = resolve_model(cfg.student)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(cfg.device))
     loaded = load_causal_lm(
         name, dtype=cfg.dtype, trainable=False, gguf_file=cfg.gguf_file, device=device
     )
