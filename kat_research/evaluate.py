@@ -81,6 +81,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "model": name,
         "dtype": cfg.dtype,
         "device": device,
+        "backend": evaluator.backend,
         "load": {
             bench: {"n_read": s.n_read, "n_skipped": s.n_skipped, "reasons": dict(s.reasons)}
             for bench, s in evaluator.load_stats.items()

@@ -22,7 +22,8 @@ from kat_research.rollout.backends.hf import HFBackend
 
 def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None) -> StudentBackend:
     """The student backend called ``name`` (``hf`` or ``vllm``; ``vllm`` = settings of the
-    vLLM engine, see ``conf/rollout/default.yaml``)."""
+    vLLM engine, see ``conf/rollout/default.yaml``). A student already served by a vLLM
+    engine gets that engine (:meth:`VLLMBackend.serving`)."""
     if name == "hf":
         return HFBackend(student)
     if name == "vllm":
@@ -30,10 +31,10 @@ def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None)
             from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings
         except ImportError as error:
             raise ImportError(
-                f"rollout.backend=vllm needs vLLM ({error}); `make install-vllm` builds "
-                ".venv-vllm with it"
+                f"the vllm backend (rollout.backend / eval.backend) needs vLLM ({error}); "
+                "`make install-vllm` builds .venv-vllm with it"
             ) from error
-        return VLLMBackend(student, VLLMSettings(**(vllm or {})))
+        return VLLMBackend.serving(student, VLLMSettings(**(vllm or {})))
     raise ValueError(f"unknown rollout backend {name!r}; valid: {', '.join(BACKENDS)}")
 
 
