@@ -29,8 +29,6 @@ GROUPS = [
     "model/teacher",
     "method",
     "loss",
-    "rollout",
-    "termination",
     "data",
     "optimizer",
     "scheduler",
@@ -39,6 +37,8 @@ GROUPS = [
     "callbacks",
     "eval",
     "paths",
+    "scale",
+    "debug",
 ]
 
 
@@ -65,7 +65,7 @@ def test_every_method_builds_its_terminator(method):
 
 
 def test_objects_are_built_from_targets():
-    cfg = compose_train()
+    cfg = compose_train("scale=paper")
     opt = instantiate(cfg.optimizer)
     assert opt.func.__name__ == "AdamW" and opt.keywords["lr"] == 1e-6
     assert opt.keywords["weight_decay"] == 0.0
