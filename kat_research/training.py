@@ -28,7 +28,9 @@ from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
 from kat_research.lit.eval_callback import EvalCallback
 from kat_research.models import LoadedModel, check_vocab_agreement
+from kat_research.models.vocab_check import check_finite_weights
 from kat_research.run_folder import Resume, claim, resume_checkpoint, trim_metrics
+from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
 
 log = logging.getLogger(__name__)
 LOGGER_CALLBACKS = (LearningRateMonitor,)  # callbacks that fail without a logger
@@ -110,10 +112,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if done is not None and not extends(cfg, done):
         log.info("%s is finished (%d steps): nothing to do", output_dir, done["steps"])
         return done
+    threads = set_torch_threads(cfg.threads, key="threads")
+    if rank_zero_only.rank == 0:
+        warn_if_oversubscribed(threads, processes=local_ranks(cfg), key="threads")
     L.seed_everything(cfg.seed, workers=True)
 
     student = instantiate(cfg.model.student)
     teacher = instantiate(cfg.model.teacher)
+    for loaded in (student, teacher):
+        check_finite_weights(loaded.name, loaded.model)
     check_vocab_agreement(
         student.name,
         student.tokenizer,
@@ -149,6 +156,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_summary(output_dir, summary)
         log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def local_ranks(cfg: DictConfig) -> int:
+    """Training processes on this machine: one per device on the CPU, else one."""
+    return cfg.trainer.devices if cfg.trainer.accelerator == "cpu" else 1
 
 
 def extends(cfg: DictConfig, summary: dict[str, Any]) -> bool:

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import config
 
 from kat_research import training
 from kat_research.lit.divergence import (
@@ -113,12 +112,12 @@ def test_teacher_whose_activations_overflow_is_reported_as_such(tiny_pair):
         check_head_reproduces_logits(teacher, "teacher")
 
 
-def test_training_with_a_nan_teacher_checkpoint_names_the_tensor(tmp_path):
+def test_training_with_a_nan_teacher_checkpoint_names_the_tensor(debug_config, tmp_path):
     folder = save_tiny_model(tmp_path / "nan_teacher", build_char_tokenizer(), hidden_size=64)
     weights = load_file(folder / "model.safetensors")
     weights[DOWN_PROJ][3, 5] = NAN
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = config(
+    cfg = debug_config(
         tmp_path / "run",
         "model/teacher=qwen3_8b",
         f"model.teacher.name_or_path={folder}",
@@ -169,8 +168,8 @@ def test_guard_bounds_must_be_positive(key):
 # --------------------------------------------------------------------------- training
 
 
-def test_huge_learning_rate_stops_with_the_divergence_message(tmp_path):
-    cfg = config(tmp_path, "method=opd", "optimizer.lr=1e10", "trainer.max_steps=4")
+def test_huge_learning_rate_stops_with_the_divergence_message(debug_config, tmp_path):
+    cfg = debug_config(tmp_path, "method=opd", "optimizer.lr=1e10", "trainer.max_steps=4")
     with pytest.raises(TrainingDivergedError) as error:
         training.train(cfg)
     message = str(error.value)
@@ -181,23 +180,23 @@ def test_huge_learning_rate_stops_with_the_divergence_message(tmp_path):
     assert isinstance(error.value.__cause__, NonFiniteLogitsError)
 
 
-def test_exploding_run_warns_once_and_healthy_run_stays_silent(tmp_path):
+def test_exploding_run_warns_once_and_healthy_run_stays_silent(debug_config, tmp_path):
     # optimizer.lr=1e3 keeps every value finite, but moves each weight by ~1e3 per step
-    exploding = config(tmp_path / "explode", "method=opd", "optimizer.lr=1e3", "logger=csv")
+    exploding = debug_config(tmp_path / "explode", "method=opd", "optimizer.lr=1e3", "logger=csv")
     summary, warned = train_recording_warnings(exploding)
     assert summary["steps"] == 2
     assert len(warned) == 1 and "step 1: the student's weight tensor" in warned[0]
     assert "max_weight_growth=10" in warned[0] and "optimizer.lr" in warned[0]
 
-    healthy = config(tmp_path / "healthy", "method=opd", "logger=csv")
+    healthy = debug_config(tmp_path / "healthy", "method=opd", "logger=csv")
     summary, warned = train_recording_warnings(healthy)
     assert summary["steps"] == 2 and warned == []
     metrics = pd.read_csv(tmp_path / "healthy" / "csv" / "metrics.csv")
     assert metrics["train/grad_norm"].dropna().between(0, 1000, inclusive="neither").all()
 
 
-def test_gradient_norm_bound_warns_once(tmp_path):
-    cfg = config(
+def test_gradient_norm_bound_warns_once(debug_config, tmp_path):
+    cfg = debug_config(
         tmp_path, "method=opd", "logger=csv", "callbacks.divergence_guard.max_grad_norm=1e-6"
     )
     _, warned = train_recording_warnings(cfg)
@@ -218,20 +217,20 @@ def wrap_loss(monkeypatch: pytest.MonkeyPatch, change) -> None:
     monkeypatch.setattr(training.OPDModule, "distillation_loss", distillation_loss)
 
 
-def test_nan_loss_stops_before_the_backward_pass(tmp_path, monkeypatch):
+def test_nan_loss_stops_before_the_backward_pass(debug_config, tmp_path, monkeypatch):
     wrap_loss(monkeypatch, lambda loss: loss * NAN)
     with pytest.raises(TrainingDivergedError, match=r"at step 0: the loss \(train/loss\) is nan"):
-        training.train(config(tmp_path, "method=opd"))
+        training.train(debug_config(tmp_path, "method=opd"))
 
 
-def test_nan_gradient_stops_training(tmp_path, monkeypatch):
+def test_nan_gradient_stops_training(debug_config, tmp_path, monkeypatch):
     # value unchanged (0 * sqrt(0) = 0) but d/dloss = 0 * inf * 0 = NaN: NaN gradients only
     wrap_loss(monkeypatch, lambda loss: loss + 0.0 * torch.sqrt(0.0 * loss))
     with pytest.raises(TrainingDivergedError, match="at step 0: the gradient norm before clipping"):
-        training.train(config(tmp_path, "method=opd"))
+        training.train(debug_config(tmp_path, "method=opd"))
 
 
-def test_nonfinite_teacher_outputs_warn_once(tmp_path, monkeypatch):
+def test_nonfinite_teacher_outputs_warn_once(debug_config, tmp_path, monkeypatch):
     """A teacher whose outputs turn NaN after one token (activations overflowing on it)."""
     poison = build_char_tokenizer().convert_tokens_to_ids("=")
     build_module = training.build_module
@@ -245,6 +244,6 @@ def test_nonfinite_teacher_outputs_warn_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "build_module", with_poisoned_teacher)
     with pytest.warns(UserWarning, match="the teacher's logits are NaN or inf at") as caught:
-        summary = training.train(config(tmp_path, "method=opd"))
+        summary = training.train(debug_config(tmp_path, "method=opd"))
     assert summary["final_metrics"]["train/teacher_nonfinite"] > 0
     assert sum("teacher's logits are NaN" in str(w.message) for w in caught) == 1

@@ -55,7 +55,8 @@ def divergence_error(trainer: L.Trainer, finding: str) -> TrainingDivergedError:
     return TrainingDivergedError(
         f"training diverged at step {trainer.global_step}: {finding}. Likely causes: "
         f"{likely_causes(trainer)}. Lower optimizer.lr and start again, or resume from a "
-        "checkpoint saved before the divergence (ckpt_path=...) with a lower rate."
+        "checkpoint saved before the divergence (resume=<run>/checkpoints/stepNNNNNN.ckpt) "
+        "with a lower rate."
     )
 
 
