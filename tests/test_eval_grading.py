@@ -15,15 +15,14 @@ import pytest
 
 from kat_research.eval import (
     Grader,
-    extract_answer,
     is_equivalent,
     load_benchmark,
     macro_average,
     pass_at_k,
     summarize,
 )
-from kat_research.eval.answers import gold_from_solution
 from kat_research.eval.metrics import avg_at_k
+from kat_research.text import extract_answer, gold_from_solution
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no benchmark data at {DATA_DIR}")

@@ -17,7 +17,7 @@ from kat_research.data.synthetic import (
     problems_for_split,
     solution_text,
 )
-from kat_research.eval.answers import after_hashes, last_boxed
+from kat_research.text.answers import after_hashes, last_boxed
 
 KINDS = ("synthetic", "file", "hub")
 ANSWER_TRANSFORMS = ("none", "gsm8k", "last_boxed")

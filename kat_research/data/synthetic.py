@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from kat_research.eval.answers import extract_answer
+from kat_research.text.answers import extract_answer
 
 SPLITS = ("train", "eval")
 _OPERATORS = frozenset("+-*")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_research.data.records import INVALID_JSON, file_records, hub_records
-from kat_research.eval.answers import after_hashes, gold_from_solution
+from kat_research.text.answers import after_hashes, gold_from_solution
 
 Gold = str | tuple[str, ...]
 Row = Mapping[str, Any]

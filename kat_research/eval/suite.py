@@ -15,13 +15,13 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.data.prompts import DEFAULT_INSTRUCTION, format_prompt
-from kat_research.eval.answers import extract_answer
 from kat_research.eval.benchmarks import LoadStats, Problem, get_spec, load_benchmark
 from kat_research.eval.grading import Grader
 from kat_research.eval.metrics import METRICS, PAPER_BENCHMARKS, macro_average, summarize
 from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
 from kat_research.eval.tasks import EvalResult
 from kat_research.rollout import SamplingConfig
+from kat_research.text.answers import extract_answer
 
 log = logging.getLogger(__name__)
 

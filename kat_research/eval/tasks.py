@@ -10,9 +10,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig
-from kat_research.eval.answers import extract_answer
 from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
 from kat_research.rollout import SamplingConfig
+from kat_research.text.answers import extract_answer
 
 
 @dataclass
