@@ -20,9 +20,9 @@ from kat_research.data import (
     SFTCollator,
     SourceSpec,
     drop_too_long,
+    exact_integer_match,
     format_prompt,
     generate_problems,
-    is_correct,
     load_rows,
     make_problem,
     solution_text,
@@ -31,6 +31,7 @@ from kat_research.data import (
 from kat_research.data import prompts as prompts_module
 from kat_research.data.synthetic import is_heldout, problems_for_split
 from kat_research.models import build_char_tokenizer
+from kat_research.text import last_boxed
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 GSM8K_TRAIN = DATA / "gsm8k_train.jsonl"
@@ -105,29 +106,48 @@ def test_bad_task_settings_are_rejected():
         problems_for_split("test", 1, 0, ArithmeticTaskConfig())
 
 
-@pytest.mark.parametrize(
-    ("completion", "expected"),
-    [
-        ("28*5=140\n140-11=129\n\\boxed{129}", True),
-        ("\\boxed{ 129 }", True),
-        ("\\boxed{12}\n\\boxed{129}", True),
-        ("\\boxed{128}", False),
-        ("129", False),
-        ("\\boxed{129", False),
-        ("\\boxed{}", False),
-        ("\\boxed{12a}", False),
-        ("\\boxed{1.29e2}", False),
-        ("<unk>}}{{\\\\boxed", False),
-        ("", False),
-    ],
-)
-def test_is_correct(completion, expected):
-    assert is_correct(completion, "129") is expected
+# Hand-graded completions against the gold 129 (the answer is the content of the last box).
+GRADED_COMPLETIONS = [
+    ("28*5=140\n140-11=129\n\\boxed{129}", True),
+    ("\\boxed{ 129 }", True),  # whitespace inside the box is stripped
+    ("\\boxed{129.}", True),  # one trailing period is stripped
+    ("\\boxed 129", True),
+    ("\\boxed{12}\n\\boxed{129}", True),  # several boxes: the last one counts
+    ("\\boxed{129}\n\\boxed{12}", False),
+    ("\\boxed{129} then \\boxed{12", True),  # an unclosed last box is ignored
+    ("\\boxed{128}", False),
+    ("\\boxed{+129}", False),
+    ("\\boxed{0129}", False),
+    ("\\boxed{129.0}", False),
+    ("\\boxed{1 29}", False),
+    ("\\boxed{1_29}", False),  # int() would read 129
+    ("\\boxed{\u0661\u0662\u0669}", False),  # Arabic-Indic digits; int() would read 129
+    ("\\boxed{1.29e2}", False),
+    ("\\boxed{12a}", False),
+    ("\\boxed{}", False),
+    ("#### 129", False),  # only a box counts
+    ("129", False),
+    ("\\boxed{129", False),
+    ("<unk>}}{{\\\\boxed", False),
+    ("", False),
+]
 
 
-def test_is_correct_with_negative_answers():
-    assert is_correct("\\boxed{-12}", "-12")
-    assert not is_correct("\\boxed{12}", "-12")
+@pytest.mark.parametrize(("completion", "expected"), GRADED_COMPLETIONS)
+def test_exact_integer_match(completion, expected):
+    assert exact_integer_match(last_boxed(completion), "129") is expected
+
+
+def test_exact_integer_match_negatives_zero_and_bad_golds():
+    assert exact_integer_match("-12", "-12")
+    assert not exact_integer_match("12", "-12")
+    assert not exact_integer_match("-12", "12")
+    assert exact_integer_match("0", "0")
+    assert not exact_integer_match("-0", "0")
+    assert not exact_integer_match(None, "0")
+    for gold in ("+7", "07", "7.0", " 7", "", "-0"):
+        with pytest.raises(ValueError, match="not an integer"):
+            exact_integer_match("7", gold)
 
 
 def test_char_tokenizer_covers_the_synthetic_task(char_tokenizer):
@@ -283,7 +303,10 @@ def test_source_spec_validation_and_synthetic_rows():
     train, stats = load_rows(spec)
     evals, _ = load_rows({**spec, "split": "eval"})
     assert len(train) == stats.n_read == 20 and train[0].problem_id == "synthetic-train:0"
-    assert all(r.solution.count("\n") == 1 and is_correct(r.solution, r.answer) for r in train)
+    assert all(
+        r.solution.count("\n") == 1 and exact_integer_match(last_boxed(r.solution), r.answer)
+        for r in train
+    )
     assert not {r.problem for r in train} & {r.problem for r in evals}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kat_research.data import Row
 from kat_research.eval import (
     Grader,
     is_equivalent,
@@ -20,8 +21,10 @@ from kat_research.eval import (
     macro_average,
     pass_at_k,
     summarize,
+    tasks,
 )
 from kat_research.eval.metrics import avg_at_k
+from kat_research.eval.runner import Completion
 from kat_research.text import extract_answer, gold_from_solution
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -193,6 +196,36 @@ def test_in_process_grading_refuses_other_threads() -> None:
     thread.start()
     thread.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+# ---------------------------------------------------------------- synthetic task
+
+# (completion, correct against the gold 129?) graded by hand: only the last box counts, written
+# exactly as str(129). The old int()-based grader accepted the +, 0, _ and #### cases.
+SYNTHETIC_CASES = [
+    ("28*5=140\n140-11=129\n\\boxed{129}", True),
+    ("\\boxed{7}\n\\boxed{ 129 }", True),
+    ("\\boxed{+129}", False),
+    ("\\boxed{0129}", False),
+    ("\\boxed{1_29}", False),
+    ("#### 129", False),
+    ("\\boxed{129}\n\\boxed{130}", False),
+]
+
+
+def test_synthetic_evaluator_grades_with_the_task_rule(monkeypatch, char_tokenizer) -> None:
+    """The production path (SyntheticEvaluator) applies data.synthetic.exact_integer_match."""
+    texts = [text for text, _ in SYNTHETIC_CASES]
+    monkeypatch.setattr(
+        tasks,
+        "generate_completions",
+        lambda model, tokenizer, prompts, **kw: [[Completion(t, len(t), "eos")] for t in texts],
+    )
+    evaluator = tasks.SyntheticEvaluator(n_problems=1)
+    evaluator.rows = [Row(f"p{i}", "28*5-11", "129") for i in range(len(texts))]
+    result = evaluator(model=None, tokenizer=char_tokenizer)
+    assert [r.correct for r in result.records] == [ok for _, ok in SYNTHETIC_CASES]
+    assert result.metrics["synthetic/accuracy"] == pytest.approx(2 / 7)
 
 
 # ---------------------------------------------------------------- worker processes
