@@ -164,7 +164,7 @@ def test_char_tokenizer_covers_the_synthetic_task(char_tokenizer):
 @needs_data
 def test_gsm8k_train_file():
     rows, stats = load_rows({**GSM8K_SOURCE, "solution_field": "answer"})
-    assert (len(rows), stats.n_read, stats.n_skipped_malformed) == (7473, 7473, 0)
+    assert (len(rows), stats.n_read, stats.n_skipped) == (7473, 7473, 0)
     assert rows[0].answer == "72" and rows[0].solution.endswith("#### 72")
     assert rows[0].problem.startswith("Natalia") and rows[0].problem_id == "gsm8k_train:0"
     assert len({r.problem_id for r in rows}) == 7473
@@ -173,7 +173,7 @@ def test_gsm8k_train_file():
 @needs_data
 def test_math_train_file_skips_empty_answers():
     rows, stats = load_rows(SourceSpec(kind="file", path=str(MATH_TRAIN)))
-    assert (stats.n_read, stats.n_skipped_malformed, len(rows)) == (7474, 4, 7470)
+    assert (stats.n_read, stats.n_skipped, len(rows)) == (7474, 4, 7470)
     assert stats.reasons == {"missing_answer": 2, "empty_answer": 2}
     assert all(r.answer for r in rows)
 
@@ -210,7 +210,7 @@ def test_dotted_fields_and_message_lists(tmp_path, suffix):
     else:
         _write_jsonl(path, DAPO_RECORDS)
     rows, stats = load_rows({**DAPO_SOURCE, "path": str(path)})
-    assert stats.n_skipped_malformed == 0
+    assert stats.n_skipped == 0
     assert rows == [Row(f"id-{i}", f"What is {i}+{i}?", str(2 * i)) for i in range(3)]
     indexed, _ = load_rows({**DAPO_SOURCE, "path": str(path), "problem_field": "prompt.0.content"})
     assert indexed[0].problem == "be brief"
@@ -234,7 +234,7 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path):
     ]
     rows, stats = load_rows({"kind": "file", "path": _write_jsonl(tmp_path / "m.jsonl", lines)})
     assert [(r.problem, r.answer) for r in rows] == [("ok", "1"), ("float answer", "27")]
-    assert stats.n_read == 12 and stats.n_skipped_malformed == 10
+    assert stats.n_read == 12 and stats.n_skipped == 10
     assert stats.reasons == {
         "invalid_json": 1,
         "not_an_object": 1,
@@ -262,6 +262,63 @@ def test_answer_transforms_and_limit(tmp_path):
     assert [r.answer for r in rows] == ["\\frac{1}{2}"]
     rows, stats = load_rows({**spec, "limit": 2})
     assert len(rows) == 2 and stats.n_read == 2
+
+
+def test_non_utf8_line_is_skipped_and_counted_with_its_place(tmp_path):
+    good = json.dumps({"problem": "p" * 2000, "answer": "1"}).encode()
+    bad = json.dumps({"problem": "p" * 2000 + "X", "answer": "2"}).encode().replace(b"X", b"\xff")
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"\n".join([good, bad, b"", good.replace(b'"1"', b'"3"')]) + b"\n")
+    rows, stats = load_rows({"kind": "file", "path": str(path)})
+    assert [r.answer for r in rows] == ["1", "3"]
+    assert [r.problem_id for r in rows] == ["bytes:0", "bytes:2"]  # line 2 keeps its index
+    assert (stats.n_read, stats.n_skipped, stats.reasons) == (3, 1, {"invalid_utf8": 1})
+    # the bad byte is the 2014th character of line 2: '{"problem": "' is 13 characters
+    assert str(stats) == (
+        f"skipped 1 of 3 records of {path}: "
+        "invalid_utf8 1 (line 2: byte 0xff at column 2014 is not UTF-8)"
+    )
+
+
+def test_non_utf8_json_array_element_is_skipped(tmp_path):
+    path = tmp_path / "array.json"
+    records = [{"problem": "a", "answer": "1"}, {"problem": "bX", "answer": "2"}]
+    path.write_bytes(json.dumps(records).encode().replace(b"X", b"\xe9"))
+    rows, stats = load_rows({"kind": "file", "path": str(path)})
+    assert [r.problem for r in rows] == ["a"]
+    assert stats.reasons == {"invalid_utf8": 1} and "row 2" in str(stats)
+    path.write_text("[{]")
+    with pytest.raises(ValueError, match=r"array\.json is not valid JSON \(line 1, column 3"):
+        load_rows({"kind": "file", "path": str(path)})
+
+
+def test_non_utf8_parquet_value_is_skipped(tmp_path):
+    path = tmp_path / "bytes.parquet"
+    problems = pa.array([b"ok", b"caf\xe9", b"fine"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"problem": problems, "answer": ["1", "2", "3"]}), path)
+    rows, stats = load_rows({"kind": "file", "path": str(path)})
+    assert [r.problem for r in rows] == ["ok", "fine"]
+    assert str(stats).endswith(
+        "invalid_utf8 1 (row 2: in a string value, byte 0xe9 at column 4 is not UTF-8)"
+    )
+
+
+def test_wrong_columns_name_the_field_asked_for_and_those_found(tmp_path, char_tokenizer):
+    path = tmp_path / "columns.parquet"
+    table = {"question": [f"q{i}" for i in range(16)], "solution": ["s"] * 16}
+    pq.write_table(pa.Table.from_pydict(table), path)
+    rows, stats = load_rows({"kind": "file", "path": str(path), "answer_field": None})
+    assert rows == [] and stats.reasons == {"missing_problem": 16}
+    expected = (
+        f"skipped 16 of 16 records of {path}: missing_problem 16 (row 1, row 2, row 3, ...; "
+        "asked for data.source.problem_field='problem'; those records have fields: question, "
+        "solution)"
+    )
+    assert str(stats) == expected
+    with pytest.raises(ValueError, match=re.escape(f"no rows left for train: {expected}")):
+        _module(char_tokenizer, {"kind": "file", "path": str(path), "answer_field": None})
+    rows, stats = load_rows({"kind": "file", "path": str(path), "problem_field": "question"})
+    assert "asked for data.source.answer_field='answer'" in str(stats)
 
 
 def test_missing_file_names_the_path_and_the_setting(tmp_path):
@@ -295,8 +352,10 @@ def test_hub_source_offline_error_and_success(monkeypatch):
 def test_source_spec_validation_and_synthetic_rows():
     with pytest.raises(ValueError, match="unknown data source keys"):
         load_rows({"kind": "file", "paht": "x.jsonl"})
-    with pytest.raises(ValueError, match="data.path"):
+    with pytest.raises(ValueError, match=r"data\.source\.path"):
         SourceSpec(kind="file")
+    with pytest.raises(ValueError, match=r"data\.source\.dedup=false"):
+        SourceSpec(kind="synthetic", dedup=True)
     with pytest.raises(ValueError, match="answer_transform"):
         SourceSpec(answer_transform="boxed")
     spec = {"kind": "synthetic", "n": 20, "seed": 5, "task": {"n_ops": 1}}
@@ -401,7 +460,7 @@ def test_datamodule_synthetic_prompts(char_tokenizer):
     module = _module(char_tokenizer, source, batch_size=16, max_prompt_tokens=128, val_size=32)
     stats = module.stats
     assert stats["n_rows"] == 200 and stats["n_dropped_too_long"] == 0
-    assert stats["n_skipped_malformed"] == 0 and stats["val_n_rows"] == 32
+    assert stats["n_skipped"] == 0 and stats["val_n_rows"] == 32
     loader = module.train_dataloader()
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 16 and len(batch["answers"]) == 16
@@ -454,3 +513,80 @@ def test_datamodule_misuse_is_reported(char_tokenizer, tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1", "answer": "2"}])
     with pytest.raises(ValueError, match="solution_field"):
         _module(char_tokenizer, {"kind": "file", "path": path}, mode="sft")
+
+
+def test_datamodule_logs_one_line_per_source_with_what_was_skipped(
+    char_tokenizer, tmp_path, caplog
+):
+    path = tmp_path / "mixed.jsonl"
+    lines = [{"problem": "1+1", "answer": "2"}, {"problem": "1" * 600, "answer": "1"}]
+    _write_jsonl(path, lines)
+    with path.open("ab") as file:
+        file.write(b'{"problem": "\xff"}\n')
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        _module(char_tokenizer, {"kind": "file", "path": str(path)}, instruction="")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        f"train data: 3 rows, 1 unique prompts kept (1 rows); skipped 1 of 3 records of {path}: "
+        "invalid_utf8 1 (line 3: byte 0xff at column 14 is not UTF-8); dropped 1 longer than "
+        "max_prompt_tokens=512"
+    )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        _module(char_tokenizer, {"kind": "synthetic", "n": 8}, val_size=0)
+    (record,) = caplog.records
+    assert record.levelname == "INFO" and record.getMessage().startswith("train data: 8 rows")
+
+
+# --- de-duplication, on a local copy in DAPO-Math-17k's exact format --------------------------
+
+DAPO_INSTRUCTION = (
+    "Solve the following math problem step by step. The last line of your response should be "
+    "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
+    '\n\n{}\n\nRemember to put your answer on its own line after "Answer:".'
+)
+DAPO_PROBLEMS = [("What is $2+3$?", "5"), ("Find $x$ if $2x=8$.", "4"), ("Compute $7^2$.", "49")]
+
+
+def _dapo_record(problem: str, answer: str, index: str) -> dict:
+    return {
+        "data_source": "math_dapo",
+        "prompt": [{"content": DAPO_INSTRUCTION.format(problem), "role": "user"}],
+        "ability": "MATH",
+        "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
+        "extra_info": {"index": index},
+    }
+
+
+@pytest.fixture
+def dapo_parquet(tmp_path) -> Path:
+    """3 unique prompts x 100 copies (as the hub copy repeats its 17,917), then one prompt
+    repeated with a different answer: 301 rows, 4 distinct (problem, answer) pairs."""
+    uniques = [_dapo_record(p, a, f"uuid-{i}") for i, (p, a) in enumerate(DAPO_PROBLEMS)]
+    near = _dapo_record(DAPO_PROBLEMS[0][0], "6", "uuid-3")
+    path = tmp_path / "dapo-math-17k.parquet"
+    pq.write_table(pa.Table.from_pylist(uniques * 100 + [near]), path)
+    return path
+
+
+def test_dedup_keeps_the_first_of_each_problem_and_answer(dapo_parquet):
+    spec = {
+        "kind": "file",
+        "path": str(dapo_parquet),
+        "problem_field": "prompt",
+        "answer_field": "reward_model.ground_truth",
+    }
+    rows, stats = load_rows({**spec, "dedup": True})
+    expected = [*DAPO_PROBLEMS, (DAPO_PROBLEMS[0][0], "6")]
+    assert [(r.problem, r.answer) for r in rows] == [
+        (DAPO_INSTRUCTION.format(p), a) for p, a in expected
+    ]
+    name = "dapo-math-17k"
+    assert [r.problem_id for r in rows] == [f"{name}:0", f"{name}:1", f"{name}:2", f"{name}:300"]
+    assert (stats.n_read, stats.n_skipped, stats.reasons) == (301, 297, {"duplicate": 297})
+    assert "duplicate 297 (row 4, row 5, row 6, ...)" in str(stats)
+    all_rows, stats = load_rows(spec)
+    assert len(all_rows) == 301 and stats.n_skipped == 0
+    capped, stats = load_rows({**spec, "dedup": True, "limit": 2})
+    assert len(capped) == 2 and stats.n_read == 2  # limit counts rows kept
