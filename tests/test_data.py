@@ -590,3 +590,35 @@ def test_dedup_keeps_the_first_of_each_problem_and_answer(dapo_parquet):
     assert len(all_rows) == 301 and stats.n_skipped == 0
     capped, stats = load_rows({**spec, "dedup": True, "limit": 2})
     assert len(capped) == 2 and stats.n_read == 2  # limit counts rows kept
+
+
+def test_dapo_preset_deduplicates_and_reports_unique_prompts(dapo_parquet, char_tokenizer, caplog):
+    from hydra.utils import instantiate
+
+    from kat_research.config import compose
+
+    local = ["data=dapo_math", "data.source.kind=file", f"+data.source.path={dapo_parquet}"]
+    cfg = compose(local)
+    assert cfg.data.source.dedup is True
+    module = instantiate(cfg.data)
+    module.attach_tokenizer(char_tokenizer)
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        module.setup("fit")
+    assert module.stats == {
+        "n_read": 301,
+        "n_skipped": 297,
+        "n_skipped_duplicate": 297,
+        "n_dropped_too_long": 0,
+        "n_rows": 4,
+        "n_unique_prompts": 4,
+    }
+    (record,) = caplog.records
+    assert record.levelname == "INFO"
+    assert record.getMessage().startswith("train data: 301 rows, 4 unique prompts kept (4 rows)")
+    module = instantiate(compose([*local, "data.source.dedup=false"]).data)
+    module.attach_tokenizer(char_tokenizer)
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        module.setup("fit")
+    assert (module.stats["n_rows"], module.stats["n_unique_prompts"]) == (301, 4)
+    assert caplog.records[-1].levelname == "WARNING"
+    assert "repeated prompts kept (set data.source.dedup=true" in caplog.records[-1].getMessage()
