@@ -15,6 +15,7 @@ import pytest
 
 from kat_research.data import Row
 from kat_research.eval import (
+    BENCHMARKS,
     Grader,
     is_equivalent,
     load_benchmark,
@@ -23,6 +24,7 @@ from kat_research.eval import (
     summarize,
     tasks,
 )
+from kat_research.eval.grading import AnswerBudget, gold_text
 from kat_research.eval.metrics import avg_at_k
 from kat_research.eval.runner import Completion
 from kat_research.text import extract_answer, gold_from_solution
@@ -171,6 +173,35 @@ def test_unparsable_answer_is_wrong_and_counted() -> None:
     grader = Grader()
     assert grader.grade_many([("\\frac{", "1"), ("}}{{", "2")]) == [False, False]
     assert grader.n_parse_errors == 2
+
+
+def test_answers_over_the_budget_are_too_long_not_truncated() -> None:
+    sum_of_ones = "+".join(["1"] * 5000)  # math-verify alone reads this as 1
+    grader = Grader()
+    assert grader.grade_many([(sum_of_ones, "5000"), ("5000", "5000")]) == [False, True]
+    assert (grader.n_too_long, grader.n_parse_errors, grader.n_timeouts) == (1, 0, 0)
+    # At the budget an answer is graded; one term or one character more is too long.
+    small = Grader(max_answer_terms=10, max_answer_chars=30)
+    ten, eleven = "+".join(["1"] * 10), "+".join(["1"] * 11)  # 19 and 21 characters
+    assert small.grade_many([(ten, "10"), (eleven, "11")]) == [True, False]
+    assert small.n_too_long == 1
+    thirty, thirty_one = "1" * 30, "1" * 31
+    assert small.grade_many([(thirty, "2"), (thirty_one, "2")]) == [False, False]
+    assert (small.n_too_long, small.n_parse_errors) == (2, 0)
+    # 9 separators (\cdot \times , , = < ; \le -) make 10 terms; \left is not \le
+    assert not AnswerBudget(max_terms=10).exceeded("a\\cdot b\\times c,d,e=f<g;h\\le i-j")
+    assert AnswerBudget(max_terms=9).exceeded("a\\cdot b\\times c,d,e=f<g;h\\le i-j")
+    assert not AnswerBudget(max_terms=1).exceeded("\\left(\\frac{a}{b}\\right)")
+    with pytest.raises(ValueError, match="budget"):
+        Grader(max_answer_terms=0)
+
+
+@needs_data
+def test_answer_budget_never_touches_a_real_gold() -> None:
+    budget = AnswerBudget()
+    for name in BENCHMARKS:
+        problems, _ = load_benchmark(name, data_dir=str(DATA_DIR))
+        assert not any(budget.exceeded(gold_text(p.gold)) for p in problems), name
 
 
 def test_cache_hits_skip_grading() -> None:
