@@ -87,11 +87,34 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path: Path) -> None:
     assert [(p.problem_id, p.gold) for p in problems] == [("0", "2"), ("2", "4"), ("7", "6")]
     assert (stats.n_read, stats.n_skipped) == (8, 5)
     assert stats.reasons == {
-        "invalid JSON": 1,
-        "missing problem field problem/question": 1,
-        "empty gold answer": 2,
-        "row is not an object": 1,
+        "invalid_json": 1,
+        "missing_problem": 1,
+        "empty_gold": 2,
+        "not_an_object": 1,
     }
+
+
+def test_bad_bytes_and_wrong_columns_are_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "bytes.jsonl"
+    lines = [
+        json.dumps({"problem": "1+1?", "answer": "2"}).encode(),
+        b'{"problem": "caf\xe9?", "answer": "3"}',  # Latin-1, not UTF-8
+        json.dumps({"prompt": "2+2?", "answer": "4"}).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level("WARNING", logger="kat_research.eval.benchmarks"):
+        problems, stats = load_benchmark("math500", path=str(path))
+    assert [p.gold for p in problems] == ["2"]
+    assert (stats.n_read, stats.n_skipped) == (3, 2)
+    expected = (
+        f"math500: skipped 2 of 3 records of {path}: "
+        "invalid_utf8 1 (line 2: byte 0xe9 at column 17 is not UTF-8); "
+        "missing_problem 1 (line 3; asked for a problem field (problem or question); "
+        "those records have fields: answer, prompt)"
+    )
+    assert [r.getMessage() for r in caplog.records] == [expected]
 
 
 def test_parquet_with_list_gold(tmp_path: Path) -> None:
@@ -102,7 +125,7 @@ def test_parquet_with_list_gold(tmp_path: Path) -> None:
     frame.to_parquet(path)
     problems, stats = load_benchmark("olympiadbench", path=str(path))
     assert problems == [Problem("olympiadbench", "7", "q1", ("$1$", "$2$"))]
-    assert stats.reasons == {"empty gold answer": 1}
+    assert stats.reasons == {"empty_gold": 1}
 
 
 def test_missing_file_and_offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
