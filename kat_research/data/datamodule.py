@@ -49,6 +49,18 @@ def _log_counts(
     log.log(logging.WARNING if unexpected or repeats else logging.INFO, line)
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose order resumes by itself: its ``ResumableBatchSampler`` continues from
+    the batches the run has consumed, so there is no loader state to checkpoint. The empty
+    ``state_dict`` tells Lightning so (it warns on a mid-epoch resume of loaders without one)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the order follows the trainer's step count."""
+
+
 class PromptDataModule(L.LightningDataModule):
     """Loads rows from a source, drops prompts too long for the model, and batches them.
 
@@ -184,7 +196,7 @@ class PromptDataModule(L.LightningDataModule):
             rank=0 if trainer is None else trainer.global_rank,
             world_size=1 if trainer is None else trainer.world_size,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             rows,
             batch_sampler=sampler,
             collate_fn=self._collator(sft),
