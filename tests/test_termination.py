@@ -22,6 +22,14 @@ from kat_research.termination import (
     kat_cut,
     kat_window_minimum,
 )
+from kat_research.termination.marking import SUPERVISE, KATPhaseMarker
+from kat_research.termination.phases import (
+    AGREEMENT,
+    PADDING,
+    POST,
+    PRE,
+    segment_phases,
+)
 
 LOW, HIGH = 0.1, 1.0
 
@@ -215,11 +223,12 @@ class OracleKAT:
 
 def drive_like_engine(
     term: Terminator, rows: list[list[float]], chunks: list[int], garbage: float
-) -> tuple[list[int], dict[str, float]]:
+) -> tuple[list[int], dict[str, float], list[int]]:
     """Run one batch through ``term`` as RolloutEngine does: every chunk (sizes cycling through
     ``chunks``, any alignment) the rows still generating gain up to a chunk of tokens, row i
     ending after ``len(rows[i])``; the rows sampled in the chunk are observed with the KL so far
-    (``garbage`` past each row's length); a row that ends or is cut leaves the batch."""
+    (``garbage`` past each row's length); a row that ends or is cut leaves the batch.
+    Returns the cuts (-1: not cut), the batch's metrics and the tokens kept per row."""
     lengths = [len(kl) for kl in rows]
     width = max(lengths)
     kl = torch.full((len(rows), width), garbage, dtype=torch.float32)
@@ -241,7 +250,9 @@ def drive_like_engine(
             cuts[i] = cut
         alive = [i for i, s, c in zip(alive, seen, out, strict=True) if c < 0 and s < lengths[i]]
         start = end
-    return cuts, term.end_batch()
+    cut = torch.tensor([c if c >= 0 else n for c, n in zip(cuts, lengths, strict=True)])
+    kept = term.kept_tokens(cut, kl, torch.tensor(lengths)).tolist()
+    return cuts, term.end_batch(), kept
 
 
 def _trace(rng: random.Random, length: int) -> list[float]:
@@ -322,7 +333,9 @@ def test_kat_cut_and_online_rule_on_hand_computed_cases(kl, rule, cut) -> None:
     rule = {"exempt": 0, **rule}
     assert kat_cut(kl, threshold=0.5, **rule) == cut
     for chunks in ([rule["stride"]], [1], [3], [7, 2]):
-        found, _ = drive_like_engine(KATTerminator(threshold=0.5, **rule), [kl], chunks, math.nan)
+        found, _, _ = drive_like_engine(
+            KATTerminator(threshold=0.5, **rule), [kl], chunks, math.nan
+        )
         assert found == [-1 if cut is None else cut]
 
 
@@ -359,7 +372,7 @@ def test_online_fixed_threshold_equals_the_oracle_under_any_chunking() -> None:
         for chunks in _chunkings(rng, rule["stride"]):
             term = KATTerminator(threshold=threshold, **rule)
             garbage = rng.choice([math.nan, 0.0, 1e9])
-            cuts, found = drive_like_engine(term, rows, chunks, garbage)
+            cuts, found, _ = drive_like_engine(term, rows, chunks, garbage)
             context = (rule, threshold, chunks, rows)
             assert cuts == expected, context
             assert found == pytest.approx(metrics), context
@@ -382,7 +395,7 @@ def test_online_adaptive_threshold_equals_the_oracle_over_batches(seed: int) -> 
         rows = [_trace(rng, rng.randint(1, 70)) for _ in range(rng.randint(1, 6))]
         chunks = rng.choice(_chunkings(rng, rule["stride"]))
         expected, metrics = oracle.batch(rows)
-        cuts, found = drive_like_engine(term, rows, chunks, rng.choice([math.nan, 0.0]))
+        cuts, found, _ = drive_like_engine(term, rows, chunks, rng.choice([math.nan, 0.0]))
         assert cuts == expected, (rule, settings, chunks, rows)
         assert found == pytest.approx(metrics, nan_ok=True)
         assert term.buffer.tolist() == pytest.approx(oracle.buffer, rel=1e-12)
@@ -391,6 +404,107 @@ def test_online_adaptive_threshold_equals_the_oracle_over_batches(seed: int) -> 
             term.on_optimizer_step()
             oracle.steps += 1
     assert active > 0
+
+
+# --- phases (stage-wise supervision and the analyses) ---------------------------------------
+
+
+def oracle_phases(
+    kl: list[float], *, threshold: float, window: int, stride: int, patience: int, exempt: int
+) -> tuple[int, int]:
+    """(pre_end, agreement_end) by direct window means: the first run of ``patience`` low
+    windows, extended while the next window is low; (length, length) without a detection."""
+    starts = [s for s in range(0, len(kl) - window + 1, stride) if s >= exempt]
+    means = [math.fsum(kl[s : s + window]) / window for s in starts]
+    low = [math.isfinite(m) and m < threshold for m in means]
+    run = 0
+    for i in range(len(starts)):
+        run = run + 1 if low[i] else 0
+        if run == patience:
+            last = i
+            while last + 1 < len(starts) and low[last + 1]:
+                last += 1
+            end = len(kl) if last == len(starts) - 1 else starts[last] + window
+            return starts[i - patience + 1], end
+    return len(kl), len(kl)
+
+
+def _segments(kl: list[float], **rule: float) -> tuple[int, int, int]:
+    seg = segment_phases(kl, **rule)
+    return seg.pre_end, seg.agreement_end, seg.length
+
+
+@pytest.mark.parametrize(
+    ("kl", "rule", "bounds"),
+    [
+        # trap then recovery: windows of 4 at 16..36 are low, the one at 40 is high
+        (_planted((HIGH, 16), (LOW, 24), (HIGH, 8)), dict(window=4, patience=2), (16, 40, 48)),
+        # trap to the end: the last 2 tokens fit no window, the run lasts to the last window
+        (_planted((HIGH, 8), (LOW, 22)), dict(window=4, patience=3), (8, 30, 30)),
+        # a dip of 7 tokens holds one low window of 4: no detection, all pre-agreement
+        (_planted((HIGH, 10), (LOW, 7), (HIGH, 10)), dict(window=4, patience=2), (27, 27, 27)),
+        # a short dip is skipped, the later trap (windows at 20..32) found
+        (
+            _planted((HIGH, 8), (LOW, 4), (HIGH, 8), (LOW, 16), (HIGH, 4)),
+            dict(window=4, patience=2),
+            (20, 36, 40),
+        ),
+        # stride 2: windows at 10..18 hold >= 3 low tokens; the one at 20 holds 2 (mean .55)
+        (
+            _planted((HIGH, 10), (LOW, 12), (HIGH, 10)),
+            dict(window=4, stride=2, patience=2),
+            (10, 22, 32),
+        ),
+        # a NaN in window [16, 20) ends the agreement like it resets KAT's counter
+        (
+            _planted((HIGH, 8), (LOW, 8), (math.nan, 1), (LOW, 15)),
+            dict(window=4, patience=2),
+            (8, 16, 32),
+        ),
+        # exempt tokens are never agreement
+        (_planted((LOW, 32)), dict(window=4, patience=2, exempt=8), (8, 32, 32)),
+    ],
+)
+def test_phases_on_hand_computed_traces(kl, rule, bounds) -> None:
+    assert _segments(kl, threshold=0.5, **rule) == bounds
+    seg = segment_phases(kl, threshold=0.5, **rule)
+    pre, end, length = bounds
+    assert (seg.detected, seg.stays_low) == (pre < length, pre < length and end == length)
+    ids = seg.phase_ids(length + 2).tolist()
+    assert ids == [PRE] * pre + [AGREEMENT] * (end - pre) + [POST] * (length - end) + [PADDING] * 2
+
+
+def test_phases_equal_the_oracle() -> None:
+    rng = random.Random(2)
+    detected = 0
+    for _ in range(300):
+        rule = _random_rule(rng)
+        kl = _trace(rng, rng.randint(0, 80))
+        threshold = 0.5 if rng.random() < 0.3 else rng.uniform(0.05, 0.6)
+        pre, end = oracle_phases(kl, threshold=threshold, **rule)
+        assert _segments(kl, threshold=threshold, **rule) == (pre, end, len(kl)), (kl, rule)
+        detected += pre < len(kl)
+    assert detected > 50
+
+
+def test_phase_marker_keeps_the_oracle_phases_under_any_chunking() -> None:
+    rng = random.Random(3)
+    for case in range(30):
+        rule = _random_rule(rng)
+        threshold = 0.5 if case % 2 else rng.uniform(0.1, 0.5)
+        rows = [_trace(rng, rng.randint(1, 70)) for _ in range(rng.randint(1, 6))]
+        phases = [oracle_phases(kl, threshold=threshold, **rule) for kl in rows]
+        bounds = [(pre, end, len(kl)) for (pre, end), kl in zip(phases, rows, strict=True)]
+        for column, supervise in enumerate(SUPERVISE):
+            marker = KATPhaseMarker(supervise=supervise, threshold=threshold, **rule)
+            chunks = rng.choice(_chunkings(rng, rule["stride"]))
+            cuts, metrics, kept = drive_like_engine(marker, rows, chunks, math.nan)
+            assert cuts == [-1] * len(rows)  # the engine is never asked to stop a row
+            assert kept == [b[column] for b in bounds], (rule, threshold, chunks, rows)
+            pre, end, length = (sum(b[i] for b in bounds) / len(rows) for i in range(3))
+            assert metrics["kat/pre_tokens"] == pytest.approx(pre)
+            assert metrics["kat/agreement_tokens"] == pytest.approx(end - pre)
+            assert metrics["kat/post_tokens"] == pytest.approx(length - end)
 
 
 def _random_kl(gen: torch.Generator, batch: int, total: int) -> torch.Tensor:
