@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from kat_research.config import CONFIG_DIR
 from kat_research.termination.base import Terminator
@@ -22,6 +25,32 @@ def options(group: str) -> list[str]:
 def compose_train(*overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=["paths.output_dir=/tmp/kat-test", *overrides])
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def assert_file_applied(cfg, path: Path, package: str) -> None:
+    """Every value ``path`` sets (its ``defaults`` list aside, ``???`` placeholders aside) is
+    in the composed ``cfg`` under ``package`` (``""`` for ``# @package _global_`` files),
+    unresolved: a later default or a wrong package that overrides an option shows here."""
+    if "@package _global_" in path.read_text():
+        package = ""
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    own.pop("defaults", None)  # an alias holds nothing else: its target is checked itself
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in _leaves(own) if own else ():
+        if value == "???":
+            continue
+        node = composed
+        for part in filter(None, f"{package}.{key}".split(".")):
+            node = node.get(part, "<missing>") if isinstance(node, dict) else "<missing>"
+        assert node == value, f"{path.relative_to(CONF)}: {key} = {value!r}, composed {node!r}"
 
 
 GROUPS = [
@@ -47,12 +76,13 @@ GROUPS = [
 )
 def test_every_group_option_composes(group, option):
     cfg = compose_train(f"{group}={option}")
-    assert cfg.method.name and cfg.loss.kind
+    assert_file_applied(cfg, CONF / group / f"{option}.yaml", group.replace("/", "."))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(experiment):
     cfg = compose_train(f"experiment={experiment}")
+    assert_file_applied(cfg, CONF / "experiment" / f"{experiment}.yaml", "")
     assert isinstance(instantiate(cfg.method.terminator), Terminator)
 
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from data_paths import FIXTURE_DATA, full_data_dir
 
 from kat_research.data import (
     ArithmeticTaskConfig,
@@ -33,17 +34,21 @@ from kat_research.data.synthetic import is_heldout, problems_for_split
 from kat_research.models import build_char_tokenizer
 from kat_research.text import last_boxed
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
-GSM8K_TRAIN = DATA / "gsm8k_train.jsonl"
-MATH_TRAIN = DATA / "math_train_rllm.jsonl"
-needs_data = pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason="shared training data absent")
-
+GSM8K_TRAIN = FIXTURE_DATA / "train" / "gsm8k_train.jsonl"  # the first 40 of 7473 records
 GSM8K_SOURCE = {
     "kind": "file",
     "path": str(GSM8K_TRAIN),
     "problem_field": "question",
     "answer_transform": "gsm8k",
 }
+# the vendored slice, and the full file (slow: needs KAT_DATA_DIR or ../shared/data)
+SLICE_AND_FULL = [False, pytest.param(True, marks=pytest.mark.slow)]
+
+
+def train_file(name: str, full: bool) -> Path:
+    return (full_data_dir() if full else FIXTURE_DATA) / "train" / name
+
+
 STEP = re.compile(r"(-?\d+)([+\-*])(\d+)=(-?\d+)")
 
 
@@ -161,19 +166,23 @@ def test_char_tokenizer_covers_the_synthetic_task(char_tokenizer):
 # --- sources ---------------------------------------------------------------------------------
 
 
-@needs_data
-def test_gsm8k_train_file():
-    rows, stats = load_rows({**GSM8K_SOURCE, "solution_field": "answer"})
-    assert (len(rows), stats.n_read, stats.n_skipped) == (7473, 7473, 0)
+@pytest.mark.parametrize("full", SLICE_AND_FULL, ids=["slice", "full"])
+def test_gsm8k_train_file(full: bool):
+    path = train_file("gsm8k_train.jsonl", full)
+    rows, stats = load_rows({**GSM8K_SOURCE, "path": str(path), "solution_field": "answer"})
+    n = 7473 if full else 40
+    assert (len(rows), stats.n_read, stats.n_skipped) == (n, n, 0)
     assert rows[0].answer == "72" and rows[0].solution.endswith("#### 72")
     assert rows[0].problem.startswith("Natalia") and rows[0].problem_id == "gsm8k_train:0"
-    assert len({r.problem_id for r in rows}) == 7473
+    assert len({r.problem_id for r in rows}) == n
 
 
-@needs_data
-def test_math_train_file_skips_empty_answers():
-    rows, stats = load_rows(SourceSpec(kind="file", path=str(MATH_TRAIN)))
-    assert (stats.n_read, stats.n_skipped, len(rows)) == (7474, 4, 7470)
+@pytest.mark.parametrize("full", SLICE_AND_FULL, ids=["slice", "full"])
+def test_math_train_file_skips_empty_answers(full: bool):
+    path = train_file("math_train_rllm.jsonl", full)
+    rows, stats = load_rows(SourceSpec(kind="file", path=str(path)))
+    n = 7474 if full else 20  # the slice holds the 4 records without an answer
+    assert (stats.n_read, stats.n_skipped, len(rows)) == (n, 4, n - 4)
     assert stats.reasons == {"missing_answer": 2, "empty_answer": 2}
     assert all(r.answer for r in rows)
 
@@ -489,18 +498,17 @@ def test_datamodule_synthetic_sft(char_tokenizer):
     assert module.val_dataloader() == []
 
 
-@needs_data
 def test_datamodule_gsm8k_file(char_tokenizer):
-    source = {**GSM8K_SOURCE, "limit": 200}
-    module = _module(char_tokenizer, source, batch_size=8, max_prompt_tokens=300)
+    source = {**GSM8K_SOURCE, "limit": 30}  # of the 40 in the file
+    module = _module(char_tokenizer, source, batch_size=8, max_prompt_tokens=350)
     stats = module.stats
-    assert stats["n_read"] == 200 and stats["n_rows"] + stats["n_dropped_too_long"] == 200
-    assert 0 < stats["n_dropped_too_long"] < 200
+    assert stats["n_read"] == 30 and stats["n_rows"] + stats["n_dropped_too_long"] == 30
+    assert 0 < stats["n_dropped_too_long"] < 30 - 8
     batch = next(iter(module.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 300
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 350
     assert all(re.fullmatch(r"-?[\d.]+", a) for a in batch["answers"])
     assert module.val_dataloader() == []
-    with pytest.raises(ValueError, match=r"no rows left.*dropped 200 longer than"):
+    with pytest.raises(ValueError, match=r"no rows left.*dropped 30 longer than"):
         _module(char_tokenizer, source, max_prompt_tokens=50)
 
 

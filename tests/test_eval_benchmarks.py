@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from data_paths import FIXTURE_DATA, full_data_dir
 
 from kat_research.eval import BENCHMARKS, PAPER_BENCHMARKS, Problem, load_benchmark
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no benchmark data at {DATA_DIR}")
-
-EXPECTED_COUNTS = {  # from the data README
+EXPECTED_COUNTS = {  # of the full files, from the data README
     "math500": 500,
     "aime24": 30,
     "amc23": 40,
@@ -38,20 +36,25 @@ def test_unknown_benchmark_lists_valid_names() -> None:
         load_benchmark("math5000")
 
 
-@needs_data
-@pytest.mark.parametrize(("name", "count"), sorted(EXPECTED_COUNTS.items()))
-def test_local_files_load_completely(name: str, count: int) -> None:
-    problems, stats = load_benchmark(name, data_dir=str(DATA_DIR))
+@pytest.mark.parametrize(
+    "full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["slice", "full"]
+)
+@pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))
+def test_local_files_load_completely(name: str, full: bool) -> None:
+    """The vendored slice (one record per line), or the full file (slow: needs KAT_DATA_DIR)."""
+    data_dir = full_data_dir() if full else FIXTURE_DATA
+    slice_lines = (FIXTURE_DATA / name / "test.jsonl").read_text().splitlines()
+    count = EXPECTED_COUNTS[name] if full else len(slice_lines)
+    problems, stats = load_benchmark(name, data_dir=str(data_dir))
     assert len(problems) == count
     assert (stats.n_read, stats.n_skipped) == (count, 0)
     assert len({p.problem_id for p in problems}) == count
     assert all(p.benchmark == name and p.problem.strip() and p.gold for p in problems)
 
 
-@needs_data
 def test_gold_formats_per_benchmark() -> None:
     def first(name: str) -> Problem:
-        return load_benchmark(name, data_dir=str(DATA_DIR), limit=1)[0][0]
+        return load_benchmark(name, data_dir=str(FIXTURE_DATA), limit=1)[0][0]
 
     assert first("amc23").gold == "27"  # float 27.0 in the file
     assert first("gsm8k").gold == "18"  # after ####
@@ -61,9 +64,8 @@ def test_gold_formats_per_benchmark() -> None:
     assert first("math500").problem_id == "test/precalculus/807.json"
 
 
-@needs_data
 def test_path_and_limit() -> None:
-    path = DATA_DIR / "aime25" / "test.jsonl"
+    path = FIXTURE_DATA / "aime25" / "test.jsonl"
     problems, stats = load_benchmark("aime25", path=str(path), limit=5)
     assert [p.problem_id for p in problems] == [f"2025-I-{i}" for i in range(1, 6)]
     assert stats.n_read == 5

@@ -9,9 +9,9 @@ import threading
 import time
 from fractions import Fraction
 from functools import cache
-from pathlib import Path
 
 import pytest
+from data_paths import FIXTURE_DATA
 
 from kat_research.data import Row
 from kat_research.eval import (
@@ -29,15 +29,13 @@ from kat_research.eval.metrics import avg_at_k
 from kat_research.eval.runner import Completion
 from kat_research.text import extract_answer, gold_from_solution
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no benchmark data at {DATA_DIR}")
 PATHOLOGICAL = "9^{9^{9^{9^{9}}}}"
 
 
 @cache
 def gold(benchmark: str, problem_id: str):
-    """The gold answer of one real problem, read from the shared data files."""
-    problems, _ = load_benchmark(benchmark, data_dir=str(DATA_DIR))
+    """The gold answer of one real problem, read from the vendored data slices."""
+    problems, _ = load_benchmark(benchmark, data_dir=str(FIXTURE_DATA))
     return next(p.gold for p in problems if p.problem_id == problem_id)
 
 
@@ -69,9 +67,8 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
-@needs_data
 def test_gold_from_real_minerva_solution() -> None:
-    problems, _ = load_benchmark("minerva_math", data_dir=str(DATA_DIR), limit=1)
+    problems, _ = load_benchmark("minerva_math", data_dir=str(FIXTURE_DATA), limit=1)
     assert problems[0].gold == "1.6"
     solution = "$x=\\boxed{2}$ and finally $\\boxed{\\frac{1}{3}}$"
     assert gold_from_solution(solution) == "\\frac{1}{3}"
@@ -79,7 +76,7 @@ def test_gold_from_real_minerva_solution() -> None:
 
 # ---------------------------------------------------------------- equivalence
 
-# (benchmark, problem id in /work/shared/data, model answer, correct?)
+# (benchmark, problem id in tests/fixtures/data, model answer, correct?)
 REAL_CASES = [
     # fractions
     ("math500", "test/algebra/1265.json", "1.5", True),  # gold \frac{3}{2}
@@ -144,7 +141,6 @@ REAL_CASES = [
 ]
 
 
-@needs_data
 @pytest.mark.parametrize(("benchmark", "problem_id", "answer", "expected"), REAL_CASES)
 def test_is_equivalent_real_golds(benchmark: str, problem_id: str, answer: str, expected: bool):
     completion = f"Putting it together, the final answer is $\\boxed{{{answer}}}$."
