@@ -35,6 +35,14 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, node
 
 
+def set_by_scale(cfg) -> set[str]:
+    """The keys the composed config's scale file sets itself (a scale sizes everything, so it
+    overrides group options' values on purpose)."""
+    scale = OmegaConf.to_container(OmegaConf.load(CONF / "scale" / f"{cfg.scale.name}.yaml"))
+    scale.pop("defaults", None)
+    return {key for key, _ in _leaves(scale)}
+
+
 def assert_file_applied(cfg, path: Path, package: str) -> None:
     """Every value ``path`` sets (its ``defaults`` list aside, ``???`` placeholders aside) is
     in the composed ``cfg`` under ``package`` (``""`` for ``# @package _global_`` files),
@@ -44,8 +52,9 @@ def assert_file_applied(cfg, path: Path, package: str) -> None:
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     own.pop("defaults", None)  # an alias holds nothing else: its target is checked itself
     composed = OmegaConf.to_container(cfg, resolve=False)
+    sized = set_by_scale(cfg) if path.parent.name != "scale" else set()
     for key, value in _leaves(own) if own else ():
-        if value == "???":
+        if value == "???" or f"{package}.{key}".strip(".") in sized:
             continue
         node = composed
         for part in filter(None, f"{package}.{key}".split(".")):

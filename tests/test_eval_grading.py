@@ -11,7 +11,7 @@ from fractions import Fraction
 from functools import cache
 
 import pytest
-from data_paths import FIXTURE_DATA
+from data_paths import FIXTURE_DATA, full_data_dir
 
 from kat_research.data import Row
 from kat_research.eval import (
@@ -192,11 +192,11 @@ def test_answers_over_the_budget_are_too_long_not_truncated() -> None:
         Grader(max_answer_terms=0)
 
 
-@needs_data
+@pytest.mark.slow
 def test_answer_budget_never_touches_a_real_gold() -> None:
     budget = AnswerBudget()
     for name in BENCHMARKS:
-        problems, _ = load_benchmark(name, data_dir=str(DATA_DIR))
+        problems, _ = load_benchmark(name, data_dir=str(full_data_dir()))
         assert not any(budget.exceeded(gold_text(p.gold)) for p in problems), name
 
 
