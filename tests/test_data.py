@@ -477,7 +477,7 @@ def test_datamodule_synthetic_prompts(char_tokenizer):
     assert len(loader) == 200 // 16  # drop_last
     again = _module(char_tokenizer, source, batch_size=16, max_prompt_tokens=128, val_size=32)
     assert next(iter(again.train_dataloader()))["problem_ids"] == batch["problem_ids"]
-    val_problems = {p for b in module.val_dataloader() for p in b["problems"]}
+    val_problems = {r.problem for r in module.val_rows}
     assert len(val_problems) == 32
     assert not val_problems & {r.problem for r in module.train_rows}
 
@@ -495,7 +495,7 @@ def test_datamodule_synthetic_sft(char_tokenizer):
     batch = next(iter(module.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert (batch["labels"] != -100).any(dim=1).all()
-    assert module.val_dataloader() == []
+    assert module.val_rows == []
 
 
 def test_datamodule_gsm8k_file(char_tokenizer):
@@ -507,7 +507,7 @@ def test_datamodule_gsm8k_file(char_tokenizer):
     batch = next(iter(module.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 350
     assert all(re.fullmatch(r"-?[\d.]+", a) for a in batch["answers"])
-    assert module.val_dataloader() == []
+    assert module.val_rows == []
     with pytest.raises(ValueError, match=r"no rows left.*dropped 30 longer than"):
         _module(char_tokenizer, source, max_prompt_tokens=50)
 
