@@ -29,6 +29,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kat_research.console import quiet
 from kat_research.data.sources import load_rows
 from kat_research.demo.jobs import demo_config, run_job
 from kat_research.demo.models import demo_model_info
@@ -74,12 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["opd", "kat"])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs/demo"),
+        help="one folder per method, replaced by every demo run",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="library output too")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet(args.verbose)
     start = time.perf_counter()
-    overrides = list(args.overrides)
+    overrides = [f"verbose={args.verbose}", *args.overrides]
     if args.jobs > 1:  # progress bars of parallel jobs would overwrite each other
         overrides = [
             "callbacks.progress_bar.refresh_rate=0",
