@@ -536,7 +536,7 @@ def test_datamodule_logs_one_line_per_source_with_what_was_skipped(
     (record,) = caplog.records
     assert record.levelname == "WARNING"
     assert record.getMessage() == (
-        f"train data: 3 rows, 1 unique prompts kept (1 rows); skipped 1 of 3 records of {path}: "
+        f"train data: 3 rows read, 1 kept (1 unique prompts); skipped 1 of 3 records of {path}: "
         "invalid_utf8 1 (line 3: byte 0xff at column 14 is not UTF-8); dropped 1 longer than "
         "max_prompt_tokens=512"
     )
@@ -622,7 +622,7 @@ def test_dapo_preset_deduplicates_and_reports_unique_prompts(dapo_parquet, char_
     }
     (record,) = caplog.records
     assert record.levelname == "INFO"
-    assert record.getMessage().startswith("train data: 301 rows, 4 unique prompts kept (4 rows)")
+    assert record.getMessage().startswith("train data: 301 rows read, 4 kept (4 unique prompts)")
     module = instantiate(compose([*local, "data.source.dedup=false"]).data)
     module.attach_tokenizer(char_tokenizer)
     with caplog.at_level("INFO", logger="kat_research.data.datamodule"):

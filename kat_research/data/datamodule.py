@@ -34,8 +34,8 @@ def _log_counts(
     dropped. A warning when anything but configured de-duplication removed rows, or when a
     file or hub source keeps repeated prompts."""
     line = (
-        f"{role} data: {stats['n_read']} rows, {stats['n_unique_prompts']} unique prompts kept "
-        f"({stats['n_rows']} rows)"
+        f"{role} data: {stats['n_read']} rows read, {stats['n_rows']} kept "
+        f"({stats['n_unique_prompts']} unique prompts)"
     )
     if load_stats.n_skipped:
         line += f"; {load_stats}"
