@@ -12,15 +12,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from kat_research.analysis import (
-    PHASES,
-    gradient_projection,
-    kl_dynamics,
-    teacher_tokens,
-    trap_benchmark,
-)
+from kat_research.analysis import gradient_projection, kl_dynamics, teacher_tokens, trap_benchmark
 from kat_research.analysis.runs import kat_buffer, load_run, read_checkpoint
 from kat_research.config import CONFIG_DIR
+from kat_research.termination.phases import PHASES
 from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,10 +71,10 @@ def analysis_config(name: str, run_dir: Path, out: Path, *overrides: str):
 
 
 PAPER_SCALE = {
-    "kl_dynamics": ["analysis/detector=paper", "analysis/rollouts=paper"],
-    "gradient_projection": ["analysis/detector=paper", "analysis/rollouts=paper"],
-    "teacher_tokens": ["analysis/detector=paper", "analysis/rollouts=paper"],
-    "trap_benchmark": ["analysis/benchmark=paper"],
+    "kl_dynamics": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "gradient_projection": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "teacher_tokens": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "trap_benchmark": ["analysis/benchmark=length_4096"],
 }
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_paths import FIXTURE_ARCHITECTURES
 from hydra import compose, initialize_config_dir
 
 from kat_research.config import CONFIG_DIR
@@ -27,10 +28,7 @@ from kat_research.planning.memory import (
 from kat_research.planning.params import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHITECTURES = ROOT.parent / "shared" / "models" / "qwen3_architectures.json"
-needs_architectures = pytest.mark.skipif(
-    not ARCHITECTURES.exists(), reason=f"{ARCHITECTURES} (Qwen3 architecture facts) is missing"
-)
+ARCHITECTURES = FIXTURE_ARCHITECTURES  # a copy of ../shared/models/qwen3_architectures.json
 
 
 def qwen3_layer(hidden: int, heads: int, kv_heads: int, intermediate: int, head_dim=128) -> int:
@@ -39,7 +37,6 @@ def qwen3_layer(hidden: int, heads: int, kv_heads: int, intermediate: int, head_
     return attn + 3 * hidden * intermediate + 2 * hidden
 
 
-@needs_architectures
 def test_qwen3_8b_counts_by_hand():
     counts = count_params(pretrained_config("Qwen/Qwen3-8B", ARCHITECTURES))
     embedding = 2 * 151_936 * 4096  # untied LM head
@@ -49,7 +46,6 @@ def test_qwen3_8b_counts_by_hand():
     assert counts.total == 8_190_735_360  # ~8.19B
 
 
-@needs_architectures
 def test_base_checkpoints_use_their_siblings_architecture():
     assert architecture_key("Qwen/Qwen3-4B-Base") == "Qwen3-4B"
     counts = count_params(pretrained_config("Qwen/Qwen3-1.7B-Base", ARCHITECTURES))
@@ -101,7 +97,6 @@ def plan_config(*overrides: str):
         return compose("plan", overrides=[f"plan.architectures={ARCHITECTURES}", *overrides])
 
 
-@needs_architectures
 def test_paper_plan():
     cfg = plan_config(
         "experiment=table1",

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import VLLM_TEST_SETTINGS
-from test_train import config
 
 from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
@@ -69,7 +68,7 @@ def test_weight_sync_reaches_the_next_rollouts(tiny_dirs, char_tokenizer):
     assert not torch.equal(tokens_after, tokens_before)
 
 
-def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(tmp_path, monkeypatch):
+def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(debug_config, tmp_path, monkeypatch):
     """Greedy rollouts make both backends sample the same tokens, so the two runs log the same
     losses; after each optimizer step the engine is out of date until the weights are pushed,
     then it scores like the trained student."""
@@ -98,7 +97,7 @@ def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(tmp_path, monkeypatch):
     for backend in ("hf", "vllm"):
         out = tmp_path / backend
         extra = vllm if backend == "vllm" else []
-        summary = train(config(out, *overrides, f"rollout.backend={backend}", *extra))
+        summary = train(debug_config(out, *overrides, f"rollout.backend={backend}", *extra))
         assert summary["steps"] == 2
         df = pd.read_csv(out / "csv" / "metrics.csv").dropna(subset=["train/loss"])
         runs[backend] = df.groupby("step")[["train/loss", "train/kl", "len/generated"]].last()

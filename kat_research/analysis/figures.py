@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from kat_research.analysis.phases import PhaseSegments
+from kat_research.termination.phases import PhaseSegments
 
 PHASE_COLORS = {"pre": "tab:blue", "agreement": "tab:orange", "post": "tab:gray", "random": "k"}
 
