@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +209,10 @@ class Report:
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
 
-    @contextlib.contextmanager
-    def section(self, name: str, budget_s: float) -> Iterator[dict[str, Any]]:
-        """Run a section under ``budget_s`` (capped by the overall deadline). The section fills
-        the yielded entry: ``checks`` (name -> bool) decide passed/failed, unless it sets
-        ``status`` to ``skipped`` with a ``reason``. Any error or the timeout is recorded."""
+    def run_section(self, name: str, budget_s: float, body: Callable[[dict], None]) -> None:
+        """Run ``body(entry)`` under ``budget_s`` (capped by the overall deadline). The body
+        fills the entry: its ``checks`` (name -> bool) decide passed/failed, unless it sets
+        ``status`` to ``skipped`` with a ``reason``. An error or the timeout is recorded."""
         budget = min(budget_s, self.deadline - time.monotonic())
         entry: dict[str, Any] = {"status": "running", "budget_s": round(budget, 1), "checks": {}}
         self.data["sections"][name] = entry
@@ -224,10 +223,14 @@ class Report:
             if budget < 1:
                 raise SectionTimeout
             signal.setitimer(signal.ITIMER_REAL, budget)
-            yield entry
+            body(entry)
         except SectionTimeout:
             entry["status"] = "timed_out"
-            entry["reason"] = f"ran past its {budget:.0f} s budget; what it measured is kept"
+            entry["reason"] = (
+                f"ran past its {budget:.0f} s budget; what it measured is kept"
+                if budget >= 1
+                else "not run: no time left of --budget"
+            )
         except Exception as error:  # recorded, and the next section runs
             entry["status"] = "failed"
             entry["error"] = f"{type(error).__name__}: {error}"
@@ -735,8 +738,7 @@ def run_all(args: argparse.Namespace) -> int:
         }
         for name in SECTIONS:
             if name in wanted:
-                with report.section(name, budget[name]) as entry:
-                    steps[name](entry)
+                report.run_section(name, budget[name], steps[name])
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
