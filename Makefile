@@ -6,7 +6,8 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm
+.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm \
+	gpu-wheels gpu-check
 
 # Creates .venv; installs the CPU torch wheel first (otherwise pip pulls a multi-GB CUDA
 # build), then the package with its dev extra. The stamp makes re-runs a no-op until
@@ -64,6 +65,20 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .cache
+
+# GPU validation kit (scripts/gpu_check.py): engine CUDA = CPU, bf16-mixed OPD/KAT/Top-K LSM steps
+# on SmolLM2 with a resume, loss memory at 16,384 x 151,936, engine tokens/s, in one command of
+# at most 10 minutes on a lent GPU machine. gpu-wheels (here, needs PyPI) writes GPU_KIT: wheels
+# of what that machine lacks (hydra-core, omegaconf, antlr4, math-verify) and SmolLM2's config +
+# tokenizer, and fails over the 64 MiB carry limit. gpu-check (there; needs no .venv) installs
+# them into a temporary folder and writes gpu_check.json + gpu_check.log into $OUT, e.g. with
+# the device tool: run(command="bash scripts/gpu_check.sh", carry=[".gpu_kit"], timeout_s=600)
+GPU_KIT := .gpu_kit
+gpu-wheels: install
+	PY=$(PY) bash scripts/gpu_wheels.sh $(GPU_KIT)
+
+gpu-check:
+	GPU_KIT=$(GPU_KIT) bash scripts/gpu_check.sh $(ARGS)
 
 # Compute plan of any training config: parameter counts, GPU memory per rank (fits or not) and
 # FLOPs per step and run, from the model configs alone (meta device: no weights, no network).
