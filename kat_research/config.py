@@ -158,7 +158,9 @@ def check_runnable(cfg: DictConfig) -> Terminator:
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():
         raise ConfigError(
-            f"data file {source.path} does not exist: set data.source.path (or paths.data_dir)"
+            f"data file {source.path} does not exist: set data.source.path, or point "
+            f"paths.data_dir (now {cfg.paths.data_dir}; env KAT_DATA_DIR) at the folder of the "
+            "offline data copies (layout: tests/fixtures/data/README.md)"
         )
     return terminator
 
