@@ -24,13 +24,13 @@ import pandas as pd
 from kat_research.config import ConfigError, check_runnable
 from kat_research.sweep.job import job_config
 from kat_research.sweep.launch import LAUNCHERS, LOCAL, check_launcher, launch_all
+from kat_research.sweep.records import job_records
 from kat_research.sweep.spec import (
     EVALUATE,
     ExperimentSpec,
     Job,
-    expand_jobs,
     load_spec,
-    with_includes,
+    spec_jobs,
 )
 from kat_research.sweep.state import (
     DONE,
@@ -41,14 +41,8 @@ from kat_research.sweep.state import (
     job_state,
 )
 from kat_research.tables.aggregate import TableSpec, aggregate
-from kat_research.tables.figures import plot_figure
-from kat_research.tables.load import job_records
+from kat_research.tables.plots import plot_figure
 from kat_research.tables.write import write_table
-
-
-def plan(spec: ExperimentSpec, scale: str, extra: list[str]) -> list[Job]:
-    """Every job ``spec`` aggregates: those of its includes, then its own."""
-    return [job for s in with_includes(spec) for job in expand_jobs(s, scale, extra)]
 
 
 def validate(job: Job, folder: Path) -> None:
@@ -110,7 +104,7 @@ def write_results(
 def reproduce(name: str, args: argparse.Namespace, extra: list[str]) -> bool:
     """List, check, run and aggregate one spec; False if a job failed."""
     spec = load_spec(name)
-    jobs = plan(spec, args.scale, extra)
+    jobs = spec_jobs(spec, args.scale, extra)
     folders = [job_folder(args.runs_dir, job) for job in jobs]
     states = [job_state(folder, job) for job, folder in zip(jobs, folders, strict=True)]
     chosen = [i for i, state in enumerate(states) if selected(state, args)]

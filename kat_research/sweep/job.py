@@ -19,12 +19,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.layout import JOB_FILE, read_json
 from kat_research.planning.configs import model_config
 from kat_research.planning.params import count_params
 from kat_research.sweep.evaluate_model import evaluate_model
 from kat_research.sweep.hparams import write_hparams
 from kat_research.sweep.spec import EVALUATE, ROLES, Job, compose_train
-from kat_research.sweep.state import DONE, FAILED, JOB_FILE, read_json, write_status
+from kat_research.sweep.state import DONE, FAILED, write_status
 from kat_research.training import train
 
 log = logging.getLogger(__name__)

@@ -101,6 +101,11 @@ def with_includes(spec: ExperimentSpec, directory: Path = EXPERIMENTS_DIR) -> li
     return list(seen.values())
 
 
+def spec_jobs(spec: ExperimentSpec, scale: str, extra: Sequence[str] = ()) -> list[Job]:
+    """Every job ``spec`` aggregates at ``scale``: those of its includes, then its own."""
+    return [job for s in with_includes(spec) for job in expand_jobs(s, scale, extra)]
+
+
 def compose_train(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
     """conf/train.yaml composed with ``overrides`` (Hydra's compose API); ``with_hydra`` keeps
     the ``hydra`` node (e.g. the launcher a ``hydra/launcher=...`` override picks)."""

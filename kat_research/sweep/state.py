@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kat_research.layout import JOB_FILE, STATUS_FILE, SUMMARY_FILE, read_json
 from kat_research.sweep.spec import Job
+from kat_research.tables.aggregate import DONE  # the state whose measures tables count
 
-JOB_FILE, STATUS_FILE, SUMMARY_FILE = "job.json", "status.json", "summary.json"
-DONE, STALE, FAILED, INCOMPLETE, PENDING, MISSING = (
-    "done",
+STALE, FAILED, INCOMPLETE, PENDING, MISSING = (
     "stale",
     "failed",
     "incomplete",
@@ -36,11 +36,6 @@ EXTERNAL = "external"  # status.json launcher of jobs handed to a command templa
 
 def job_folder(runs_dir: str | Path, job: Job) -> Path:
     return Path(runs_dir) / job.scale / job.experiment / job.name
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file's content, or None if it does not exist."""
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def job_state(folder: Path, job: Job | None = None) -> str:
