@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from kat_research.plotting import new_figure, save_figure
@@ -23,6 +24,12 @@ from kat_research.tables.aggregate import MISSING_LABEL, TableSpec
 from kat_research.tables.measures import measure_format
 
 PANEL = {"width": 5.0, "height": 4.0}  # inches per panel
+
+
+def legend(ax: Axes) -> None:
+    """A legend of the labelled artists, if any (incomplete cells draw none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def _cells(tidy: pd.DataFrame, measure: str) -> pd.DataFrame:
@@ -57,7 +64,7 @@ def scatter(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, 
             )
         ax.set(xlabel=measure_format(x).title, ylabel=measure_format(y).title)
         ax.set_title(_title(group, titles))
-        ax.legend(fontsize="small")
+        legend(ax)
     return fig
 
 
@@ -83,7 +90,7 @@ def line(
                 points["_x"], points["mean"], yerr=points["std"].fillna(0), marker="o", label=label
             )
         ax.set(xlabel=x.rsplit(".", 1)[-1], ylabel=measure_format(measure).title)
-        ax.legend(fontsize="small")
+        legend(ax)
     return fig
 
 
@@ -109,7 +116,7 @@ def bars(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str
         ax.set_xticks(np.arange(len(rows)) + width * (len(groups) - 1) / 2, rows, rotation=30)
         ax.set_ylabel(measure_format(measure).title)
         if len(groups) > 1:
-            ax.legend(fontsize="small")
+            legend(ax)
     return fig
 
 
