@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from kat_research.config import compose
 
@@ -106,12 +106,6 @@ def spec_jobs(spec: ExperimentSpec, scale: str, extra: Sequence[str] = ()) -> li
     return [job for s in with_includes(spec) for job in expand_jobs(s, scale, extra)]
 
 
-def compose_train(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
-    """conf/train.yaml composed with ``overrides`` (Hydra's compose API); ``with_hydra`` keeps
-    the ``hydra`` node (e.g. the launcher a ``hydra/launcher=...`` override picks)."""
-    return compose(overrides, with_hydra=with_hydra)
-
-
 def base_overrides(spec: ExperimentSpec, scale: str) -> list[str]:
     """The overrides every job of ``spec`` starts with."""
     experiment = [f"experiment={spec.experiment}"] if spec.experiment else []
@@ -144,7 +138,7 @@ def expand_jobs(spec: ExperimentSpec, scale: str, extra: Sequence[str] = ()) -> 
     base = base_overrides(spec, scale)
     if not spec.entries:
         return []
-    cfg = compose_train([*base, *extra])
+    cfg = compose([*base, *extra])
     root = OmegaConf.create({"scale": cfg.scale, "jobs": list(spec.entries)})
     entries = OmegaConf.to_container(root.jobs, resolve=True)
     jobs: list[Job] = []
