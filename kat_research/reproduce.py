@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from kat_research.config import ConfigError, check_runnable
-from kat_research.planning.estimate import world_size
-from kat_research.sweep.job import job_config
+from kat_research.config import ConfigError, check_runnable, compose
+from kat_research.planning.checks import config_problems, memory_problem
+from kat_research.planning.configs import model_config
+from kat_research.planning.estimate import make_plan, world_size
 from kat_research.sweep.launch import LOCAL, check_launcher, launch_all, launcher_choices
 from kat_research.sweep.records import job_records
 from kat_research.sweep.spec import (
@@ -48,11 +49,15 @@ from kat_research.tables.aggregate import TableSpec, aggregate
 from kat_research.tables.plots import plot_figure
 from kat_research.tables.write import write_table
 
+log = logging.getLogger(__name__)
+
 
 def validate(job: Job, folder: Path, launcher: str = LOCAL) -> None:
-    """Compose the job's config and build its termination rule; raise ConfigError if it cannot
-    run (no model or data is loaded), or cannot run with ``launcher``."""
-    cfg = job_config(job, folder)
+    """Compose the job's config, build its termination rule and check what would only fail on
+    the cluster (``kat_research.planning.checks``); raise ConfigError if it cannot run (no model
+    or data is loaded), or cannot run with ``launcher``. On accelerators, a training job whose
+    memory plan exceeds a device is reported with a warning (the plan is an estimate)."""
+    cfg = compose([*job.overrides, f"paths.output_dir='{folder}'"], config_name="plan")
     check_runnable(cfg)
     if job.kind == EVALUATE and not cfg.eval.get("enabled", False):
         raise ConfigError(f"{job.name}: an evaluation job needs eval.enabled (not eval=none)")
@@ -62,6 +67,17 @@ def validate(job: Job, folder: Path, launcher: str = LOCAL) -> None:
             "(Lightning re-runs the launching command): use --launcher subprocess or submitit_* "
             "(LAUNCHER=...), not local"
         )
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(f"{job.experiment}/{job.name}: " + "; ".join(problems))
+    if cfg.trainer.get("accelerator") == "cpu":
+        return
+    if job.kind == EVALUATE:
+        model_config(cfg.model[job.role])  # a hub id the planner cannot describe fails here
+        return
+    memory = memory_problem(cfg, make_plan(cfg))
+    if memory:
+        log.warning("%s/%s: %s", job.experiment, job.name, memory)
 
 
 def selected(state: str, folder: Path, args: argparse.Namespace) -> bool:

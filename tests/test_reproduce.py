@@ -51,7 +51,9 @@ def test_every_experiment_composes(tmp_path, name, scale):
 
 
 def test_multi_rank_jobs_need_a_process_of_their_own(tmp_path):
-    job = expand_jobs(load_spec("ablation_quantile"), "smoke", ["trainer=ddp"])[0]
+    job = expand_jobs(
+        load_spec("ablation_quantile"), "smoke", ["trainer=ddp", "trainer.devices=2"]
+    )[0]
     with pytest.raises(ConfigError, match="--launcher subprocess"):
         validate(job, tmp_path, "local")
     validate(job, tmp_path, "subprocess")
