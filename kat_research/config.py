@@ -7,13 +7,17 @@ library subpackage does. It imports neither Lightning nor the models at import t
 
 from __future__ import annotations
 
+import math
+import os
+import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,11 +26,22 @@ if TYPE_CHECKING:
     from kat_research.models import LoadedModel
     from kat_research.termination.base import Terminator
 
+_ABSENT = object()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # conf/hydra/launcher/submitit_*.yaml override the submitit plugin's presets of the same name on
 # purpose; Hydra validates them against those and warns that it does (once per composition).
 warnings.filterwarnings(
     "ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema"
+)
+
+
+# ${run_id:} in conf/hydra/default.yaml: unique per process (pid + random), the same for every
+# folder one process names (a -m sweep's jobs share their sweep folder).
+RUN_ID = f"{os.getpid():x}{secrets.token_hex(2)}"
+OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
+# ${first:a,b,...}: the first value that is not null (an explicit run_dir, else the default).
+OmegaConf.register_new_resolver(
+    "first", lambda *values: next((v for v in values if v is not None), None), replace=True
 )
 
 
@@ -51,12 +66,87 @@ def _rules(terminator: Terminator) -> list[Terminator]:
     return [terminator]
 
 
+def _integer(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return check
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _one_of(*values: str) -> Callable[[Any], bool]:
+    return lambda v: v in values
+
+
+# (key, check, what the key must be). Keys absent from a config are not checked.
+VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", _integer(0), "an integer >= 0"),
+    ("threads", _optional(_integer(1)), "null or an integer >= 1"),
+    ("data.batch_size", _integer(1), "an integer >= 1 (prompts per optimizer step)"),
+    ("data.max_prompt_tokens", _integer(1), "an integer >= 1"),
+    ("rollout.group_size", _integer(1), "an integer >= 1"),
+    ("rollout.max_new_tokens", _integer(1), "an integer >= 1"),
+    ("rollout.score_every", _optional(_integer(1)), "null or an integer >= 1"),
+    ("rollout.temperature", _number(0), "a number >= 0 (0 = greedy)"),
+    ("rollout.top_p", _number(0, 1, low_open=True), "a number in (0, 1]"),
+    ("rollout.backend", _one_of("hf", "vllm"), "hf or vllm"),
+    ("rollout.teacher_keep", _one_of("auto", "hidden", "topk", "none"), "auto|hidden|topk|none"),
+    ("loss.chunk_size", _integer(1), "an integer >= 1"),
+    ("loss.k", _optional(_integer(1)), "null or an integer >= 1"),
+    ("optimizer.lr", _number(0, low_open=True), "a finite number > 0"),
+    ("trainer.max_steps", lambda v: v == -1 or _integer(1)(v), "-1 or an integer >= 1"),
+    ("trainer.devices", _integer(1), "an integer >= 1 (devices per node)"),
+    ("trainer.num_nodes", _integer(1), "an integer >= 1"),
+    ("trainer.gradient_clip_val", _optional(_number(0)), "null or a number >= 0"),
+    ("eval.every_n_steps", _integer(0), "an integer >= 0 (0 = never)"),
+    ("eval.evaluator.temperature", _number(0), "a number >= 0 (0 = greedy)"),
+    ("eval.evaluator.top_p", _number(0, 1, low_open=True), "a number in (0, 1]"),
+    ("eval.evaluator.n_samples", _optional(_integer(1)), "null or an integer >= 1"),
+    ("eval.evaluator.max_new_tokens", _integer(1), "an integer >= 1"),
+    ("eval.evaluator.batch_size", _integer(1), "an integer >= 1"),
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every value of :data:`VALUE_RULES` present in ``cfg``, and the choices that depend on
+    other packages (loss kinds), checked with the offending key named."""
+    from kat_research.losses import LOSS_KINDS
+
+    rules = (*VALUE_RULES, ("loss.kind", _one_of(*LOSS_KINDS), " | ".join(LOSS_KINDS)))
+    for key, check, requirement in rules:
+        node = OmegaConf.select(cfg, key, default=_ABSENT)
+        if node is _ABSENT:
+            continue
+        if not check(node):
+            raise ConfigError(f"{key}={node!r} is invalid: it must be {requirement}")
+    ranks = cfg.trainer.devices * cfg.trainer.get("num_nodes", 1)
+    if cfg.data.batch_size % ranks:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible by the "
+            f"{ranks} data-parallel ranks (trainer.devices x trainer.num_nodes)"
+        )
+
+
 def check_runnable(cfg: DictConfig) -> Terminator:
     """Fail with a :class:`ConfigError` naming the key to change if ``cfg`` cannot run; return
     the configured termination rule. Loads no model."""
     from kat_research.termination import KATTerminator
 
-    terminator = instantiate(cfg.method.terminator)
+    check_values(cfg)
+    try:
+        terminator = instantiate(cfg.method.terminator)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"method.terminator ({cfg.method.name}): {cause}") from error
     cap = cfg.rollout.max_new_tokens
     for rule in _rules(terminator):
         if isinstance(rule, KATTerminator) and rule.window + rule.exempt > cap:

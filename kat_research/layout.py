@@ -6,6 +6,7 @@ A job folder (a training run, an evaluation, a sweep job) holds::
     summary.json            what the job reports (written last: its presence means "finished")
     eval/step<NNNNNN>.jsonl graded evaluation samples, one per line, per evaluated step
     checkpoints/            Lightning checkpoints (training)
+    rollouts/kl_traces.jsonl per-token KL of a few training rollouts
     job.json, status.json   sweep jobs only: the job and its state
 
 Every summary has the keys of :data:`SUMMARY_KEYS` (``kind`` is ``train`` or ``evaluate``).
@@ -26,6 +27,7 @@ STATUS_FILE = "status.json"
 EVAL_DIR = "eval"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = ".hydra/config.yaml"
+TRACE_FILE = "rollouts/kl_traces.jsonl"  # per-token KL of a few training rollouts (notebooks)
 SUMMARY_KEYS = ("kind", "seed", "wall_time_s", "output_dir")  # present in every summary
 
 

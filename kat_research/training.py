@@ -18,21 +18,56 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config import build_module, check_runnable
-from kat_research.layout import write_summary
+from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
 from kat_research.lit.eval_callback import EvalCallback
 from kat_research.models import LoadedModel, check_vocab_agreement
+from kat_research.models.vocab_check import check_finite_weights
+from kat_research.run_folder import Resume, claim, resume_checkpoint, trim_metrics
+from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
 
 log = logging.getLogger(__name__)
+LOGGER_CALLBACKS = (LearningRateMonitor,)  # callbacks that fail without a logger
+
+
+def enabled(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
+    """The entries of ``cfg.<group>`` (``callbacks`` / ``logger``) to build: those set to
+    ``null`` are disabled; settings left without a ``_target_`` (a removed preset that another
+    preset still sizes, e.g. ``~callbacks`` under ``debug=fast``) are skipped with a warning."""
+    entries = {}
+    for name, node in (cfg.get(group) or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            log.warning("%s.%s has settings but no _target_: not built", group, name)
+            continue
+        entries[name] = node
+    return entries
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    return [instantiate(c) for c in enabled(cfg, "logger").values()]
 
 
 def build_callbacks(
-    cfg: DictConfig, output_dir: Path
+    cfg: DictConfig, output_dir: Path, has_logger: bool
 ) -> tuple[list[L.Callback], EvalCallback | None]:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    """The configured callbacks (``callbacks.<name>=null`` disables one; those that log through
+    a logger, such as the LR monitor, are left out when no logger is configured), plus the
+    evaluation callback when ``eval.enabled``."""
+    callbacks = []
+    for name, node in enabled(cfg, "callbacks").items():
+        callback = instantiate(node)
+        if isinstance(callback, LOGGER_CALLBACKS) and not has_logger:
+            log.info("callbacks.%s is off: it needs a logger and every logger is disabled", name)
+            continue
+        callbacks.append(callback)
     eval_cb = None
     if cfg.eval.get("enabled", False):
         eval_cb = EvalCallback(
@@ -47,16 +82,45 @@ def build_callbacks(
     return callbacks, eval_cb
 
 
+def prepare_folder(cfg: DictConfig, output_dir: Path) -> Resume:
+    """Claim the run folder (rank 0) and pick the checkpoint to continue from, before any model
+    is loaded; drop metrics a resumed run will log again."""
+    if rank_zero_only.rank == 0:
+        claim(output_dir, cfg, cfg.resume)
+    start = resume_checkpoint(output_dir, cfg.resume)
+    if start.path is not None:
+        log.info("resuming from %s (optimizer step %d)", start.path, start.step)
+        if rank_zero_only.rank == 0:
+            dropped = trim_metrics(output_dir / "csv" / "metrics.csv", start.step)
+            if dropped:
+                log.info(
+                    "dropped %d metrics rows after step %d (logged again)", dropped, start.step
+                )
+    return start
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one OPD job described by ``cfg`` (``paths.output_dir`` set); return its summary."""
+    """Run one OPD job described by ``cfg`` (``paths.output_dir`` set); return its summary.
+
+    A folder holding an earlier attempt of the same run continues from its newest checkpoint
+    (``resume=auto``); a finished run returns its summary without training again."""
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
     terminator = check_runnable(cfg)
+    resume = prepare_folder(cfg, output_dir)
+    done = read_json(output_dir / SUMMARY_FILE)
+    if done is not None and not extends(cfg, done):
+        log.info("%s is finished (%d steps): nothing to do", output_dir, done["steps"])
+        return done
+    threads = set_torch_threads(cfg.threads, key="threads")
+    if rank_zero_only.rank == 0:
+        warn_if_oversubscribed(threads, processes=local_ranks(cfg), key="threads")
+    L.seed_everything(cfg.seed, workers=True)
 
     student = instantiate(cfg.model.student)
     teacher = instantiate(cfg.model.teacher)
+    for loaded in (student, teacher):
+        check_finite_weights(loaded.name, loaded.model)
     check_vocab_agreement(
         student.name,
         student.tokenizer,
@@ -70,8 +134,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     module = build_module(cfg, student, teacher, terminator)
-    callbacks, eval_cb = build_callbacks(cfg, output_dir)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg)
+    callbacks, eval_cb = build_callbacks(cfg, output_dir, has_logger=bool(loggers))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
     )
@@ -80,7 +144,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_metrics({f"data/{k}": float(v) for k, v in datamodule.stats.items()}, step=0)
 
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path)
     fit_seconds = time.perf_counter() - fit_start
 
     if cfg.export_student:
@@ -92,6 +156,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_summary(output_dir, summary)
         log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def local_ranks(cfg: DictConfig) -> int:
+    """Training processes on this machine: one per device on the CPU, else one."""
+    return cfg.trainer.devices if cfg.trainer.accelerator == "cpu" else 1
+
+
+def extends(cfg: DictConfig, summary: dict[str, Any]) -> bool:
+    """Whether ``cfg`` asks for more optimizer steps than the finished run took."""
+    return cfg.trainer.max_steps is not None and cfg.trainer.max_steps > summary["steps"]
 
 
 def export_student(trainer: L.Trainer, student: LoadedModel, folder: Path) -> None:

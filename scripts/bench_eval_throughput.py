@@ -18,10 +18,10 @@ import time
 import torch
 
 from kat_research.eval import Grader
-from kat_research.eval.answers import extract_answer
 from kat_research.eval.runner import Completion, SampleRecord, grade_completions
 from kat_research.eval.suite import BenchmarkEvaluator
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
+from kat_research.text.answers import extract_answer
 
 
 def boxed_completions(

@@ -1,7 +1,8 @@
 """Grading throughput on realistic MATH-500 (answer, gold) pairs, in-process and with workers.
 
-Each problem gives three pairs: the gold itself (the string fast path), another problem's gold
-(mostly wrong, needs math-verify) and a shifted gold (integer + 1, else ``gold + 1``; wrong).
+Each problem gives four pairs: the gold itself (the string fast path), another problem's gold
+(mostly wrong, needs math-verify), a shifted gold (integer + 1, else ``gold + 1``; wrong) and a
+sum of 5,000+ ones against its value (over the answer budget: counted as too long, unparsed).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_grading.py --data-dir ../shared/data
 """
@@ -17,7 +18,8 @@ from kat_research.eval import Grader, load_benchmark
 
 
 def perturbed_pairs(golds: list[str], seed: int) -> dict[str, list[tuple[str, str]]]:
-    """Pairs per kind: ``self`` (equal), ``other`` (another gold), ``shifted`` (off by one)."""
+    """Pairs per kind: ``self`` (equal), ``other`` (another gold), ``shifted`` (off by one),
+    ``too_long`` (a sum of ones over the grader's answer budget)."""
     rng = random.Random(seed)
     shifted = [str(int(g) + 1) if re.fullmatch(r"-?\d+", g) else f"{g}+1" for g in golds]
     others = [golds[(i + rng.randrange(1, len(golds))) % len(golds)] for i in range(len(golds))]
@@ -25,6 +27,7 @@ def perturbed_pairs(golds: list[str], seed: int) -> dict[str, list[tuple[str, st
         "self": [(g, g) for g in golds],
         "other": list(zip(others, golds, strict=True)),
         "shifted": list(zip(shifted, golds, strict=True)),
+        "too_long": [("+".join(["1"] * (5000 + i)), str(5000 + i)) for i in range(len(golds))],
     }
 
 
@@ -65,7 +68,8 @@ def main() -> None:
             f"workers={workers}: {1e3 * cold / len(pairs):.2f} ms/pair "
             f"({cold:.2f} s total, pool start {startup:.2f} s); "
             f"cache hit {1e6 * warm / len(pairs):.2f} us/pair ({cold / warm:.0f}x faster); "
-            f"timeouts {grader.n_timeouts}, parse errors {grader.n_parse_errors}; "
+            f"timeouts {grader.n_timeouts}, too long {grader.n_too_long}, "
+            f"parse errors {grader.n_parse_errors}; "
             "judged correct: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items())
         )
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Qwen3 student/teacher pairs saved to disk and loaded like hub models."""
+"""Shared fixtures: composed configs (the `debug=fast` preset sizes training runs for tests) and
+tiny Qwen3 student/teacher pairs saved to disk and loaded like hub models."""
 
 from __future__ import annotations
 
@@ -10,7 +11,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kat_research import config  # noqa: E402
 from kat_research.models import build_char_tokenizer, load_causal_lm, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def compose_config():
+    """``compose_config(*overrides, config_name="train")``: a config of conf/ (no run folder)."""
+
+    def compose(*overrides: str, config_name: str = "train"):
+        return config.compose(overrides, config_name=config_name)
+
+    return compose
+
+
+@pytest.fixture(scope="session")
+def debug_config(tmp_path_factory):
+    """``debug_config(run_dir, *overrides)``: a training config of the `debug=fast` preset (tiny
+    random models, 2 steps, a checkpoint per step) writing into ``run_dir``; the tiny models are
+    cached once per session."""
+    cache = tmp_path_factory.mktemp("model_cache")
+
+    def compose(run_dir, *overrides: str):
+        return config.compose(
+            ["debug=fast", f"paths.output_dir={run_dir}", f"paths.cache_dir={cache}", *overrides]
+        )
+
+    return compose
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from kat_research.analysis import (
-    PHASES,
-    gradient_projection,
-    kl_dynamics,
-    teacher_tokens,
-    trap_benchmark,
-)
+from kat_research.analysis import gradient_projection, kl_dynamics, teacher_tokens, trap_benchmark
 from kat_research.analysis.runs import kat_buffer, load_run, read_checkpoint
 from kat_research.config import CONFIG_DIR
+from kat_research.termination.phases import PHASES
 from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,15 +1,12 @@
-"""Analyses' pure parts: phase segmentation on planted traces, gradient projection ratios, and the
-planted-trap benchmark's traces, detection and scoring."""
+"""Analyses' pure parts: the detector's threshold sources, gradient projection ratios, and the
+planted-trap benchmark's traces, detection and scoring (phase segmentation: test_termination)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from kat_research.analysis.detector import Detector, resolve_threshold
-from kat_research.analysis.phases import AGREEMENT, PADDING, POST, PRE, segment_phases
 from kat_research.analysis.planted import TraceSpec, detect, planted_traces, score, window_minima
 from kat_research.analysis.projection import (
     group_ratios,
@@ -17,7 +14,6 @@ from kat_research.analysis.projection import (
     projection_ratios,
     top_left_singular_vectors,
 )
-from kat_research.termination import kat_cut
 
 HIGH, LOW = 1.0, 0.01
 
@@ -26,72 +22,7 @@ def planted(*segments: tuple[float, int]) -> torch.Tensor:
     return torch.tensor([value for value, count in segments for _ in range(count)])
 
 
-# --- phase segmentation ----------------------------------------------------------------------
-
-
-def test_trap_then_recovery_gives_three_phases() -> None:
-    kl = planted((HIGH, 16), (LOW, 24), (HIGH, 8))
-    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
-    assert (seg.pre_end, seg.agreement_end, seg.length) == (16, 40, 48)
-    assert seg.detected and not seg.stays_low
-    ids = seg.phase_ids(50)
-    assert ids[:16].eq(PRE).all() and ids[16:40].eq(AGREEMENT).all()
-    assert ids[40:48].eq(POST).all() and ids[48:].eq(PADDING).all()
-
-
-def test_trap_to_the_end_stays_low() -> None:
-    kl = planted((HIGH, 8), (LOW, 22))  # the last 2 tokens fit no complete window
-    seg = segment_phases(kl, threshold=0.5, window=4, patience=3)
-    assert (seg.pre_end, seg.agreement_end) == (8, 30) and seg.stays_low
-    assert not seg.phase_ids().eq(POST).any()
-
-
-def test_no_detection_is_all_pre_agreement() -> None:
-    kl = planted((HIGH, 10), (LOW, 7), (HIGH, 10))  # dip shorter than patience windows
-    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
-    assert not seg.detected and not seg.stays_low
-    assert (seg.pre_end, seg.agreement_end) == (27, 27)
-    assert seg.phase_ids().eq(PRE).all()
-
-
-def test_short_dip_is_skipped_and_the_later_trap_found() -> None:
-    kl = planted((HIGH, 8), (LOW, 4), (HIGH, 8), (LOW, 16), (HIGH, 4))
-    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
-    assert (seg.pre_end, seg.agreement_end) == (20, 36)
-
-
-def test_overlapping_windows_end_at_the_last_low_window() -> None:
-    kl = planted((HIGH, 10), (LOW, 12), (HIGH, 10))
-    seg = segment_phases(kl, threshold=0.5, window=4, stride=2, patience=2)
-    # windows starting at 10..18 hold >= 3 low tokens; the one at 20 holds 2 (mean 0.505)
-    assert (seg.pre_end, seg.agreement_end) == (10, 22)
-
-
-def test_non_finite_window_ends_the_agreement_like_kat_resets() -> None:
-    kl = planted((HIGH, 8), (LOW, 24))
-    kl[17] = math.nan  # window [16, 20) is not counted: the run ends before it
-    seg = segment_phases(kl, threshold=0.5, window=4, patience=2)
-    assert (seg.pre_end, seg.agreement_end) == (8, 16) and not seg.stays_low
-
-
-def test_exempt_tokens_are_never_agreement() -> None:
-    seg = segment_phases(planted((LOW, 32)), threshold=0.5, window=4, patience=2, exempt=8)
-    assert (seg.pre_end, seg.agreement_end) == (8, 32)
-
-
-def test_pre_end_is_kats_cut_and_agreement_windows_are_low() -> None:
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        kl = torch.rand(60, generator=generator, dtype=torch.float64)
-        rule = dict(threshold=0.5, window=4, stride=2, patience=2)
-        seg = segment_phases(kl, **rule)
-        cut = kat_cut(kl, **rule)
-        assert seg.pre_end == (seg.length if cut is None else cut)
-        starts = range(seg.pre_end, seg.agreement_end - 4 + 1, 2)
-        assert all(kl[s : s + 4].mean() < 0.5 for s in starts)
-        if seg.detected and not seg.stays_low:  # the next window is back above the threshold
-            nxt = seg.agreement_end - 4 + 2
-            assert kl[nxt : nxt + 4].mean() >= 0.5
+# --- detector ----------------------------------------------------------------------------------
 
 
 def test_detector_threshold_sources() -> None:

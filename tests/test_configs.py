@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from kat_research.config import CONFIG_DIR
 from kat_research.termination.base import Terminator
@@ -24,13 +27,46 @@ def compose_train(*overrides: str):
         return compose("train", overrides=["paths.output_dir=/tmp/kat-test", *overrides])
 
 
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def set_by_scale(cfg) -> set[str]:
+    """The keys the composed config's scale file sets itself (a scale sizes everything, so it
+    overrides group options' values on purpose)."""
+    scale = OmegaConf.to_container(OmegaConf.load(CONF / "scale" / f"{cfg.scale.name}.yaml"))
+    scale.pop("defaults", None)
+    return {key for key, _ in _leaves(scale)}
+
+
+def assert_file_applied(cfg, path: Path, package: str) -> None:
+    """Every value ``path`` sets (its ``defaults`` list aside, ``???`` placeholders aside) is
+    in the composed ``cfg`` under ``package`` (``""`` for ``# @package _global_`` files),
+    unresolved: a later default or a wrong package that overrides an option shows here."""
+    if "@package _global_" in path.read_text():
+        package = ""
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    own.pop("defaults", None)  # an alias holds nothing else: its target is checked itself
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    sized = set_by_scale(cfg) if path.parent.name != "scale" else set()
+    for key, value in _leaves(own) if own else ():
+        if value == "???" or f"{package}.{key}".strip(".") in sized:
+            continue
+        node = composed
+        for part in filter(None, f"{package}.{key}".split(".")):
+            node = node.get(part, "<missing>") if isinstance(node, dict) else "<missing>"
+        assert node == value, f"{path.relative_to(CONF)}: {key} = {value!r}, composed {node!r}"
+
+
 GROUPS = [
     "model/student",
     "model/teacher",
     "method",
     "loss",
-    "rollout",
-    "termination",
     "data",
     "optimizer",
     "scheduler",
@@ -39,6 +75,8 @@ GROUPS = [
     "callbacks",
     "eval",
     "paths",
+    "scale",
+    "debug",
 ]
 
 
@@ -47,12 +85,13 @@ GROUPS = [
 )
 def test_every_group_option_composes(group, option):
     cfg = compose_train(f"{group}={option}")
-    assert cfg.method.name and cfg.loss.kind
+    assert_file_applied(cfg, CONF / group / f"{option}.yaml", group.replace("/", "."))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(experiment):
     cfg = compose_train(f"experiment={experiment}")
+    assert_file_applied(cfg, CONF / "experiment" / f"{experiment}.yaml", "")
     assert isinstance(instantiate(cfg.method.terminator), Terminator)
 
 
@@ -65,7 +104,7 @@ def test_every_method_builds_its_terminator(method):
 
 
 def test_objects_are_built_from_targets():
-    cfg = compose_train()
+    cfg = compose_train("scale=paper")
     opt = instantiate(cfg.optimizer)
     assert opt.func.__name__ == "AdamW" and opt.keywords["lr"] == 1e-6
     assert opt.keywords["weight_decay"] == 0.0

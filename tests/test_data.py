@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from data_paths import FIXTURE_DATA, full_data_dir
 
 from kat_research.data import (
     ArithmeticTaskConfig,
@@ -20,9 +21,9 @@ from kat_research.data import (
     SFTCollator,
     SourceSpec,
     drop_too_long,
+    exact_integer_match,
     format_prompt,
     generate_problems,
-    is_correct,
     load_rows,
     make_problem,
     solution_text,
@@ -31,18 +32,23 @@ from kat_research.data import (
 from kat_research.data import prompts as prompts_module
 from kat_research.data.synthetic import is_heldout, problems_for_split
 from kat_research.models import build_char_tokenizer
+from kat_research.text import last_boxed
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
-GSM8K_TRAIN = DATA / "gsm8k_train.jsonl"
-MATH_TRAIN = DATA / "math_train_rllm.jsonl"
-needs_data = pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason="shared training data absent")
-
+GSM8K_TRAIN = FIXTURE_DATA / "train" / "gsm8k_train.jsonl"  # the first 40 of 7473 records
 GSM8K_SOURCE = {
     "kind": "file",
     "path": str(GSM8K_TRAIN),
     "problem_field": "question",
     "answer_transform": "gsm8k",
 }
+# the vendored slice, and the full file (slow: needs KAT_DATA_DIR or ../shared/data)
+SLICE_AND_FULL = [False, pytest.param(True, marks=pytest.mark.slow)]
+
+
+def train_file(name: str, full: bool) -> Path:
+    return (full_data_dir() if full else FIXTURE_DATA) / "train" / name
+
+
 STEP = re.compile(r"(-?\d+)([+\-*])(\d+)=(-?\d+)")
 
 
@@ -105,29 +111,48 @@ def test_bad_task_settings_are_rejected():
         problems_for_split("test", 1, 0, ArithmeticTaskConfig())
 
 
-@pytest.mark.parametrize(
-    ("completion", "expected"),
-    [
-        ("28*5=140\n140-11=129\n\\boxed{129}", True),
-        ("\\boxed{ 129 }", True),
-        ("\\boxed{12}\n\\boxed{129}", True),
-        ("\\boxed{128}", False),
-        ("129", False),
-        ("\\boxed{129", False),
-        ("\\boxed{}", False),
-        ("\\boxed{12a}", False),
-        ("\\boxed{1.29e2}", False),
-        ("<unk>}}{{\\\\boxed", False),
-        ("", False),
-    ],
-)
-def test_is_correct(completion, expected):
-    assert is_correct(completion, "129") is expected
+# Hand-graded completions against the gold 129 (the answer is the content of the last box).
+GRADED_COMPLETIONS = [
+    ("28*5=140\n140-11=129\n\\boxed{129}", True),
+    ("\\boxed{ 129 }", True),  # whitespace inside the box is stripped
+    ("\\boxed{129.}", True),  # one trailing period is stripped
+    ("\\boxed 129", True),
+    ("\\boxed{12}\n\\boxed{129}", True),  # several boxes: the last one counts
+    ("\\boxed{129}\n\\boxed{12}", False),
+    ("\\boxed{129} then \\boxed{12", True),  # an unclosed last box is ignored
+    ("\\boxed{128}", False),
+    ("\\boxed{+129}", False),
+    ("\\boxed{0129}", False),
+    ("\\boxed{129.0}", False),
+    ("\\boxed{1 29}", False),
+    ("\\boxed{1_29}", False),  # int() would read 129
+    ("\\boxed{\u0661\u0662\u0669}", False),  # Arabic-Indic digits; int() would read 129
+    ("\\boxed{1.29e2}", False),
+    ("\\boxed{12a}", False),
+    ("\\boxed{}", False),
+    ("#### 129", False),  # only a box counts
+    ("129", False),
+    ("\\boxed{129", False),
+    ("<unk>}}{{\\\\boxed", False),
+    ("", False),
+]
 
 
-def test_is_correct_with_negative_answers():
-    assert is_correct("\\boxed{-12}", "-12")
-    assert not is_correct("\\boxed{12}", "-12")
+@pytest.mark.parametrize(("completion", "expected"), GRADED_COMPLETIONS)
+def test_exact_integer_match(completion, expected):
+    assert exact_integer_match(last_boxed(completion), "129") is expected
+
+
+def test_exact_integer_match_negatives_zero_and_bad_golds():
+    assert exact_integer_match("-12", "-12")
+    assert not exact_integer_match("12", "-12")
+    assert not exact_integer_match("-12", "12")
+    assert exact_integer_match("0", "0")
+    assert not exact_integer_match("-0", "0")
+    assert not exact_integer_match(None, "0")
+    for gold in ("+7", "07", "7.0", " 7", "", "-0"):
+        with pytest.raises(ValueError, match="not an integer"):
+            exact_integer_match("7", gold)
 
 
 def test_char_tokenizer_covers_the_synthetic_task(char_tokenizer):
@@ -141,19 +166,23 @@ def test_char_tokenizer_covers_the_synthetic_task(char_tokenizer):
 # --- sources ---------------------------------------------------------------------------------
 
 
-@needs_data
-def test_gsm8k_train_file():
-    rows, stats = load_rows({**GSM8K_SOURCE, "solution_field": "answer"})
-    assert (len(rows), stats.n_read, stats.n_skipped_malformed) == (7473, 7473, 0)
+@pytest.mark.parametrize("full", SLICE_AND_FULL, ids=["slice", "full"])
+def test_gsm8k_train_file(full: bool):
+    path = train_file("gsm8k_train.jsonl", full)
+    rows, stats = load_rows({**GSM8K_SOURCE, "path": str(path), "solution_field": "answer"})
+    n = 7473 if full else 40
+    assert (len(rows), stats.n_read, stats.n_skipped) == (n, n, 0)
     assert rows[0].answer == "72" and rows[0].solution.endswith("#### 72")
     assert rows[0].problem.startswith("Natalia") and rows[0].problem_id == "gsm8k_train:0"
-    assert len({r.problem_id for r in rows}) == 7473
+    assert len({r.problem_id for r in rows}) == n
 
 
-@needs_data
-def test_math_train_file_skips_empty_answers():
-    rows, stats = load_rows(SourceSpec(kind="file", path=str(MATH_TRAIN)))
-    assert (stats.n_read, stats.n_skipped_malformed, len(rows)) == (7474, 4, 7470)
+@pytest.mark.parametrize("full", SLICE_AND_FULL, ids=["slice", "full"])
+def test_math_train_file_skips_empty_answers(full: bool):
+    path = train_file("math_train_rllm.jsonl", full)
+    rows, stats = load_rows(SourceSpec(kind="file", path=str(path)))
+    n = 7474 if full else 20  # the slice holds the 4 records without an answer
+    assert (stats.n_read, stats.n_skipped, len(rows)) == (n, 4, n - 4)
     assert stats.reasons == {"missing_answer": 2, "empty_answer": 2}
     assert all(r.answer for r in rows)
 
@@ -190,7 +219,7 @@ def test_dotted_fields_and_message_lists(tmp_path, suffix):
     else:
         _write_jsonl(path, DAPO_RECORDS)
     rows, stats = load_rows({**DAPO_SOURCE, "path": str(path)})
-    assert stats.n_skipped_malformed == 0
+    assert stats.n_skipped == 0
     assert rows == [Row(f"id-{i}", f"What is {i}+{i}?", str(2 * i)) for i in range(3)]
     indexed, _ = load_rows({**DAPO_SOURCE, "path": str(path), "problem_field": "prompt.0.content"})
     assert indexed[0].problem == "be brief"
@@ -214,7 +243,7 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path):
     ]
     rows, stats = load_rows({"kind": "file", "path": _write_jsonl(tmp_path / "m.jsonl", lines)})
     assert [(r.problem, r.answer) for r in rows] == [("ok", "1"), ("float answer", "27")]
-    assert stats.n_read == 12 and stats.n_skipped_malformed == 10
+    assert stats.n_read == 12 and stats.n_skipped == 10
     assert stats.reasons == {
         "invalid_json": 1,
         "not_an_object": 1,
@@ -242,6 +271,63 @@ def test_answer_transforms_and_limit(tmp_path):
     assert [r.answer for r in rows] == ["\\frac{1}{2}"]
     rows, stats = load_rows({**spec, "limit": 2})
     assert len(rows) == 2 and stats.n_read == 2
+
+
+def test_non_utf8_line_is_skipped_and_counted_with_its_place(tmp_path):
+    good = json.dumps({"problem": "p" * 2000, "answer": "1"}).encode()
+    bad = json.dumps({"problem": "p" * 2000 + "X", "answer": "2"}).encode().replace(b"X", b"\xff")
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"\n".join([good, bad, b"", good.replace(b'"1"', b'"3"')]) + b"\n")
+    rows, stats = load_rows({"kind": "file", "path": str(path)})
+    assert [r.answer for r in rows] == ["1", "3"]
+    assert [r.problem_id for r in rows] == ["bytes:0", "bytes:2"]  # line 2 keeps its index
+    assert (stats.n_read, stats.n_skipped, stats.reasons) == (3, 1, {"invalid_utf8": 1})
+    # the bad byte is the 2014th character of line 2: '{"problem": "' is 13 characters
+    assert str(stats) == (
+        f"skipped 1 of 3 records of {path}: "
+        "invalid_utf8 1 (line 2: byte 0xff at column 2014 is not UTF-8)"
+    )
+
+
+def test_non_utf8_json_array_element_is_skipped(tmp_path):
+    path = tmp_path / "array.json"
+    records = [{"problem": "a", "answer": "1"}, {"problem": "bX", "answer": "2"}]
+    path.write_bytes(json.dumps(records).encode().replace(b"X", b"\xe9"))
+    rows, stats = load_rows({"kind": "file", "path": str(path)})
+    assert [r.problem for r in rows] == ["a"]
+    assert stats.reasons == {"invalid_utf8": 1} and "row 2" in str(stats)
+    path.write_text("[{]")
+    with pytest.raises(ValueError, match=r"array\.json is not valid JSON \(line 1, column 3"):
+        load_rows({"kind": "file", "path": str(path)})
+
+
+def test_non_utf8_parquet_value_is_skipped(tmp_path):
+    path = tmp_path / "bytes.parquet"
+    problems = pa.array([b"ok", b"caf\xe9", b"fine"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"problem": problems, "answer": ["1", "2", "3"]}), path)
+    rows, stats = load_rows({"kind": "file", "path": str(path)})
+    assert [r.problem for r in rows] == ["ok", "fine"]
+    assert str(stats).endswith(
+        "invalid_utf8 1 (row 2: in a string value, byte 0xe9 at column 4 is not UTF-8)"
+    )
+
+
+def test_wrong_columns_name_the_field_asked_for_and_those_found(tmp_path, char_tokenizer):
+    path = tmp_path / "columns.parquet"
+    table = {"question": [f"q{i}" for i in range(16)], "solution": ["s"] * 16}
+    pq.write_table(pa.Table.from_pydict(table), path)
+    rows, stats = load_rows({"kind": "file", "path": str(path), "answer_field": None})
+    assert rows == [] and stats.reasons == {"missing_problem": 16}
+    expected = (
+        f"skipped 16 of 16 records of {path}: missing_problem 16 (row 1, row 2, row 3, ...; "
+        "asked for data.source.problem_field='problem'; those records have fields: question, "
+        "solution)"
+    )
+    assert str(stats) == expected
+    with pytest.raises(ValueError, match=re.escape(f"no rows left for train: {expected}")):
+        _module(char_tokenizer, {"kind": "file", "path": str(path), "answer_field": None})
+    rows, stats = load_rows({"kind": "file", "path": str(path), "problem_field": "question"})
+    assert "asked for data.source.answer_field='answer'" in str(stats)
 
 
 def test_missing_file_names_the_path_and_the_setting(tmp_path):
@@ -275,15 +361,20 @@ def test_hub_source_offline_error_and_success(monkeypatch):
 def test_source_spec_validation_and_synthetic_rows():
     with pytest.raises(ValueError, match="unknown data source keys"):
         load_rows({"kind": "file", "paht": "x.jsonl"})
-    with pytest.raises(ValueError, match="data.path"):
+    with pytest.raises(ValueError, match=r"data\.source\.path"):
         SourceSpec(kind="file")
+    with pytest.raises(ValueError, match=r"data\.source\.dedup=false"):
+        SourceSpec(kind="synthetic", dedup=True)
     with pytest.raises(ValueError, match="answer_transform"):
         SourceSpec(answer_transform="boxed")
     spec = {"kind": "synthetic", "n": 20, "seed": 5, "task": {"n_ops": 1}}
     train, stats = load_rows(spec)
     evals, _ = load_rows({**spec, "split": "eval"})
     assert len(train) == stats.n_read == 20 and train[0].problem_id == "synthetic-train:0"
-    assert all(r.solution.count("\n") == 1 and is_correct(r.solution, r.answer) for r in train)
+    assert all(
+        r.solution.count("\n") == 1 and exact_integer_match(last_boxed(r.solution), r.answer)
+        for r in train
+    )
     assert not {r.problem for r in train} & {r.problem for r in evals}
 
 
@@ -378,7 +469,7 @@ def test_datamodule_synthetic_prompts(char_tokenizer):
     module = _module(char_tokenizer, source, batch_size=16, max_prompt_tokens=128, val_size=32)
     stats = module.stats
     assert stats["n_rows"] == 200 and stats["n_dropped_too_long"] == 0
-    assert stats["n_skipped_malformed"] == 0 and stats["val_n_rows"] == 32
+    assert stats["n_skipped"] == 0 and stats["val_n_rows"] == 32
     loader = module.train_dataloader()
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 16 and len(batch["answers"]) == 16
@@ -407,18 +498,17 @@ def test_datamodule_synthetic_sft(char_tokenizer):
     assert module.val_dataloader() == []
 
 
-@needs_data
 def test_datamodule_gsm8k_file(char_tokenizer):
-    source = {**GSM8K_SOURCE, "limit": 200}
-    module = _module(char_tokenizer, source, batch_size=8, max_prompt_tokens=300)
+    source = {**GSM8K_SOURCE, "limit": 30}  # of the 40 in the file
+    module = _module(char_tokenizer, source, batch_size=8, max_prompt_tokens=350)
     stats = module.stats
-    assert stats["n_read"] == 200 and stats["n_rows"] + stats["n_dropped_too_long"] == 200
-    assert 0 < stats["n_dropped_too_long"] < 200
+    assert stats["n_read"] == 30 and stats["n_rows"] + stats["n_dropped_too_long"] == 30
+    assert 0 < stats["n_dropped_too_long"] < 30 - 8
     batch = next(iter(module.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 300
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 350
     assert all(re.fullmatch(r"-?[\d.]+", a) for a in batch["answers"])
     assert module.val_dataloader() == []
-    with pytest.raises(ValueError, match=r"no rows left.*dropped 200 longer than"):
+    with pytest.raises(ValueError, match=r"no rows left.*dropped 30 longer than"):
         _module(char_tokenizer, source, max_prompt_tokens=50)
 
 
@@ -431,3 +521,112 @@ def test_datamodule_misuse_is_reported(char_tokenizer, tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1", "answer": "2"}])
     with pytest.raises(ValueError, match="solution_field"):
         _module(char_tokenizer, {"kind": "file", "path": path}, mode="sft")
+
+
+def test_datamodule_logs_one_line_per_source_with_what_was_skipped(
+    char_tokenizer, tmp_path, caplog
+):
+    path = tmp_path / "mixed.jsonl"
+    lines = [{"problem": "1+1", "answer": "2"}, {"problem": "1" * 600, "answer": "1"}]
+    _write_jsonl(path, lines)
+    with path.open("ab") as file:
+        file.write(b'{"problem": "\xff"}\n')
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        _module(char_tokenizer, {"kind": "file", "path": str(path)}, instruction="")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        f"train data: 3 rows, 1 unique prompts kept (1 rows); skipped 1 of 3 records of {path}: "
+        "invalid_utf8 1 (line 3: byte 0xff at column 14 is not UTF-8); dropped 1 longer than "
+        "max_prompt_tokens=512"
+    )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        _module(char_tokenizer, {"kind": "synthetic", "n": 8}, val_size=0)
+    (record,) = caplog.records
+    assert record.levelname == "INFO" and record.getMessage().startswith("train data: 8 rows")
+
+
+# --- de-duplication, on a local copy in DAPO-Math-17k's exact format --------------------------
+
+DAPO_INSTRUCTION = (
+    "Solve the following math problem step by step. The last line of your response should be "
+    "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
+    '\n\n{}\n\nRemember to put your answer on its own line after "Answer:".'
+)
+DAPO_PROBLEMS = [("What is $2+3$?", "5"), ("Find $x$ if $2x=8$.", "4"), ("Compute $7^2$.", "49")]
+
+
+def _dapo_record(problem: str, answer: str, index: str) -> dict:
+    return {
+        "data_source": "math_dapo",
+        "prompt": [{"content": DAPO_INSTRUCTION.format(problem), "role": "user"}],
+        "ability": "MATH",
+        "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
+        "extra_info": {"index": index},
+    }
+
+
+@pytest.fixture
+def dapo_parquet(tmp_path) -> Path:
+    """3 unique prompts x 100 copies (as the hub copy repeats its 17,917), then one prompt
+    repeated with a different answer: 301 rows, 4 distinct (problem, answer) pairs."""
+    uniques = [_dapo_record(p, a, f"uuid-{i}") for i, (p, a) in enumerate(DAPO_PROBLEMS)]
+    near = _dapo_record(DAPO_PROBLEMS[0][0], "6", "uuid-3")
+    path = tmp_path / "dapo-math-17k.parquet"
+    pq.write_table(pa.Table.from_pylist(uniques * 100 + [near]), path)
+    return path
+
+
+def test_dedup_keeps_the_first_of_each_problem_and_answer(dapo_parquet):
+    spec = {
+        "kind": "file",
+        "path": str(dapo_parquet),
+        "problem_field": "prompt",
+        "answer_field": "reward_model.ground_truth",
+    }
+    rows, stats = load_rows({**spec, "dedup": True})
+    expected = [*DAPO_PROBLEMS, (DAPO_PROBLEMS[0][0], "6")]
+    assert [(r.problem, r.answer) for r in rows] == [
+        (DAPO_INSTRUCTION.format(p), a) for p, a in expected
+    ]
+    name = "dapo-math-17k"
+    assert [r.problem_id for r in rows] == [f"{name}:0", f"{name}:1", f"{name}:2", f"{name}:300"]
+    assert (stats.n_read, stats.n_skipped, stats.reasons) == (301, 297, {"duplicate": 297})
+    assert "duplicate 297 (row 4, row 5, row 6, ...)" in str(stats)
+    all_rows, stats = load_rows(spec)
+    assert len(all_rows) == 301 and stats.n_skipped == 0
+    capped, stats = load_rows({**spec, "dedup": True, "limit": 2})
+    assert len(capped) == 2 and stats.n_read == 2  # limit counts rows kept
+
+
+def test_dapo_preset_deduplicates_and_reports_unique_prompts(dapo_parquet, char_tokenizer, caplog):
+    from hydra.utils import instantiate
+
+    from kat_research.config import compose
+
+    local = ["data=dapo_math", "data.source.kind=file", f"+data.source.path={dapo_parquet}"]
+    cfg = compose(local)
+    assert cfg.data.source.dedup is True
+    module = instantiate(cfg.data)
+    module.attach_tokenizer(char_tokenizer)
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        module.setup("fit")
+    assert module.stats == {
+        "n_read": 301,
+        "n_skipped": 297,
+        "n_skipped_duplicate": 297,
+        "n_dropped_too_long": 0,
+        "n_rows": 4,
+        "n_unique_prompts": 4,
+    }
+    (record,) = caplog.records
+    assert record.levelname == "INFO"
+    assert record.getMessage().startswith("train data: 301 rows, 4 unique prompts kept (4 rows)")
+    module = instantiate(compose([*local, "data.source.dedup=false"]).data)
+    module.attach_tokenizer(char_tokenizer)
+    with caplog.at_level("INFO", logger="kat_research.data.datamodule"):
+        module.setup("fit")
+    assert (module.stats["n_rows"], module.stats["n_unique_prompts"]) == (301, 4)
+    assert caplog.records[-1].levelname == "WARNING"
+    assert "repeated prompts kept (set data.source.dedup=true" in caplog.records[-1].getMessage()

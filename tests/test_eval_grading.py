@@ -9,31 +9,33 @@ import threading
 import time
 from fractions import Fraction
 from functools import cache
-from pathlib import Path
 
 import pytest
+from data_paths import FIXTURE_DATA, full_data_dir
 
+from kat_research.data import Row
 from kat_research.eval import (
+    BENCHMARKS,
     Grader,
-    extract_answer,
     is_equivalent,
     load_benchmark,
     macro_average,
     pass_at_k,
     summarize,
+    tasks,
 )
-from kat_research.eval.answers import gold_from_solution
+from kat_research.eval.grading import AnswerBudget, gold_text
 from kat_research.eval.metrics import avg_at_k
+from kat_research.eval.runner import Completion
+from kat_research.text import extract_answer, gold_from_solution
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no benchmark data at {DATA_DIR}")
 PATHOLOGICAL = "9^{9^{9^{9^{9}}}}"
 
 
 @cache
 def gold(benchmark: str, problem_id: str):
-    """The gold answer of one real problem, read from the shared data files."""
-    problems, _ = load_benchmark(benchmark, data_dir=str(DATA_DIR))
+    """The gold answer of one real problem, read from the vendored data slices."""
+    problems, _ = load_benchmark(benchmark, data_dir=str(FIXTURE_DATA))
     return next(p.gold for p in problems if p.problem_id == problem_id)
 
 
@@ -65,9 +67,8 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
-@needs_data
 def test_gold_from_real_minerva_solution() -> None:
-    problems, _ = load_benchmark("minerva_math", data_dir=str(DATA_DIR), limit=1)
+    problems, _ = load_benchmark("minerva_math", data_dir=str(FIXTURE_DATA), limit=1)
     assert problems[0].gold == "1.6"
     solution = "$x=\\boxed{2}$ and finally $\\boxed{\\frac{1}{3}}$"
     assert gold_from_solution(solution) == "\\frac{1}{3}"
@@ -75,7 +76,7 @@ def test_gold_from_real_minerva_solution() -> None:
 
 # ---------------------------------------------------------------- equivalence
 
-# (benchmark, problem id in /work/shared/data, model answer, correct?)
+# (benchmark, problem id in tests/fixtures/data, model answer, correct?)
 REAL_CASES = [
     # fractions
     ("math500", "test/algebra/1265.json", "1.5", True),  # gold \frac{3}{2}
@@ -140,7 +141,6 @@ REAL_CASES = [
 ]
 
 
-@needs_data
 @pytest.mark.parametrize(("benchmark", "problem_id", "answer", "expected"), REAL_CASES)
 def test_is_equivalent_real_golds(benchmark: str, problem_id: str, answer: str, expected: bool):
     completion = f"Putting it together, the final answer is $\\boxed{{{answer}}}$."
@@ -171,6 +171,35 @@ def test_unparsable_answer_is_wrong_and_counted() -> None:
     assert grader.n_parse_errors == 2
 
 
+def test_answers_over_the_budget_are_too_long_not_truncated() -> None:
+    sum_of_ones = "+".join(["1"] * 5000)  # math-verify alone reads this as 1
+    grader = Grader()
+    assert grader.grade_many([(sum_of_ones, "5000"), ("5000", "5000")]) == [False, True]
+    assert (grader.n_too_long, grader.n_parse_errors, grader.n_timeouts) == (1, 0, 0)
+    # At the budget an answer is graded; one term or one character more is too long.
+    small = Grader(max_answer_terms=10, max_answer_chars=30)
+    ten, eleven = "+".join(["1"] * 10), "+".join(["1"] * 11)  # 19 and 21 characters
+    assert small.grade_many([(ten, "10"), (eleven, "11")]) == [True, False]
+    assert small.n_too_long == 1
+    thirty, thirty_one = "1" * 30, "1" * 31
+    assert small.grade_many([(thirty, "2"), (thirty_one, "2")]) == [False, False]
+    assert (small.n_too_long, small.n_parse_errors) == (2, 0)
+    # 9 separators (\cdot \times , , = < ; \le -) make 10 terms; \left is not \le
+    assert not AnswerBudget(max_terms=10).exceeded("a\\cdot b\\times c,d,e=f<g;h\\le i-j")
+    assert AnswerBudget(max_terms=9).exceeded("a\\cdot b\\times c,d,e=f<g;h\\le i-j")
+    assert not AnswerBudget(max_terms=1).exceeded("\\left(\\frac{a}{b}\\right)")
+    with pytest.raises(ValueError, match="budget"):
+        Grader(max_answer_terms=0)
+
+
+@pytest.mark.slow
+def test_answer_budget_never_touches_a_real_gold() -> None:
+    budget = AnswerBudget()
+    for name in BENCHMARKS:
+        problems, _ = load_benchmark(name, data_dir=str(full_data_dir()))
+        assert not any(budget.exceeded(gold_text(p.gold)) for p in problems), name
+
+
 def test_cache_hits_skip_grading() -> None:
     grader = Grader()
     pairs = [("\\sqrt{117}", "3\\sqrt{13}"), ("0.5", "\\frac12"), ("1", "2")]
@@ -194,6 +223,36 @@ def test_in_process_grading_refuses_other_threads() -> None:
     thread.start()
     thread.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+# ---------------------------------------------------------------- synthetic task
+
+# (completion, correct against the gold 129?) graded by hand: only the last box counts, written
+# exactly as str(129). The old int()-based grader accepted the +, 0, _ and #### cases.
+SYNTHETIC_CASES = [
+    ("28*5=140\n140-11=129\n\\boxed{129}", True),
+    ("\\boxed{7}\n\\boxed{ 129 }", True),
+    ("\\boxed{+129}", False),
+    ("\\boxed{0129}", False),
+    ("\\boxed{1_29}", False),
+    ("#### 129", False),
+    ("\\boxed{129}\n\\boxed{130}", False),
+]
+
+
+def test_synthetic_evaluator_grades_with_the_task_rule(monkeypatch, char_tokenizer) -> None:
+    """The production path (SyntheticEvaluator) applies data.synthetic.exact_integer_match."""
+    texts = [text for text, _ in SYNTHETIC_CASES]
+    monkeypatch.setattr(
+        tasks,
+        "generate_completions",
+        lambda model, tokenizer, prompts, **kw: [[Completion(t, len(t), "eos")] for t in texts],
+    )
+    evaluator = tasks.SyntheticEvaluator(n_problems=1)
+    evaluator.rows = [Row(f"p{i}", "28*5-11", "129") for i in range(len(texts))]
+    result = evaluator(model=None, tokenizer=char_tokenizer)
+    assert [r.correct for r in result.records] == [ok for _, ok in SYNTHETIC_CASES]
+    assert result.metrics["synthetic/accuracy"] == pytest.approx(2 / 7)
 
 
 # ---------------------------------------------------------------- worker processes

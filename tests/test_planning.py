@@ -99,6 +99,7 @@ def plan_config(*overrides: str):
 def test_paper_plan():
     cfg = plan_config(
         "experiment=table1",
+        "scale=paper",
         "model/student=1.6b",
         "trainer.devices=8",
         "data.batch_size=8",  # global: one prompt per rank
@@ -158,7 +159,7 @@ def test_plan_entry_prints_a_table_and_writes_json(tmp_path):
 
 
 def test_fsdp_shards_the_student_state_but_not_its_weights():
-    common = ("experiment=table1", "model/student=1.6b", "data.batch_size=64")
+    common = ("experiment=table1", "scale=paper", "model/student=1.6b", "data.batch_size=64")
     ddp = make_plan(plan_config(*common, "trainer=ddp"))["memory_per_rank_bytes"]
     fsdp = make_plan(plan_config(*common, "trainer=fsdp"))["memory_per_rank_bytes"]
     assert fsdp["student_weights"] == ddp["student_weights"]  # gathered for the whole step
@@ -179,6 +180,6 @@ def test_demo_models_are_described_as_the_demo_builds_them():
 
 
 def test_a_missing_architectures_file_names_the_knob(tmp_path):
-    cfg = plan_config("experiment=table1", f"plan.architectures={tmp_path / 'none.json'}")
+    cfg = plan_config("scale=paper", f"plan.architectures={tmp_path / 'none.json'}")
     with pytest.raises(FileNotFoundError, match="plan.architectures"):
         make_plan(cfg)

@@ -12,50 +12,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from kat_research.config import CONFIG_DIR, ConfigError
+from kat_research.config import ConfigError
 from kat_research.models import VocabularyMismatchError, build_char_tokenizer, save_tiny_model
 from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Small enough for a couple of seconds per job: 4 prompts x 2 rollouts, 12 new tokens.
-FAST = [
-    "trainer.max_steps=2",
-    "data.batch_size=4",
-    "++data.source.n=64",
-    "rollout.group_size=2",
-    "rollout.max_new_tokens=12",
-    "termination.kat.window=4",
-    "termination.kat.min_buffer=4",
-    "termination.kat.warmup_steps=1",
-    "termination.fixed_prefix.budget=6",
-    "termination.random.mean_length=6",
-    "optimizer.lr=1e-3",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
-    "callbacks.progress_bar.refresh_rate=0",
-]
-
-
-def config(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={tmp_path}",
-                f"paths.cache_dir={tmp_path.parent / 'cache'}",
-                *FAST,
-                *overrides,
-            ],
-        )
-
 
 @pytest.mark.parametrize(
     "method", ["opd", "random_term", "fixed_prefix", "topk_lsm", "kat", "kat_fixed_prefix"]
 )
-def test_each_method_trains_two_steps(tmp_path, method):
-    summary = train(config(tmp_path / method, f"method={method}"))
+def test_each_method_trains_two_steps(debug_config, tmp_path, method):
+    summary = train(debug_config(tmp_path / method, f"method={method}"))
     out = tmp_path / method
     assert summary["steps"] == 2 and summary["method"] == method
     assert summary["rollouts"] == 2 * 4 * 2
@@ -83,8 +52,8 @@ def test_each_method_trains_two_steps(tmp_path, method):
         assert metrics["kat/buffer_size"].notna().any()
 
 
-def test_training_stops_once_the_evaluation_reaches_its_target(tmp_path):
-    cfg = config(
+def test_training_stops_once_the_evaluation_reaches_its_target(debug_config, tmp_path):
+    cfg = debug_config(
         tmp_path,
         "eval=synthetic",
         "eval.evaluator.n_problems=4",
@@ -96,13 +65,13 @@ def test_training_stops_once_the_evaluation_reaches_its_target(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["full", "topk_tail", "topk_lsm", "sampled_token"])
-def test_each_loss_trains(tmp_path, loss):
-    summary = train(config(tmp_path, "method=opd", f"loss={loss}", "logger=csv"))
+def test_each_loss_trains(debug_config, tmp_path, loss):
+    summary = train(debug_config(tmp_path, "method=opd", f"loss={loss}", "logger=csv"))
     assert summary["loss"] == loss and summary["steps"] == 2
 
 
-def test_checkpoint_holds_student_and_terminator_state_not_teacher(tmp_path):
-    train(config(tmp_path, "method=kat"))
+def test_checkpoint_holds_student_and_terminator_state_not_teacher(debug_config, tmp_path):
+    train(debug_config(tmp_path, "method=kat"))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     keys = ckpt["state_dict"].keys()
     assert keys and all(k.startswith("student.") for k in keys)
@@ -110,23 +79,23 @@ def test_checkpoint_holds_student_and_terminator_state_not_teacher(tmp_path):
     assert "rollout_rng" in ckpt and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
 
-def test_exported_student_loads_with_plain_transformers(tmp_path):
+def test_exported_student_loads_with_plain_transformers(debug_config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    train(config(tmp_path, "method=opd", "logger=csv"))
+    train(debug_config(tmp_path, "method=opd", "logger=csv"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
     assert model.config.vocab_size == len(tokenizer)
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+def test_resume_matches_uninterrupted_run(debug_config, tmp_path):
     """A run killed after step 2 and resumed from that checkpoint logs what the run that was
     never interrupted logged (same data order, rollout RNG, KAT buffer, optimizer, schedule)."""
     steps = ["trainer.max_steps=4", "method=kat", "logger=csv"]
     full = tmp_path / "full"
-    train(config(full, *steps))
+    train(debug_config(full, *steps))
     resumed = tmp_path / "resumed"
-    train(config(resumed, *steps, f"ckpt_path={full / 'checkpoints' / 'step000002.ckpt'}"))
+    train(debug_config(resumed, *steps, f"resume={full / 'checkpoints' / 'step000002.ckpt'}"))
 
     def per_step(folder: Path) -> pd.DataFrame:
         df = pd.read_csv(folder / "csv" / "metrics.csv")
@@ -150,7 +119,7 @@ def run_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         "method=opd,kat",
         "logger=csv",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        *FAST,
+        "debug=fast",
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -167,22 +136,22 @@ def test_two_job_multirun(tmp_path):
         assert (job / "csv" / "metrics.csv").exists()
 
 
-def test_kat_window_longer_than_cap_fails_before_training(tmp_path):
+def test_kat_window_longer_than_cap_fails_before_training(debug_config, tmp_path):
     with pytest.raises(ConfigError, match="exceeds rollout.max_new_tokens"):
-        train(config(tmp_path, "method=kat", "termination.kat.window=64"))
+        train(debug_config(tmp_path, "method=kat", "termination.kat.window=64"))
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_missing_data_file_fails_before_training(tmp_path):
+def test_missing_data_file_fails_before_training(debug_config, tmp_path):
     with pytest.raises(ConfigError, match="data.source.path"):
-        train(config(tmp_path, "data=local_file", "data.source.path=/nope/missing.jsonl"))
+        train(debug_config(tmp_path, "data=local_file", "data.source.path=/nope/missing.jsonl"))
 
 
-def test_mismatched_vocabularies_fail_before_training(tmp_path):
+def test_mismatched_vocabularies_fail_before_training(debug_config, tmp_path):
     other = save_tiny_model(
         tmp_path / "other", build_char_tokenizer("0123456789+-*="), hidden_size=16
     )
-    cfg = config(
+    cfg = debug_config(
         tmp_path / "run",
         "model/teacher=qwen3_8b",
         f"model.teacher.name_or_path={other}",

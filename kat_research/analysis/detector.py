@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from kat_research.analysis.phases import PhaseSegments, segment_phases
 from kat_research.termination import kat_window_minimum
+from kat_research.termination.phases import PhaseSegments, segment_phases
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.axes import Axes
 
-from kat_research.analysis.phases import PhaseSegments
+from kat_research.termination.phases import PhaseSegments
 
 PHASE_COLORS = {"pre": "tab:blue", "agreement": "tab:orange", "post": "tab:gray", "random": "k"}
 

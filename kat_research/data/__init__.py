@@ -8,12 +8,13 @@ from kat_research.data.prompts import (
     drop_too_long,
     format_prompt,
 )
-from kat_research.data.sources import LoadStats, Row, SourceSpec, load_rows
+from kat_research.data.records import LoadStats
+from kat_research.data.sources import Row, SourceSpec, load_rows
 from kat_research.data.synthetic import (
     ArithmeticProblem,
     ArithmeticTaskConfig,
+    exact_integer_match,
     generate_problems,
-    is_correct,
     make_problem,
     solution_text,
     split_problems,
@@ -30,9 +31,9 @@ __all__ = [
     "SFTCollator",
     "SourceSpec",
     "drop_too_long",
+    "exact_integer_match",
     "format_prompt",
     "generate_problems",
-    "is_correct",
     "load_rows",
     "make_problem",
     "solution_text",

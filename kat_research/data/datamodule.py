@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,11 +17,48 @@ from kat_research.data.prompts import (
     SFTCollator,
     drop_too_long,
 )
+from kat_research.data.records import LoadStats
 from kat_research.data.sampler import ResumableBatchSampler
 from kat_research.data.sources import Row, SourceSpec, as_source_spec, load_rows
 
 MODES = ("prompts", "sft")
 DEFAULT_SYNTHETIC_VAL_SIZE = 256
+
+log = logging.getLogger(__name__)
+
+
+def _log_counts(
+    role: str, spec: SourceSpec, load_stats: LoadStats, stats: dict[str, int], dropped: str
+) -> None:
+    """One console line per source: rows read, unique prompts kept, what was skipped or
+    dropped. A warning when anything but configured de-duplication removed rows, or when a
+    file or hub source keeps repeated prompts."""
+    line = (
+        f"{role} data: {stats['n_read']} rows, {stats['n_unique_prompts']} unique prompts kept "
+        f"({stats['n_rows']} rows)"
+    )
+    if load_stats.n_skipped:
+        line += f"; {load_stats}"
+    line += dropped
+    repeats = spec.kind != "synthetic" and stats["n_rows"] > stats["n_unique_prompts"]
+    if repeats:  # the synthetic train split repeats problems by design
+        line += "; repeated prompts kept (set data.source.dedup=true to drop them)"
+    unexpected = (
+        load_stats.n_skipped - load_stats.reasons["duplicate"] + stats["n_dropped_too_long"]
+    )
+    log.log(logging.WARNING if unexpected or repeats else logging.INFO, line)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose order resumes by itself: its ``ResumableBatchSampler`` continues from
+    the batches the run has consumed, so there is no loader state to checkpoint. The empty
+    ``state_dict`` tells Lightning so (it warns on a mid-epoch resume of loaders without one)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the order follows the trainer's step count."""
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -32,7 +70,14 @@ class PromptDataModule(L.LightningDataModule):
     (``max_length`` tokens at most). Validation always yields prompt batches, for grading
     generations. A synthetic source validates on its eval split (``val_size`` problems, 0 for
     none) unless ``val_source`` is given; other sources validate only on ``val_source``
-    (``val_size`` caps its rows). After ``setup()``, ``stats`` holds row counts for logging.
+    (``val_size`` caps its rows).
+
+    After ``setup()``, ``stats`` holds row counts (``val_``-prefixed for validation):
+    ``n_read`` records read, ``n_skipped`` skipped (``n_skipped_<reason>`` per reason, e.g.
+    ``n_skipped_duplicate``, ``n_skipped_invalid_utf8``), ``n_dropped_too_long``, ``n_rows``
+    served and ``n_unique_prompts`` among them (distinct problem + answer: the prompt count
+    that epoch arithmetic should use). Each source's counts are logged in one line at setup, as
+    a warning when records were skipped or dropped for a reason other than ``dedup``.
     """
 
     def __init__(
@@ -84,7 +129,7 @@ class PromptDataModule(L.LightningDataModule):
         """Give the module the policy's tokenizer; needed before ``setup``."""
         self.tokenizer = tokenizer
 
-    def _load(self, spec: SourceSpec, sft: bool) -> tuple[list[Row], dict[str, int]]:
+    def _load(self, spec: SourceSpec, sft: bool, role: str) -> tuple[list[Row], dict[str, int]]:
         assert self.tokenizer is not None
         rows, load_stats = load_rows(spec)
         if sft and any(row.solution is None for row in rows):
@@ -99,22 +144,21 @@ class PromptDataModule(L.LightningDataModule):
             self.system,
             self.max_length if sft else None,
         )
+        limits = f"max_prompt_tokens={self.max_prompt_tokens}"
+        if sft:
+            limits += f" or max_length={self.max_length}"
+        dropped = f"; dropped {n_too_long} longer than {limits}" if n_too_long else ""
+        if not kept:
+            raise ValueError(f"no rows left for {role}: {load_stats}{dropped}")
         stats = {
             "n_read": load_stats.n_read,
-            "n_skipped_malformed": load_stats.n_skipped_malformed,
+            "n_skipped": load_stats.n_skipped,
             "n_dropped_too_long": n_too_long,
             "n_rows": len(kept),
+            "n_unique_prompts": len({(row.problem, row.answer) for row in kept}),
         }
         stats.update({f"n_skipped_{r}": n for r, n in sorted(load_stats.reasons.items())})
-        if not kept:
-            limits = f"max_prompt_tokens={self.max_prompt_tokens}"
-            if sft:
-                limits += f" or max_length={self.max_length}"
-            raise ValueError(
-                f"no rows left from {spec.name}: read {load_stats.n_read}, skipped "
-                f"{load_stats.n_skipped_malformed} malformed {load_stats.reasons}, dropped "
-                f"{n_too_long} longer than {limits}"
-            )
+        _log_counts(role, spec, load_stats, stats, dropped)
         return kept, stats
 
     def setup(self, stage: str | None = None) -> None:
@@ -123,9 +167,9 @@ class PromptDataModule(L.LightningDataModule):
             raise RuntimeError("call attach_tokenizer(tokenizer) before setup()")
         if self.stats:
             return
-        self.train_rows, stats = self._load(self.source, sft=self.mode == "sft")
+        self.train_rows, stats = self._load(self.source, sft=self.mode == "sft", role="train")
         if self.val_source is not None:
-            self.val_rows, val_stats = self._load(self.val_source, sft=False)
+            self.val_rows, val_stats = self._load(self.val_source, sft=False, role="validation")
             stats.update({f"val_{key}": value for key, value in val_stats.items()})
         self.stats = stats
 
@@ -152,7 +196,7 @@ class PromptDataModule(L.LightningDataModule):
             rank=0 if trainer is None else trainer.global_rank,
             world_size=1 if trainer is None else trainer.world_size,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             rows,
             batch_sampler=sampler,
             collate_fn=self._collator(sft),

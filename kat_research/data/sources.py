@@ -1,7 +1,9 @@
 """Where training rows come from: the synthetic task, a local JSONL/Parquet file, or the hub.
 
-Every source yields the same ``Row``. Unusable records (bad JSON, no problem text, an empty
-answer when an answer field is configured, ...) are skipped and counted by reason, never fatal.
+Every source yields the same ``Row``. Unusable records (bytes that are not UTF-8, bad JSON, no
+problem text, an empty answer when an answer field is configured, ...) are skipped and counted
+by reason with their place in the file, never fatal; so are repeated prompts when ``dedup`` is
+on.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kat_research.data.records import INVALID_JSON, file_records, hub_records
+from kat_research.data.records import LoadStats, Unreadable, file_records, hub_records
 from kat_research.data.synthetic import (
     ArithmeticTaskConfig,
     problems_for_split,
     solution_text,
 )
-from kat_research.eval.answers import after_hashes, last_boxed
+from kat_research.text.answers import after_hashes, last_boxed
 
 KINDS = ("synthetic", "file", "hub")
 ANSWER_TRANSFORMS = ("none", "gsm8k", "last_boxed")
@@ -34,19 +36,6 @@ class Row:
     solution: str | None = None
 
 
-@dataclass
-class LoadStats:
-    """Records read, records skipped as malformed, and why (reason -> count)."""
-
-    n_read: int = 0
-    n_skipped_malformed: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str) -> None:
-        self.n_skipped_malformed += 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-
-
 @dataclass(frozen=True)
 class SourceSpec:
     """Where rows come from and how to read them.
@@ -59,7 +48,9 @@ class SourceSpec:
     holding a chat message list gives its last user message. With ``answer_field`` /
     ``solution_field`` set, rows where that field is empty are skipped; ``answer_transform``
     extracts the answer from it (``gsm8k``: after ``####``; ``last_boxed``: the last box).
-    Rows are numbered by position unless ``id_field`` names an id. ``limit`` caps rows kept.
+    Rows are numbered by position unless ``id_field`` names an id. ``dedup`` keeps only the
+    first row of each (problem text, answer) pair, exactly as read (file and hub sources; the
+    synthetic train split repeats problems by design). ``limit`` caps rows kept.
     """
 
     kind: str = "synthetic"
@@ -73,6 +64,7 @@ class SourceSpec:
     id_field: str | None = None
     answer_transform: str = "none"
     limit: int | None = None
+    dedup: bool = False
     task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
     n: int = 10_000
     seed: int = 0
@@ -88,9 +80,14 @@ class SourceSpec:
                 f"got {self.answer_transform!r}"
             )
         if self.kind == "file" and not self.path:
-            raise ValueError("a file data source needs data.path")
+            raise ValueError("a file data source needs data.source.path")
         if self.kind == "hub" and not self.hub_id:
-            raise ValueError("a hub data source needs data.hub_id")
+            raise ValueError("a hub data source needs data.source.hub_id")
+        if self.kind == "synthetic" and self.dedup:
+            raise ValueError(
+                "data.source.dedup applies to file and hub sources; the synthetic train split "
+                "draws problems with repeats by design: set data.source.dedup=false"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SourceSpec:
@@ -169,13 +166,13 @@ def _transform_answer(answer: str, transform: str) -> str | None:
     return answer.strip()
 
 
-def _row(spec: SourceSpec, record: Any, index: int, stats: LoadStats) -> Row | None:
+def _row(spec: SourceSpec, record: Any, place: str, index: int, stats: LoadStats) -> Row | None:
     """A Row from one record, or None (counted in ``stats``) when it is unusable."""
-    if record is INVALID_JSON:
-        stats.skip("invalid_json")
+    if isinstance(record, Unreadable):
+        stats.skip(record.reason, f"{place}: {record.detail}")
         return None
     if not isinstance(record, Mapping):
-        stats.skip("not_an_object")
+        stats.skip("not_an_object", place)
         return None
     values: dict[str, str | None] = {}
     for what, path in (
@@ -187,13 +184,16 @@ def _row(spec: SourceSpec, record: Any, index: int, stats: LoadStats) -> Row | N
             values[what] = None
             continue
         values[what], reason = _text_field(record, path, what)
+        if reason == f"missing_{what}":
+            stats.skip(reason, place, asked=f"data.source.{what}_field={path!r}", found=record)
+            return None
         if reason:
-            stats.skip(reason)
+            stats.skip(reason, place)
             return None
     if values["answer"] is not None:
         values["answer"] = _transform_answer(values["answer"], spec.answer_transform)
         if not values["answer"]:
-            stats.skip(f"no_answer_after_{spec.answer_transform}")
+            stats.skip(f"no_answer_after_{spec.answer_transform}", place)
             return None
     found_id = resolve_field(record, spec.id_field) if spec.id_field else _MISSING
     problem_id = f"{spec.name}:{index}" if found_id in (_MISSING, None) else str(found_id)
@@ -210,11 +210,12 @@ def _synthetic_rows(spec: SourceSpec) -> list[Row]:
 
 
 def load_rows(spec: SourceSpec | Mapping[str, Any]) -> tuple[list[Row], LoadStats]:
-    """The rows of a source and what was skipped on the way."""
+    """The rows of a source and what was skipped on the way (with ``dedup``, repeats count as
+    ``duplicate`` skips)."""
     spec = as_source_spec(spec)
     if spec.kind == "synthetic":
         rows = _synthetic_rows(spec)
-        return rows, LoadStats(n_read=len(rows))
+        return rows, LoadStats(spec.name, n_read=len(rows))
     if spec.kind == "file":
         records = file_records(Path(str(spec.path)), "fix data.source.path")
     else:
@@ -224,13 +225,21 @@ def load_rows(spec: SourceSpec | Mapping[str, Any]) -> tuple[list[Row], LoadStat
             spec.split,
             "point data.source.path at a local .jsonl or .parquet file (kind: file) instead",
         )
-    stats = LoadStats()
+    stats = LoadStats(records.source)
     rows: list[Row] = []
-    for record in records:
+    seen: set[tuple[str, str | None]] = set()
+    for place, record in records:
         if spec.limit is not None and len(rows) >= spec.limit:
             break
         stats.n_read += 1
-        row = _row(spec, record, stats.n_read - 1, stats)
-        if row is not None:
-            rows.append(row)
+        row = _row(spec, record, place, stats.n_read - 1, stats)
+        if row is None:
+            continue
+        if spec.dedup:
+            key = (row.problem, row.answer)
+            if key in seen:
+                stats.skip("duplicate", place)
+                continue
+            seen.add(key)
+        rows.append(row)
     return rows, stats

@@ -19,11 +19,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from kat_research.eval.answers import extract_answer
-
 SPLITS = ("train", "eval")
 _OPERATORS = frozenset("+-*")
-_INTEGER = re.compile(r"[+-]?\d+")
+_CANONICAL_INTEGER = re.compile(r"0|-?[1-9][0-9]*")  # how str(int) writes an integer
 _MAX_RESTARTS = 1000
 
 
@@ -167,12 +165,16 @@ def split_problems(
     )
 
 
-def is_correct(completion: str, answer: str) -> bool:
-    """Whether the completion's final boxed answer is the integer ``answer``; False on junk."""
-    predicted = extract_answer(completion)
-    if predicted is None:
-        return False
-    predicted, answer = predicted.strip(), answer.strip()
-    if not (_INTEGER.fullmatch(predicted) and _INTEGER.fullmatch(answer)):
-        return False
-    return int(predicted) == int(answer)
+def exact_integer_match(answer: str | None, gold: str) -> bool:
+    """The task's grading rule: whether a completion's final answer is exactly the gold integer.
+
+    ``answer`` is the content of the completion's last complete box (``text.last_boxed``: a box
+    that is never closed is ignored, surrounding whitespace and one trailing period are
+    stripped). It must be written exactly as the gold is: ASCII digits, ``-`` for negatives,
+    nothing else. So ``\\boxed{ 7 }`` and ``\\boxed{7.}`` match 7, while ``+7``, ``07``, ``7.0``,
+    ``7 0``, ``1,234``, ``-0`` and non-ASCII digits do not. No box (``None``) is wrong. A gold
+    not in that form is a ValueError (golds come from ``str(int)``).
+    """
+    if not _CANONICAL_INTEGER.fullmatch(gold):
+        raise ValueError(f"gold {gold!r} of the arithmetic task is not an integer written by str()")
+    return answer == gold

@@ -1,6 +1,6 @@
-"""Evaluation: benchmarks, answer extraction, grading and avg@k / pass@k summaries."""
+"""Evaluation: benchmarks, grading and avg@k / pass@k summaries (answer extraction lives in
+``kat_research.text``)."""
 
-from kat_research.eval.answers import extract_answer
 from kat_research.eval.benchmarks import BENCHMARKS, Problem, load_benchmark
 from kat_research.eval.grading import Grader, is_equivalent
 from kat_research.eval.metrics import PAPER_BENCHMARKS, macro_average, pass_at_k, summarize
@@ -10,7 +10,6 @@ __all__ = [
     "PAPER_BENCHMARKS",
     "Grader",
     "Problem",
-    "extract_answer",
     "is_equivalent",
     "load_benchmark",
     "macro_average",

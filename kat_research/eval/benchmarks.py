@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kat_research.data.records import INVALID_JSON, file_records, hub_records
-from kat_research.eval.answers import after_hashes, gold_from_solution
+from kat_research.data.records import LoadStats, Unreadable, file_records, hub_records
+from kat_research.text.answers import after_hashes, gold_from_solution
 
 Gold = str | tuple[str, ...]
 Row = Mapping[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,19 +25,6 @@ class Problem:
     problem_id: str
     problem: str
     gold: Gold
-
-
-@dataclass
-class LoadStats:
-    """Rows read from the source, rows skipped, and why (reason -> count)."""
-
-    n_read: int = 0
-    n_skipped: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-
-    def skip(self, reason: str) -> None:
-        self.n_skipped += 1
-        self.reasons[reason] += 1
 
 
 def _scalar_text(value: Any) -> str | None:
@@ -134,24 +123,30 @@ def _first_present(row: Row, names: tuple[str, ...]) -> Any:
     return next((row[name] for name in names if row.get(name) is not None), None)
 
 
-def _problem(spec: BenchmarkSpec, row: Any, position: int, stats: LoadStats) -> Problem | None:
+def _problem(
+    spec: BenchmarkSpec, row: Any, place: str, index: int, stats: LoadStats
+) -> Problem | None:
     """A Problem from one row, or None (counted in ``stats``) when the row is unusable."""
-    if row is INVALID_JSON:
-        stats.skip("invalid JSON")
+    if isinstance(row, Unreadable):
+        stats.skip(row.reason, f"{place}: {row.detail}")
         return None
     if not isinstance(row, Mapping):
-        stats.skip("row is not an object")
+        stats.skip("not_an_object", place)
         return None
     text = _first_present(row, spec.problem_fields)
+    if text is None:
+        asked = f"a problem field ({' or '.join(spec.problem_fields)})"
+        stats.skip("missing_problem", place, asked=asked, found=row)
+        return None
     if not isinstance(text, str) or not text.strip():
-        stats.skip(f"missing problem field {'/'.join(spec.problem_fields)}")
+        stats.skip("empty_problem", place)
         return None
     gold = spec.gold(row)
     if gold is None:
-        stats.skip("empty gold answer")
+        stats.skip("empty_gold", place)
         return None
     problem_id = _first_present(row, spec.id_fields)
-    problem_id = str(position) if problem_id is None else str(problem_id)
+    problem_id = str(index) if problem_id is None else str(problem_id)
     return Problem(spec.name, problem_id, text, gold)
 
 
@@ -161,14 +156,14 @@ def load_benchmark(
     data_dir: str | None = None,
     limit: int | None = None,
 ) -> tuple[list[Problem], LoadStats]:
-    """Problems of benchmark ``name`` and what was skipped on the way.
+    """Problems of benchmark ``name`` and what was skipped on the way (logged when any were).
 
     Source, first match: ``path`` (JSONL, or Parquet by suffix), ``data_dir/<name>/<local_file>``,
-    else the hub via ``datasets.load_dataset``. Rows with no problem text or no gold, and invalid
-    JSON lines, are skipped and counted. ``limit`` caps the number of problems returned.
+    else the hub via ``datasets.load_dataset``. Rows with no problem text or no gold, and lines
+    that are not UTF-8 or not JSON, are skipped and counted. ``limit`` caps the number of
+    problems returned.
     """
     spec = get_spec(name)
-    stats = LoadStats()
     if path is not None:
         rows = file_records(Path(path), "pass an existing benchmark file as path=")
     elif data_dir is not None:
@@ -181,12 +176,15 @@ def load_benchmark(
             f"pass path=<file.jsonl|file.parquet> or data_dir=<dir with {spec.name}/"
             f"{spec.local_file}> to load_benchmark",
         )
+    stats = LoadStats(rows.source)
     problems: list[Problem] = []
-    for row in rows:
+    for place, row in rows:
         if limit is not None and len(problems) >= limit:
             break
         stats.n_read += 1
-        problem = _problem(spec, row, stats.n_read - 1, stats)
+        problem = _problem(spec, row, place, stats.n_read - 1, stats)
         if problem is not None:
             problems.append(problem)
+    if stats.n_skipped:
+        log.warning("%s: %s", name, stats)
     return problems, stats

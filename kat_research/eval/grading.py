@@ -7,8 +7,13 @@ worker processes. Worker processes add a wall-clock guard on top: a worker that 
 within ``hard_timeout_s`` (stuck in C code that never returns to the interpreter) is killed, the
 pool is replaced, and the item counts as a timeout. A worker that dies (a segfault, the OOM
 killer) is replaced too; the items it may have been grading are retried one at a time, and one
-that kills its worker again counts as a crash (wrong). Timeouts, parse errors and crashes are
-all wrong answers, counted on the ``Grader``, and cached like any other result.
+that kills its worker again counts as a crash (wrong).
+
+Answers beyond an ``AnswerBudget`` (characters or terms) are not parsed at all: math-verify's
+parser gives up on long inputs without saying so and grades what it kept (``1+1+...+1`` with
+1,000 terms reads as ``1``), so such answers count as ``too_long`` instead. Timeouts, answers
+too long, parse errors and crashes are all wrong answers, counted on the ``Grader``, and cached
+like any other result.
 
 Gold answers may be a string or a sequence of strings (OlympiadBench's ``final_answer``). A
 sequence is joined with commas into one answer, which math-verify reads as a set: every element
@@ -28,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -38,6 +44,7 @@ from sympy.matrices import MatrixBase
 Gold = str | Sequence[str]
 
 CORRECT, WRONG, TIMEOUT, PARSE_ERROR, CRASH = "correct", "wrong", "timeout", "parse_error", "crash"
+TOO_LONG = "too_long"
 _STARTUP_TIMEOUT_S = 120.0
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
@@ -46,6 +53,34 @@ _DEGREES = re.compile(r"\^\s*\{?\\circ\}?")
 _ZERO_DECIMALS = re.compile(r"(\d)\.0+(?!\d)")
 _BARE_PERCENT = re.compile(r"(?<!\\)%")  # a LaTeX comment sign, meant as a percent sign
 _E_NOTATION = re.compile(r"(?<![\w\\.])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])")
+# What separates two terms: arithmetic and relation signs, commas, and their LaTeX commands.
+_TERM_SEPARATOR = re.compile(
+    r"[-+*/^=<>,;]|\\(?:cdot|times|div|pm|mp|le|ge|leq|geq|neq)(?![a-zA-Z])"
+)
+
+
+@dataclass(frozen=True)
+class AnswerBudget:
+    """The largest answer the grader parses: ``max_chars`` characters and ``max_terms`` terms
+    (one more than the separators ``+ - * / ^ = < > , ;`` and ``\\cdot``, ``\\times``, ...).
+
+    Larger answers are graded ``too_long`` (wrong) without parsing. The defaults are far above
+    every gold of the seven benchmarks (at most 210 characters and 48 terms) and below where
+    math-verify starts to truncate silently (a sum of about 960 terms).
+    """
+
+    max_chars: int = 1000
+    max_terms: int = 250
+
+    def __post_init__(self) -> None:
+        if self.max_chars < 1 or self.max_terms < 1:
+            raise ValueError(f"answer budget must be >= 1, got {self}")
+
+    def exceeded(self, answer: str) -> bool:
+        """Whether ``answer`` is over the budget."""
+        if len(answer) > self.max_chars:
+            return True
+        return len(_TERM_SEPARATOR.findall(answer)) + 1 > self.max_terms
 
 
 class _DisabledTimeoutWarning(logging.Filter):
@@ -115,13 +150,18 @@ def _parse(text: str) -> tuple[Basic | MatrixBase, ...]:
     return tuple(item for item in parsed if isinstance(item, (Basic, MatrixBase)))
 
 
-def grade_outcome(answer: str, gold: str, timeout_s: float) -> str:
-    """Grade one bare answer against one gold string: CORRECT, WRONG, TIMEOUT or PARSE_ERROR.
+def grade_outcome(
+    answer: str, gold: str, timeout_s: float, budget: AnswerBudget = AnswerBudget()
+) -> str:
+    """Grade one bare answer against one gold string: CORRECT, WRONG, TIMEOUT, TOO_LONG (over
+    ``budget``, not parsed) or PARSE_ERROR.
 
     Must run in the main thread of its process (it uses SIGALRM).
     """
     if normalize(answer) == normalize(gold):
         return CORRECT
+    if budget.exceeded(answer):
+        return TOO_LONG
     try:
         with _time_limit(timeout_s):
             gold_parsed, answer_parsed = _parse(gold), _parse(answer)
@@ -160,8 +200,10 @@ class Grader:
     """Grades many (answer, gold) pairs with a per-run cache and optional worker processes.
 
     Counters (over distinct graded pairs, cache hits not recounted): ``n_graded``,
-    ``n_cache_hits``, ``n_timeouts``, ``n_parse_errors``, ``n_crashes`` (the worker died),
-    ``n_pool_restarts``. Use as a context manager, or call ``close()``, to stop the workers.
+    ``n_cache_hits``, ``n_timeouts``, ``n_too_long`` (answers over ``max_answer_chars`` or
+    ``max_answer_terms``, see ``AnswerBudget``), ``n_parse_errors``, ``n_crashes`` (the worker
+    died), ``n_pool_restarts``. Use as a context manager, or call ``close()``, to stop the
+    workers.
 
     ``num_workers=0`` grades in the calling (main) thread. ``hard_timeout_s`` defaults to
     ``2 * timeout_s + 5``. ``mp_context="spawn"`` is safe next to CUDA and threads; ``"fork"``
@@ -174,6 +216,8 @@ class Grader:
         timeout_s: float = 5.0,
         hard_timeout_s: float | None = None,
         mp_context: str = "spawn",
+        max_answer_chars: int = AnswerBudget.max_chars,
+        max_answer_terms: int = AnswerBudget.max_terms,
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -183,9 +227,10 @@ class Grader:
         self.timeout_s = timeout_s
         self.hard_timeout_s = 2 * timeout_s + 5.0 if hard_timeout_s is None else hard_timeout_s
         self.mp_context = mp_context
+        self.budget = AnswerBudget(max_answer_chars, max_answer_terms)
         self._cache: dict[tuple[str, str], bool] = {}
         self._pool: ProcessPoolExecutor | None = None
-        self.n_graded = self.n_cache_hits = self.n_timeouts = 0
+        self.n_graded = self.n_cache_hits = self.n_timeouts = self.n_too_long = 0
         self.n_parse_errors = self.n_crashes = self.n_pool_restarts = 0
 
     def __enter__(self) -> Grader:
@@ -217,6 +262,7 @@ class Grader:
             outcome = outcomes.get(key, CORRECT)  # not slow: equal after normalisation
             self._cache[key] = outcome == CORRECT
             self.n_timeouts += outcome == TIMEOUT
+            self.n_too_long += outcome == TOO_LONG
             self.n_parse_errors += outcome == PARSE_ERROR
             self.n_crashes += outcome == CRASH
         self.n_graded += len(todo)
@@ -225,7 +271,7 @@ class Grader:
     def _run_here(self, items: list[tuple[str, str]]) -> list[str]:
         if items:
             _require_main_thread()
-        return [grade_outcome(answer, gold, self.timeout_s) for answer, gold in items]
+        return [grade_outcome(answer, gold, self.timeout_s, self.budget) for answer, gold in items]
 
     def _start_pool(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(
@@ -268,7 +314,9 @@ class Grader:
                 if running and queue[0] in suspects:
                     break
                 index = queue.popleft()
-                future = self._pool.submit(grade_outcome, *items[index], self.timeout_s)
+                future = self._pool.submit(
+                    grade_outcome, *items[index], self.timeout_s, self.budget
+                )
                 running[future] = (index, time.monotonic())
                 if index in suspects:
                     break

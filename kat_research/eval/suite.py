@@ -15,13 +15,13 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.data.prompts import DEFAULT_INSTRUCTION, format_prompt
-from kat_research.eval.answers import extract_answer
 from kat_research.eval.benchmarks import LoadStats, Problem, get_spec, load_benchmark
-from kat_research.eval.grading import Grader
+from kat_research.eval.grading import AnswerBudget, Grader
 from kat_research.eval.metrics import METRICS, PAPER_BENCHMARKS, macro_average, summarize
 from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
 from kat_research.eval.tasks import EvalResult
 from kat_research.rollout import SamplingConfig
+from kat_research.text.answers import extract_answer
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,13 @@ class BenchmarkEvaluator:
 
     Problems are loaded once, here. Each call samples ``n_samples`` completions per problem
     through the rollout engine (chat template + ``instruction``), grades them with a
-    ``Grader`` (``num_workers`` processes, 0 = main thread; ``timeout_s`` per answer) whose
-    cache lives as long as the evaluator, and reports, per benchmark, ``<name>/avg@k``,
+    ``Grader`` (``num_workers`` processes, 0 = main thread; ``timeout_s`` per answer; answers
+    over ``max_answer_chars`` / ``max_answer_terms`` are wrong unparsed) whose cache lives as
+    long as the evaluator, and reports, per benchmark, ``<name>/avg@k``,
     ``/pass@k``, ``/mean_length``, ``/n_problems``, ``/problems_per_s``, ``/tokens_per_s``;
     ``paper_avg/*`` when all four paper benchmarks ran; ``grading_s_per_sample`` and the
-    grader's ``grading_timeouts`` / ``grading_parse_errors`` / ``grading_crashes`` of the call.
+    grader's ``grading_timeouts`` / ``grading_too_long`` / ``grading_parse_errors`` /
+    ``grading_crashes`` of the call.
 
     Args:
         benchmarks: ``{name: {setting: value} or None}`` or a list of names / settings.
@@ -141,6 +143,8 @@ class BenchmarkEvaluator:
         seed: int = 0,
         num_workers: int = 0,
         timeout_s: float = 5.0,
+        max_answer_chars: int = AnswerBudget.max_chars,
+        max_answer_terms: int = AnswerBudget.max_terms,
     ):
         defaults = BenchmarkSettings(
             "*",
@@ -158,7 +162,12 @@ class BenchmarkEvaluator:
         self.instruction, self.system = instruction, system
         self.stop_tokens = tuple(stop_tokens)
         self.batch_size, self.seed = batch_size, seed
-        self.grader = Grader(num_workers=num_workers, timeout_s=timeout_s)
+        self.grader = Grader(
+            num_workers=num_workers,
+            timeout_s=timeout_s,
+            max_answer_chars=max_answer_chars,
+            max_answer_terms=max_answer_terms,
+        )
         self.problems: dict[str, list[Problem]] = {}
         self.load_stats: dict[str, LoadStats] = {}
         for s in self.settings:
@@ -169,7 +178,12 @@ class BenchmarkEvaluator:
 
     def _grader_counts(self) -> dict[str, int]:
         g = self.grader
-        return {"timeouts": g.n_timeouts, "parse_errors": g.n_parse_errors, "crashes": g.n_crashes}
+        return {
+            "timeouts": g.n_timeouts,
+            "too_long": g.n_too_long,
+            "parse_errors": g.n_parse_errors,
+            "crashes": g.n_crashes,
+        }
 
     def _run_one(
         self,

@@ -9,10 +9,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
-from kat_research.data.synthetic import ArithmeticTaskConfig
-from kat_research.eval.answers import extract_answer
+from kat_research.data.synthetic import ArithmeticTaskConfig, exact_integer_match
 from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
 from kat_research.rollout import SamplingConfig
+from kat_research.text.answers import last_boxed
 
 
 @dataclass
@@ -21,14 +21,6 @@ class EvalResult:
 
     metrics: dict[str, float]
     records: list[SampleRecord] = field(default_factory=list)
-
-
-def integer_match(answer: str | None, gold: str) -> bool:
-    """Exact integer equality of an extracted answer and the gold (synthetic task grading)."""
-    try:
-        return answer is not None and int(answer.strip()) == int(gold)
-    except ValueError:
-        return False
 
 
 def accuracy_metrics(name: str, records: list[SampleRecord]) -> dict[str, float]:
@@ -42,7 +34,11 @@ def accuracy_metrics(name: str, records: list[SampleRecord]) -> dict[str, float]
 
 
 class SyntheticEvaluator:
-    """Accuracy on the held-out split of the built-in arithmetic task (greedy by default)."""
+    """Accuracy on the held-out split of the built-in arithmetic task (greedy by default).
+
+    A completion is correct when its last box holds exactly the gold integer
+    (``data.synthetic.exact_integer_match``); ``answer`` in the records is that box's content.
+    """
 
     name = "synthetic"
 
@@ -88,7 +84,7 @@ class SyntheticEvaluator:
             [r.problem_id for r in self.rows],
             [r.answer for r in self.rows],
             completions,
-            extract=extract_answer,
-            grade_many=lambda pairs: [integer_match(a, g) for a, g in pairs],
+            extract=last_boxed,
+            grade_many=lambda pairs: [exact_integer_match(a, g) for a, g in pairs],
         )
         return EvalResult(accuracy_metrics(self.name, records), records)

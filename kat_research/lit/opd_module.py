@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
+from kat_research.lit.divergence import divergence_error, global_grad_norm, grad_scaler_active
 from kat_research.lit.schedule import optimizers_config
 from kat_research.losses import LOSS_KINDS, LossOutput, TeacherTargets, opd_loss, token_weights
 from kat_research.models import freeze
@@ -36,6 +37,7 @@ from kat_research.rollout import (
     build_backend,
     prompt_positions,
 )
+from kat_research.rollout.sampling import NonFiniteLogitsError
 from kat_research.termination import NoTermination
 from kat_research.termination.base import Terminator
 
@@ -172,6 +174,9 @@ class OPDModule(L.LightningModule):
         self._step_start = 0.0
         # the latest training rollout without its teacher targets, for callbacks (KL traces)
         self.last_rollout: Rollout | None = None
+        # the latest step's global gradient norm before clipping, for callbacks (divergence)
+        self.grad_norm: float | None = None
+        self._warned_teacher_nonfinite = False
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -234,7 +239,12 @@ class OPDModule(L.LightningModule):
         group = self.rollout_settings.group_size
         prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
-        rollout = self.engine.generate(prompt_ids, prompt_mask, self.rollout_generator())
+        try:
+            rollout = self.engine.generate(prompt_ids, prompt_mask, self.rollout_generator())
+        except NonFiniteLogitsError as error:
+            raise divergence_error(
+                self.trainer, "the student's logits are NaN or inf while sampling rollouts"
+            ) from error
         out = self.distillation_loss(rollout)
         self._log_rollout(rollout, out)
         self.last_rollout = replace(
@@ -277,6 +287,16 @@ class OPDModule(L.LightningModule):
             chunk_size=s.chunk_size,
         )
 
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Measure and log the gradient norm before clipping; stop if it is NaN or inf
+        (except under float16 loss scaling, whose scaler skips such steps itself)."""
+        self.grad_norm = float(global_grad_norm(self.student.parameters()))
+        self.log("train/grad_norm", self.grad_norm, on_step=True)
+        if not math.isfinite(self.grad_norm) and not grad_scaler_active(self.trainer):
+            raise divergence_error(
+                self.trainer, f"the gradient norm before clipping is {self.grad_norm}"
+            )
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.terminator.on_optimizer_step()
@@ -311,6 +331,7 @@ class OPDModule(L.LightningModule):
         values = torch.tensor([float(v) for v in local.values()], dtype=torch.float64)
         g = dict(zip(local, all_reduce_sum(values.to(self.device)).tolist(), strict=True))
         ranks = world_size()
+        self._check_finite(g)
         self.totals["tokens_generated"] += int(g["generated"])
         self.totals["tokens_kept"] += int(g["kept"])
         self.totals["rollouts"] += int(g["rollouts"])
@@ -336,6 +357,23 @@ class OPDModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, batch_size=rollout.batch_size)
         self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
         self.log("len", metrics["len/generated"], prog_bar=True, on_step=True, logger=False)
+
+    def _check_finite(self, totals: dict[str, float]) -> None:
+        """Stop on a NaN/inf loss; warn (once) when teacher values were NaN/inf. ``totals``
+        are sums over ranks, so every rank decides alike (a non-finite loss anywhere makes
+        the sum non-finite) before the backward pass."""
+        if not math.isfinite(totals["loss"]):
+            loss = totals["loss"] / world_size()
+            raise divergence_error(self.trainer, f"the loss (train/loss) is {loss}")
+        if totals["nonfinite"] and not self._warned_teacher_nonfinite:
+            self._warned_teacher_nonfinite = True
+            rank_zero_warn(
+                f"step {self.trainer.global_step}: the teacher's logits are NaN or inf at "
+                f"{int(totals['nonfinite'])} kept tokens; they are left out of the loss "
+                "(counted in train/teacher_nonfinite at every step). The teacher holds NaN/inf "
+                "weights, or its activations overflow in its dtype (model.teacher.dtype). "
+                "(Warned once per run.)"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 
-from kat_research.tables.traces import TRACE_FILE
+from kat_research.layout import TRACE_FILE
 
 
 class RolloutTraceWriter(L.Callback):

@@ -1,13 +1,19 @@
-"""Teacher and student must share a vocabulary for token-level KL to mean anything."""
+"""Pre-flight checks of a student/teacher pair: they must share a vocabulary for token-level KL
+to mean anything, and hold finite weights."""
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 
 class VocabularyMismatchError(ValueError):
     """Teacher and student tokenizers (or logit spaces) disagree."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model holds NaN or inf weights."""
 
 
 def _special_tokens(tok: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -55,4 +61,28 @@ def check_vocab_agreement(
             f"student {student_name!r} and teacher {teacher_name!r} do not share a vocabulary: "
             f"{diff}. On-policy distillation compares next-token distributions id by id, so "
             "pick a teacher and student from the same tokenizer family."
+        )
+
+
+def nonfinite_weights(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters and buffers of ``model`` holding NaN or inf, with how many such values each."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    counts = {name: int((~torch.isfinite(t.detach())).sum()) for name, t in tensors}
+    return {name: n for name, n in counts.items() if n}
+
+
+def describe_nonfinite(bad: dict[str, int], shown: int = 3) -> str:
+    """``nonfinite_weights``'s answer in words: the count and the first tensors' names."""
+    names = ", ".join(f"{name} ({n})" for name, n in list(bad.items())[:shown])
+    more = f" and {len(bad) - shown} more tensors" if len(bad) > shown else ""
+    return f"{sum(bad.values())} NaN/inf weight values, in {names}{more}"
+
+
+def check_finite_weights(name: str, model: torch.nn.Module) -> None:
+    """Raise ``NonFiniteWeightsError`` naming the model and its NaN/inf tensors, if any."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{name} holds {describe_nonfinite(bad)}: its checkpoint is corrupt or was saved "
+            "from a diverged run; load another checkpoint of this model."
         )

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kat_research.losses.kl import per_token_reverse_kl
+from kat_research.models.vocab_check import check_finite_weights
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
 from kat_research.rollout.student import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.types import (
@@ -38,7 +39,8 @@ def check_head_reproduces_logits(model: PreTrainedModel, name: str) -> None:
     """Fail clearly if logits are not ``output_embeddings(final hidden state)`` for ``model``.
 
     The engine and the chunked losses recompute logits from hidden states; a model that
-    post-processes its logits (e.g. soft-capping) would silently get a different KL.
+    post-processes its logits (e.g. soft-capping) would silently get a different KL. Logits
+    that are not finite are reported as such (NaN/inf weights, or activations that overflow).
     """
     device = next(model.parameters()).device
     ids = torch.arange(1, 5, device=device)[None] % model.get_output_embeddings().weight.shape[0]
@@ -46,6 +48,13 @@ def check_head_reproduces_logits(model: PreTrainedModel, name: str) -> None:
         full = model(input_ids=ids).logits
         recomputed = model.get_output_embeddings()(
             model.base_model(input_ids=ids).last_hidden_state
+        )
+    if not bool(torch.isfinite(full).all()):
+        check_finite_weights(name, model)
+        raise ValueError(
+            f"{name}: its logits on a 4-token probe hold NaN or inf although its weights are "
+            f"finite: its activations overflow in {full.dtype}; load it in a wider dtype "
+            f"(model.{name}.dtype)."
         )
     if not torch.allclose(full.float(), recomputed.float(), atol=1e-3, rtol=1e-3):
         raise ValueError(

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The logits to sample from hold NaN or inf: the model's weights or activations are not
+    finite (a diverged training run, or a precision too narrow for the model)."""
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the smallest set whose probability reaches ``top_p``.
 
@@ -27,7 +32,20 @@ def sample_next_token(
     top_p: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Sample one token per row of ``logits`` [n, V]; ``temperature == 0`` is greedy."""
+    """Sample one token per row of ``logits`` [n, V]; ``temperature == 0`` is greedy.
+
+    Raises :class:`NonFiniteLogitsError` if a row holds NaN or +inf or no finite logit at all
+    (sampling would fail or, greedily, silently pick an arbitrary token); -inf marks a token
+    that cannot be sampled.
+    """
+    finite = torch.isfinite(logits)
+    invalid = (~finite & (logits != float("-inf"))).any(dim=-1) | ~finite.any(dim=-1)
+    if bool(invalid.any()):
+        raise NonFiniteLogitsError(
+            f"cannot sample the next token: the logits of {int(invalid.sum())} of "
+            f"{logits.shape[0]} rows hold NaN or inf, so the model's weights or activations "
+            "are not finite (a diverged training run, or a precision too narrow for the model)"
+        )
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = top_p_filter(logits.float() / temperature, top_p)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-TRACE_FILE = "rollouts/kl_traces.jsonl"
+from kat_research.layout import TRACE_FILE
+
 # step: optimizer steps before this batch; row: index in the batch; length: tokens generated;
 # kept: tokens kept for the loss; stop_reason: eos / max_tokens / terminated; threshold: the
 # batch's KAT threshold (None without KAT or while its buffer fills); kl: d_t per generated

@@ -3,18 +3,9 @@ run starts and ends, and ``supervise`` decides which phases the loss sees.
 
 This is the KAT paper's stage-wise supervision ablation: train on pre-agreement tokens only
 (``pre``), then add the agreement phase (``pre+agreement``), then the post-agreement phase
-(``all``). Phases of one rollout of ``length`` tokens:
-
-- pre-agreement ``[0, pre_end)``: before the first run of ``patience`` low windows, i.e. KAT's
-  cut (``pre_end = length`` when the detector never fires);
-- agreement ``[pre_end, agreement_end)``: that run, extended while its windows stay low;
-  ``agreement_end`` is the end of its last low window, or ``length`` if the run lasts to the
-  last evaluated window;
-- post-agreement ``[agreement_end, length)``.
-
-Detection, threshold and buffer are KAT's own (the online scan of :class:`KATTerminator`, and
-:func:`kat_cut` for the run's end), so ``supervise="pre"`` trains on the tokens KAT-OPD keeps,
-without stopping the rollout.
+(``all``). The phases are those of :mod:`kat_research.termination.phases`, split at the cut
+of KAT's own online scan (threshold and buffer as in :class:`KATTerminator`), so
+``supervise="pre"`` trains on the tokens KAT-OPD keeps, without stopping the rollout.
 """
 
 from __future__ import annotations
@@ -23,40 +14,11 @@ from typing import Any
 
 import torch
 
-from kat_research.termination.kat import KATTerminator, kat_cut
+from kat_research.termination.kat import KATTerminator
+from kat_research.termination.phases import segments_at_cut
 
 # Settings of ``supervise``, in the order of ``phase_bounds``' columns (tokens each one keeps).
 SUPERVISE = ("pre", "pre+agreement", "all")
-
-
-def agreement_end(
-    kl: torch.Tensor,
-    cut: int,
-    *,
-    threshold: float,
-    window: int,
-    stride: int,
-    patience: int,
-    exempt: int = 0,
-) -> int:
-    """End of the low-KL run that KAT detects at ``cut`` in one rollout's KL [length].
-
-    Every run before the detected one is shorter than ``patience``, so for ``p >= patience``
-    KAT still cuts at ``cut`` iff the run holds at least ``p`` low windows: a binary search
-    over ``p`` finds the run's length with the KAT scan itself.
-    """
-    length = kl.numel()
-    last_window = (length - window) // stride
-    rule = dict(threshold=threshold, window=window, stride=stride, exempt=exempt)
-    lo, hi = patience, last_window - cut // stride + 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if kat_cut(kl, patience=mid, **rule) == cut:
-            lo = mid
-        else:
-            hi = mid - 1
-    run_end = cut // stride + lo - 1
-    return length if run_end == last_window else run_end * stride + window
 
 
 class KATPhaseMarker(KATTerminator):
@@ -83,19 +45,16 @@ class KATPhaseMarker(KATTerminator):
         cuts = self._current_batch().cut.tolist()
         bounds = []
         for row, (cut, length) in enumerate(zip(cuts, lengths.tolist(), strict=True)):
-            if cut < 0:
-                bounds.append((length, length, length))
-                continue
-            end = agreement_end(
+            segments = segments_at_cut(
                 kl[row, :length].detach().cpu(),
-                cut,
+                cut if cut >= 0 else None,
                 threshold=self._batch_threshold,
                 window=self.window,
                 stride=self.stride,
                 patience=self.patience,
                 exempt=self.exempt,
             )
-            bounds.append((cut, end, length))
+            bounds.append((segments.pre_end, segments.agreement_end, segments.length))
         return torch.tensor(bounds, dtype=torch.long).reshape(-1, 3)
 
     def kept_tokens(
