@@ -77,7 +77,7 @@ plan: install
 # Figures of the KAT paper's §3 analyses (kat_research.analysis), PNG + CSV in results/<name>/.
 # RUN: a training job folder with step checkpoints (default: the KAT job `make demo` trains).
 # ARGS: extra Hydra overrides, e.g. the paper's scale for the checkpoint analyses:
-#   make figure-kl-dynamics RUN=outputs/kat/<time> ARGS="analysis/detector=paper analysis/rollouts=paper"
+#   make figure-kl-dynamics RUN=outputs/kat/<time> ARGS="analysis/detector=kat_paper analysis.rollouts.batch_size=4"
 RUN ?= outputs/demo/kat
 ARGS ?=
 CHECK_RUN = test -d "$(RUN)" || { echo "RUN=$(RUN) is not a training job folder (set RUN=...)"; exit 1; }

@@ -9,7 +9,6 @@ are written by rank 0 only.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config import build_module, check_runnable
+from kat_research.console import quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
 from kat_research.lit.eval_callback import EvalCallback
@@ -105,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     A folder holding an earlier attempt of the same run continues from its newest checkpoint
     (``resume=auto``); a finished run returns its summary without training again."""
     start = time.perf_counter()
+    quiet(cfg.get("verbose", False))
     output_dir = Path(cfg.paths.output_dir)
     terminator = check_runnable(cfg)
     resume = prepare_folder(cfg, output_dir)
@@ -154,7 +155,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         write_summary(output_dir, summary)
-        log.info("summary: %s", json.dumps(summary))
+        log.info(result_line(summary))
     return summary
 
 

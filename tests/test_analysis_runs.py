@@ -71,10 +71,10 @@ def analysis_config(name: str, run_dir: Path, out: Path, *overrides: str):
 
 
 PAPER_SCALE = {
-    "kl_dynamics": ["analysis/detector=paper", "analysis/rollouts=paper"],
-    "gradient_projection": ["analysis/detector=paper", "analysis/rollouts=paper"],
-    "teacher_tokens": ["analysis/detector=paper", "analysis/rollouts=paper"],
-    "trap_benchmark": ["analysis/benchmark=paper"],
+    "kl_dynamics": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "gradient_projection": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "teacher_tokens": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "trap_benchmark": ["analysis/benchmark=length_4096"],
 }
 
 

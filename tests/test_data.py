@@ -477,7 +477,7 @@ def test_datamodule_synthetic_prompts(char_tokenizer):
     assert len(loader) == 200 // 16  # drop_last
     again = _module(char_tokenizer, source, batch_size=16, max_prompt_tokens=128, val_size=32)
     assert next(iter(again.train_dataloader()))["problem_ids"] == batch["problem_ids"]
-    val_problems = {p for b in module.val_dataloader() for p in b["problems"]}
+    val_problems = {r.problem for r in module.val_rows}
     assert len(val_problems) == 32
     assert not val_problems & {r.problem for r in module.train_rows}
 
@@ -495,7 +495,7 @@ def test_datamodule_synthetic_sft(char_tokenizer):
     batch = next(iter(module.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert (batch["labels"] != -100).any(dim=1).all()
-    assert module.val_dataloader() == []
+    assert module.val_rows == []
 
 
 def test_datamodule_gsm8k_file(char_tokenizer):
@@ -507,7 +507,7 @@ def test_datamodule_gsm8k_file(char_tokenizer):
     batch = next(iter(module.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 350
     assert all(re.fullmatch(r"-?[\d.]+", a) for a in batch["answers"])
-    assert module.val_dataloader() == []
+    assert module.val_rows == []
     with pytest.raises(ValueError, match=r"no rows left.*dropped 30 longer than"):
         _module(char_tokenizer, source, max_prompt_tokens=50)
 
@@ -536,7 +536,7 @@ def test_datamodule_logs_one_line_per_source_with_what_was_skipped(
     (record,) = caplog.records
     assert record.levelname == "WARNING"
     assert record.getMessage() == (
-        f"train data: 3 rows, 1 unique prompts kept (1 rows); skipped 1 of 3 records of {path}: "
+        f"train data: 3 rows read, 1 kept (1 unique prompts); skipped 1 of 3 records of {path}: "
         "invalid_utf8 1 (line 3: byte 0xff at column 14 is not UTF-8); dropped 1 longer than "
         "max_prompt_tokens=512"
     )
@@ -622,7 +622,7 @@ def test_dapo_preset_deduplicates_and_reports_unique_prompts(dapo_parquet, char_
     }
     (record,) = caplog.records
     assert record.levelname == "INFO"
-    assert record.getMessage().startswith("train data: 301 rows, 4 unique prompts kept (4 rows)")
+    assert record.getMessage().startswith("train data: 301 rows read, 4 kept (4 unique prompts)")
     module = instantiate(compose([*local, "data.source.dedup=false"]).data)
     module.attach_tokenizer(char_tokenizer)
     with caplog.at_level("INFO", logger="kat_research.data.datamodule"):

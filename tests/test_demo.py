@@ -33,7 +33,7 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
     main(["--output-dir", str(out), *overrides])
     printed = capsys.readouterr().out
     assert "| teacher |" in printed and "| opd |" in printed and "| kat |" in printed
-    assert "Agreement trap" in printed
+    assert "After the student's first error" in printed and "low-KL trap" in printed
     results = json.loads((out / "demo_results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["opd", "kat"]
     for run in results["runs"]:

@@ -34,8 +34,8 @@ def _log_counts(
     dropped. A warning when anything but configured de-duplication removed rows, or when a
     file or hub source keeps repeated prompts."""
     line = (
-        f"{role} data: {stats['n_read']} rows, {stats['n_unique_prompts']} unique prompts kept "
-        f"({stats['n_rows']} rows)"
+        f"{role} data: {stats['n_read']} rows read, {stats['n_rows']} kept "
+        f"({stats['n_unique_prompts']} unique prompts)"
     )
     if load_stats.n_skipped:
         line += f"; {load_stats}"
@@ -184,35 +184,26 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
-    def _loader(self, rows: list[Row], sft: bool, train: bool) -> DataLoader:
-        trainer = self.trainer if train else None
-        sampler = ResumableBatchSampler(
-            len(rows),
-            self.batch_size,
-            seed=self.seed,
-            shuffle=train and self.shuffle,
-            drop_last=train,
-            consumed=self._batches_consumed if train else (lambda: 0),
-            rank=0 if trainer is None else trainer.global_rank,
-            world_size=1 if trainer is None else trainer.world_size,
-        )
-        return ResumableDataLoader(
-            rows,
-            batch_sampler=sampler,
-            collate_fn=self._collator(sft),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
         """Training batches, reshuffled every epoch from ``seed``; a resumed run continues
         where the checkpoint left off. ``batch_size`` is the global batch: under data
         parallelism each rank gets its disjoint share (see ``ResumableBatchSampler``), so the
         trainer must not inject a ``DistributedSampler`` (``use_distributed_sampler: false``)."""
-        return self._loader(self.train_rows, sft=self.mode == "sft", train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Prompt batches of the validation rows (an empty list when there are none)."""
-        if not self.val_rows:
-            return []
-        return self._loader(self.val_rows, sft=False, train=False)
+        trainer = self.trainer
+        sampler = ResumableBatchSampler(
+            len(self.train_rows),
+            self.batch_size,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            drop_last=True,
+            consumed=self._batches_consumed,
+            rank=0 if trainer is None else trainer.global_rank,
+            world_size=1 if trainer is None else trainer.world_size,
+        )
+        return ResumableDataLoader(
+            self.train_rows,
+            batch_sampler=sampler,
+            collate_fn=self._collator(self.mode == "sft"),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -29,6 +29,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kat_research.console import quiet
 from kat_research.data.sources import load_rows
 from kat_research.demo.jobs import demo_config, run_job
 from kat_research.demo.models import demo_model_info
@@ -74,12 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["opd", "kat"])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs/demo"),
+        help="one folder per method, replaced by every demo run",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="library output too")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet(args.verbose)
     start = time.perf_counter()
-    overrides = list(args.overrides)
+    overrides = [f"verbose={args.verbose}", *args.overrides]
     if args.jobs > 1:  # progress bars of parallel jobs would overwrite each other
         overrides = [
             "callbacks.progress_bar.refresh_rate=0",
@@ -107,13 +115,19 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
 
     print("\n" + table)
+    after, before = trap["kl_after_error"], trap["kl_before_error"]
+    verdict = (
+        "lower than before it: the teacher agrees with the derailed student (a low-KL trap)"
+        if after < before
+        else "higher than before it: no low-KL trap on this task (rollouts are too short for "
+        "a derailed student to settle into agreement)"
+    )
     print(
-        f"\nAgreement trap (student before OPD, {trap['n_derailed']} of {trap['n_rollouts']} "
-        f"rollouts leave the reference solution): KL at the first wrong token "
+        f"\nAfter the student's first error ({trap['n_derailed']} of {trap['n_rollouts']} "
+        f"rollouts before OPD leave the reference solution): KL at the first wrong token "
         f"{trap['kl_at_error']:.3f} (median); mean KL over the next {trap['horizon']} tokens "
-        f"{trap['kl_after_error']:.3f} vs {trap['kl_before_error']:.3f} before the error; the "
-        f"teacher's top token equals the student's on {100 * trap['teacher_agrees_after']:.0f}%"
-        " of those tokens."
+        f"{after:.3f} vs {before:.3f} before the error, {verdict}. The teacher's top token "
+        f"equals the student's on {100 * trap['teacher_agrees_after']:.0f}% of those tokens."
     )
     print(f"\nDemo wall time: {seconds:.0f} s. Results in {args.output_dir}/")
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kat_research.config import CONFIG_DIR
+from kat_research.config import compose
 from kat_research.training import train
 
 
 def demo_config(method: str, output_dir: Path, overrides: list[str]) -> DictConfig:
     """The training config of one demo job."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "experiment=demo",
-                f"method={method}",
-                f"paths.output_dir={output_dir / method}",
-                *overrides,
-            ],
-        )
+    return compose(
+        [
+            "experiment=demo",
+            f"method={method}",
+            f"paths.output_dir={output_dir / method}",
+            *overrides,
+        ]
+    )
 
 
 def run_job(name: str, output_dir: Path, overrides: list[str], threads: int) -> dict | None:
@@ -37,4 +35,7 @@ def run_job(name: str, output_dir: Path, overrides: list[str], threads: int) -> 
         instantiate(demo_config("opd", output_dir, overrides).model[name])
         return None
     print(f"=== demo: {name} ===", flush=True)
+    folder = output_dir / name
+    if folder.exists():  # the demo's own output from an earlier `make demo`: replaced
+        shutil.rmtree(folder)
     return train(demo_config(name, output_dir, overrides))
