@@ -120,20 +120,22 @@ figure-trap-benchmark: install
 # ---------------------------------------------------------------------------------------------
 # Reproduction of the KAT paper's tables and ablations (kat_research.reproduce; the sweeps and
 # the paper's numbers are in experiments/<name>.yaml). Each target runs its jobs into
-# runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped, failed or killed ones re-run) and
-# writes results/<name>.{csv,md,tex,png}.
+# runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped; failed and killed ones run again
+# and resume from their newest checkpoint) and writes results/<name>.{csv,md,tex,png}.
 #   SCALE=tiny   offline synthetic task, demo models, 2-core CPU (default; first use also trains
 #                and caches the demo teacher/students, ~15 min once)
 #   SCALE=paper  Qwen3-8B -> Qwen3-1.7B/4B-Base on DAPO-Math (GPUs + hub access)
 #   SCALE=smoke  tiny random models, 2 steps: checks a sweep's plumbing in about a minute
 #   DRY_RUN=1    list and validate the jobs, run nothing
-#   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a command template with {cmd},
-#                e.g. "sbatch --gpus=1 --wrap '{cmd}'". submitit_*: resources of
-#                conf/hydra/launcher/<name>.yaml (as `kat_research.train -m hydra/launcher=<name>`);
-#                submitit_local runs the jobs one by one and waits, submitit_slurm submits one job
-#                array and returns (jobs stay pending: run the target again to aggregate), e.g.
-#                make reproduce-table1 SCALE=paper LAUNCHER=submitit_slurm ARGS="trainer.devices=8"
-#   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"
+#   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a launcher file (.yaml) |
+#                a command template with {cmd}, e.g. "sbatch --gpus=1 --wrap '{cmd}'".
+#                submitit_*: submitit with the resources of conf/launcher/<name>.yaml (each key
+#                commented); submitit_local runs the jobs one by one and waits, submitit_slurm
+#                submits job arrays and returns (jobs stay pending: run the target again to
+#                aggregate), e.g. make reproduce-table1 SCALE=paper LAUNCHER=submitit_slurm \
+#                ARGS="trainer=fsdp launcher.slurm.partition=gpu"
+#   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"; launcher.<key>=
+#                ones change the launcher file's settings
 # Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
 SCALE ?= tiny
 DRY_RUN ?=
