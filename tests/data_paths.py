@@ -10,7 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"  # same layout as paths.data_dir
-FIXTURE_ARCHITECTURES = ROOT / "tests" / "fixtures" / "models" / "qwen3_architectures.json"
 
 
 def full_data_dir() -> Path:
