@@ -22,8 +22,8 @@ from kat_research.rollout.backends.hf import HFBackend
 
 def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None) -> StudentBackend:
     """The student backend called ``name`` (``hf`` or ``vllm``; ``vllm`` = settings of the
-    vLLM engine, see ``conf/rollout/default.yaml``). A student already served by a vLLM
-    engine gets that engine (:meth:`VLLMBackend.serving`)."""
+    vLLM engine, see ``rollout.vllm`` in ``conf/train.yaml``). A student already served by a
+    vLLM engine gets that engine (:meth:`VLLMBackend.serving`)."""
     if name == "hf":
         return HFBackend(student)
     if name == "vllm":

@@ -45,7 +45,7 @@ _SERVING: weakref.WeakValueDictionary[int, VLLMBackend] = weakref.WeakValueDicti
 
 @dataclass(frozen=True)
 class VLLMSettings:
-    """Arguments of the colocated ``vllm.LLM`` (see ``conf/rollout/default.yaml``)."""
+    """Arguments of the colocated ``vllm.LLM`` (see ``rollout.vllm`` in ``conf/train.yaml``)."""
 
     gpu_memory_utilization: float = 0.3
     kv_cache_memory_bytes: int | None = None
