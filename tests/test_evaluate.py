@@ -223,10 +223,6 @@ def training_config(output_dir: Path, *overrides: str):
         "logger=csv",
         "trainer.max_steps=1",
         "eval=quick",
-        # the default scale=tiny also sizes eval.evaluator for eval=synthetic: undo that here
-        "~eval.evaluator.n_problems",
-        "eval.evaluator.n_samples=2",
-        "eval.at_start=true",
         *SMALL,
         "eval.evaluator.limit=2",
         *overrides,
