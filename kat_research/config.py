@@ -156,6 +156,13 @@ def check_runnable(cfg: DictConfig) -> Terminator:
     return terminator
 
 
+def build_scheduler(cfg: DictConfig) -> Any:
+    """The LR schedule factory, or None for a constant rate (``scheduler=none``; settings a
+    scale gives the schedule are then unused)."""
+    node = cfg.get("scheduler")
+    return instantiate(node) if node and "_target_" in node else None
+
+
 def build_module(
     cfg: DictConfig,
     student: LoadedModel,
@@ -173,7 +180,7 @@ def build_module(
         teacher.model,
         student.tokenizer,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        scheduler=build_scheduler(cfg),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         rollout=OmegaConf.to_container(cfg.rollout, resolve=True),
         seed=cfg.seed,

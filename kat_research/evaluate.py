@@ -1,7 +1,7 @@
 """`python -m kat_research.evaluate`: math benchmark evaluation of any student.
 
 ``student=`` takes a hub id, a local model folder, or a training run folder (its exported
-``student/``); ``eval=paper|quick`` picks the suite. The job folder receives ``samples.jsonl``
+``student/``); ``eval=math_suite|quick`` picks the suite. The job folder receives ``samples.jsonl``
 (one graded sample per line), ``summary.csv`` / ``summary.json`` (per-benchmark metrics and
 throughput) and TensorBoard scalars under ``tensorboard/``; the table is printed.
 """
@@ -62,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if "evaluator" not in cfg.eval:
-        raise ConfigError("this eval option has no evaluator: choose eval=paper or eval=quick")
+        raise ConfigError("this eval option has no evaluator: choose eval=math_suite or eval=quick")
     evaluator = instantiate(cfg.eval.evaluator)  # loads the problems before the model
     if not isinstance(evaluator, BenchmarkEvaluator):
         raise ConfigError(

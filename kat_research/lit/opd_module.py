@@ -27,6 +27,7 @@ from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
 from kat_research.lit.divergence import divergence_error, global_grad_norm, grad_scaler_active
 from kat_research.lit.schedule import optimizers_config
 from kat_research.losses import (
+    DEFAULT_K,
     LOSS_KINDS,
     TEACHER_KEEP,
     LossOutput,
@@ -153,7 +154,7 @@ class OPDModule(L.LightningModule):
             terminator=self.terminator,
             score_every=self.rollout_settings.score_every,
             teacher_keep=TEACHER_KEEP[self.loss_settings.kind] if keep == "auto" else keep,
-            teacher_topk=self.loss_settings.k or 32,
+            teacher_topk=self.loss_settings.k or DEFAULT_K.get(self.loss_settings.kind),
             masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
             backend=build_backend(
                 self.rollout_settings.backend, student, self.rollout_settings.vllm

@@ -100,7 +100,7 @@ class RolloutEngine:
         teacher_keep: what the loss needs from the teacher besides log q(y_t): ``hidden``
             (final hidden states, for full-vocabulary losses), ``topk`` (top-K log-probs
             and ids) or ``none``.
-        teacher_topk: K for ``teacher_keep="topk"``.
+        teacher_topk: K for ``teacher_keep="topk"`` (required with it).
         masked_token_ids: generated positions holding these ids are left out of ``loss_mask``.
         backend: where the student's tokens come from (default: the student decodes itself,
             :class:`HFBackend`); see :func:`kat_research.rollout.build_backend`.
@@ -116,7 +116,7 @@ class RolloutEngine:
         terminator: Terminator | None = None,
         score_every: int | None = None,
         teacher_keep: TeacherKeep = "none",
-        teacher_topk: int = 32,
+        teacher_topk: int | None = None,
         masked_token_ids: Sequence[int] = (),
         backend: StudentBackend | None = None,
     ):
@@ -126,8 +126,12 @@ class RolloutEngine:
             raise ValueError(f"{terminator!r} needs the teacher's per-token KL; pass a teacher")
         if teacher is None and teacher_keep != "none":
             raise ValueError("teacher_keep needs a teacher")
+        if teacher_keep == "topk" and (teacher_topk is None or teacher_topk < 1):
+            raise ValueError(f"teacher_keep='topk' needs teacher_topk >= 1, got {teacher_topk}")
         hint = getattr(terminator, "chunk_hint", None)
-        self.score_every = int(score_every or hint or DEFAULT_SCORE_EVERY)
+        self.score_every = int(
+            score_every if score_every is not None else hint or DEFAULT_SCORE_EVERY
+        )
         if self.score_every < 1:
             raise ValueError(f"score_every must be >= 1, got {self.score_every}")
         self.student = student
