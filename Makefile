@@ -142,7 +142,7 @@ figure-trap-benchmark: install
 # Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
 SCALE ?= tiny
 DRY_RUN ?=
-LAUNCHER ?= local
+LAUNCHER ?= $(if $(filter paper,$(SCALE)),subprocess,local)  # paper jobs start 8 ranks themselves
 REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNCHER)" $(if $(DRY_RUN),--dry-run)
 
 .PHONY: reproduce-all reproduce-table1 reproduce-table2 reproduce-ablation-prefix \

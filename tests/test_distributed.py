@@ -44,6 +44,7 @@ RUN = [
     "scheduler=none",
     "logger=csv",
     "eval=synthetic",
+    "eval.at_start=true",
     "eval.evaluator.n_problems=8",
     "eval.evaluator.max_new_tokens=8",
     "eval.every_n_steps=1",
@@ -196,7 +197,8 @@ def test_ddp_run_equals_single_process_run(tmp_path, single_run):
     exported student, and losses, metrics, KAT state and weights equal one process's."""
     job = _launch(tmp_path, "ddp", single_run / "cache")
     _check_matches_single_process(job, single_run)
-    assert sorted(p.name for p in job.glob("*.json")) == ["summary.json"]
+    assert sorted(p.name for p in job.glob("*.json")) == ["run.json", "summary.json"]
+    assert json.loads((job / "run.json").read_text())["attempts"] == 1  # claimed by rank 0 only
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(job / "student").config.vocab_size > 0

@@ -15,6 +15,7 @@ from kat_research.config import ConfigError
 from kat_research.reproduce import main as reproduce
 from kat_research.reproduce import validate
 from kat_research.sweep.job import job_config
+from kat_research.sweep.launch import LOCAL, SUBPROCESS
 from kat_research.sweep.spec import expand_jobs, load_spec, spec_names
 from kat_research.sweep.state import DONE, PENDING, job_folder, job_state
 from kat_research.sweep.submitit_launch import (
@@ -45,8 +46,9 @@ def covering(jobs):
 def test_every_experiment_composes(tmp_path, name, scale):
     """Jobs covering every axis label compose and validate (all of them: the slow test)."""
     jobs = expand_jobs(load_spec(name), scale)
+    launcher = SUBPROCESS if scale == "paper" else LOCAL  # paper jobs run on 8 ranks
     for job in covering(jobs):
-        validate(job, job_folder(tmp_path, job))
+        validate(job, job_folder(tmp_path, job), launcher)
     assert {job.scale for job in jobs} <= {scale}
 
 
