@@ -10,7 +10,7 @@ cached testbed teacher and student, then reports
 
 Rollouts are the student's own (temperature 1, top-p 1, cap --max-new-tokens) on training-split
 prompts, as OPD samples them, scored by the teacher; nothing is planted. Writes
-``summary.json`` and ``rollouts.csv`` to --out and prints a Markdown summary.
+``summary.json``, ``summary.md`` and ``rollouts.csv`` to --out and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import logging
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +43,55 @@ def token_text(tokenizer, ids: list[int]) -> str:
     character and token positions stay equal."""
     pieces = [tokenizer.decode([t]) for t in ids]
     return "".join(p if len(p) == 1 else "\ufffd" for p in pieces)
+
+
+def markdown(summary: dict) -> str:
+    """The summary as the Markdown tables results/testbed_trap_check.md quotes."""
+    fl = summary["forced_loop"]
+    copies = range(len(fl["teacher"]))
+    lines = [
+        f"commit {summary['commit']}; held-out greedy accuracy: teacher "
+        f"{summary['teacher']['collatz/accuracy']:.3f}, "
+        f"student {summary['student']['collatz/accuracy']:.3f}",
+        "",
+        "| forced-loop copy index | " + " | ".join(str(j) for j in copies) + " |",
+        "|---|" + "---|" * len(copies),
+        *[
+            f"| {role} top-1 accuracy | " + " | ".join(f"{a:.3f}" for a in fl[role]) + " |"
+            for role in fl
+        ],
+        "",
+        "| category | n | mean length | mean KL |",
+        "|---|---|---|---|",
+        *[
+            f"| {c} | {n} | {summary['mean_length'][c]:.1f} | {summary['mean_kl'][c]:.4f} |"
+            for c, n in summary["categories"].items()
+        ],
+        f"| (ran to the cap, any category) | {summary['capped_total']} | | |",
+        "",
+        "| KL over the next H tokens | n | derailed mean | correct, same positions | "
+        "derailed median | correct median | share derailed < correct | sign-test p |",
+        "|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {a['n']} | {a['derailed_mean']:.4f} | {a['control_mean']:.4f} | "
+            f"{a['derailed_median']:.4f} | {a['control_median']:.4f} | "
+            f"{a['share_below_control']:.2f} | {a['sign_test_p']:.2g} |"
+            for name, a in summary["kl_after_derailment"].items()
+        ],
+        "",
+        "| quantile q | threshold | cut derailed | cut correct | Fisher p | wrong | degenerate "
+        "| capped | cuts at/after onset |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {q} | {k['threshold']:.4g} | {k['cut_derailed']}/{k['n_derailed']} "
+            f"({k['rate_derailed']:.2f}) | {k['cut_correct']}/{k['n_correct']} "
+            f"({k['rate_correct']:.2f}) | {k['fisher_p']:.2g} | {k['rate_wrong']:.2f} "
+            f"| {k['rate_degenerate']:.2f} | {k['rate_capped']:.2f} "
+            f"| {k['cut_after_onset_share']:.2f} |"
+            for q, k in summary["kat"].items()
+        ],
+    ]
+    return "\n".join(lines)
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,6 +127,9 @@ def main() -> None:
         "teacher": {k: v for k, v in demo_model_info(teacher.name).items() if k != "sft"},
         "student": {k: v for k, v in demo_model_info(student.name).items() if k != "sft"},
         "models_ready_s": built_s,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
     }
 
     eval_starts = [
@@ -189,7 +242,8 @@ def main() -> None:
                     r["text"],
                 ]
             )
-    print(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary) + "\n")
+    print(markdown(summary))
 
 
 if __name__ == "__main__":
