@@ -32,6 +32,7 @@ from kat_research.data.long_task import CollatzTaskConfig
 from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.models import demo_model_info
+from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
 
 PRESETS = ["data=collatz", "model/teacher=testbed", "model/student=testbed"]
@@ -107,6 +108,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--horizon", type=int, default=32, help="tokens after derailment compared")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default="results/testbed_trap_check")
+    p.add_argument("--teacher-dir", help="a saved testbed model to use instead of the preset's")
+    p.add_argument("--student-dir", help="a saved testbed model to use instead of the preset's")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the testbed presets")
     return p.parse_args()
 
@@ -118,7 +121,16 @@ def main() -> None:
     cfg = compose([*PRESETS, *args.overrides])
     task = CollatzTaskConfig(**cfg.data.source.task)
     start = time.perf_counter()
-    teacher, student = instantiate(cfg.model.teacher), instantiate(cfg.model.student)
+    teacher = (
+        load_causal_lm(args.teacher_dir, trainable=False)
+        if args.teacher_dir
+        else instantiate(cfg.model.teacher)
+    )
+    student = (
+        load_causal_lm(args.student_dir, trainable=False)
+        if args.student_dir
+        else instantiate(cfg.model.student)
+    )
     tokenizer = teacher.tokenizer
     built_s = time.perf_counter() - start
     summary: dict = {

@@ -110,7 +110,8 @@ def train_sft_model(
     ``collatz`` task, whose models are first pre-trained on copy-rich documents for
     ``sft.pretrain_steps`` steps; see ``demo.testbed``). Held-out greedy accuracy is measured
     every ``sft.eval_every`` steps (0: at the end only); with ``sft.target_accuracy`` set,
-    training stops at the first check that reaches it.
+    training stops at the first check that reaches it. With ``sft.init_from`` (optional) the
+    weights start from that saved model instead of a random init.
     """
     if kind not in TASK_SETUPS:
         raise ValueError(
@@ -119,7 +120,11 @@ def train_sft_model(
     start = time.perf_counter()
     L.seed_everything(sft["seed"], workers=True)
     tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
-    model = build_tiny_qwen3(tokenizer, **architecture, seed=sft["seed"])
+    init_from = sft.get("init_from")  # a saved model to continue from (same architecture)
+    if init_from:
+        model = load_causal_lm(str(init_from), trainable=True).model
+    else:
+        model = build_tiny_qwen3(tokenizer, **architecture, seed=sft["seed"])
     setup = TASK_SETUPS[kind](tokenizer, sft, task)
     pretrain_seconds = 0.0
     if setup.pretrain is not None:
