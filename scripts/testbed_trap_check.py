@@ -46,6 +46,55 @@ def token_text(tokenizer, ids: list[int]) -> str:
     return "".join(p if len(p) == 1 else "\ufffd" for p in pieces)
 
 
+@torch.no_grad()
+def carry_forward(teacher, tokenizer, rows, records, verdicts, task) -> dict:
+    """Whether wrong values are carried forward: by the student (share of its later lines that
+    are valid steps from its own previous result) and by the teacher (greedy next line after
+    the student's first error line, when that line computed a wrong result from the right
+    input: carried / reverted to the right value / other)."""
+    own = []
+    for r, v in zip(records, verdicts, strict=True):
+        if v.category != "correct" and v.onset is not None:
+            line = r["text"][: v.onset].count("\n")
+            share = tc.carried_forward_share(r["text"], line, task)
+            if share is not None:
+                own.append(share)
+    cases = [
+        (row.problem, found)
+        for row, r in zip(rows, records, strict=True)
+        if (found := tc.error_prefixes(row.problem, r["text"], task)) is not None
+    ]
+    kinds = []
+    if cases:
+        engine = RolloutEngine(
+            teacher.model,
+            sampling=SamplingConfig(0.0, 1.0, 24, (tokenizer.eos_token_id,)),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for lo in range(0, len(cases), 64):
+            batch = cases[lo : lo + 64]
+            enc = tokenizer(
+                [format_prompt(tokenizer, start, "") + prefix for start, (prefix, _, _) in batch],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            out = engine.generate(enc.input_ids, enc.attention_mask)
+            for b, (_, (_, wrong, right)) in enumerate(batch):
+                ids = out.tokens[b, : int(out.lengths[b])].tolist()
+                line = tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
+                kinds.append(tc.continuation_kind(line, wrong, right, task))
+    return {
+        "student_carried_share_mean": tc.mean(own),
+        "n_student": len(own),
+        "n_teacher_cases": len(kinds),
+        **{
+            f"teacher_{k}": kinds.count(k) / len(kinds) if kinds else float("nan")
+            for k in ("carried", "reverted", "other")
+        },
+    }
+
+
 def markdown(summary: dict) -> str:
     """The summary as the Markdown tables results/testbed_trap_check.md quotes."""
     fl = summary["forced_loop"]
@@ -61,6 +110,14 @@ def markdown(summary: dict) -> str:
             f"| {role} top-1 accuracy | " + " | ".join(f"{a:.3f}" for a in fl[role]) + " |"
             for role in fl
         ],
+        "",
+        "carried forward after the first error: student's later lines valid from its own "
+        f"previous result {summary['carry_forward']['student_carried_share_mean']:.2f} "
+        f"(n={summary['carry_forward']['n_student']}); teacher's greedy next line after a "
+        f"wrong-result line (n={summary['carry_forward']['n_teacher_cases']}): carried "
+        f"{summary['carry_forward']['teacher_carried']:.2f}, reverted to the right value "
+        f"{summary['carry_forward']['teacher_reverted']:.2f}, other "
+        f"{summary['carry_forward']['teacher_other']:.2f}",
         "",
         "| category | n | mean length | mean KL |",
         "|---|---|---|---|",
@@ -185,6 +242,7 @@ def main() -> None:
             records.append({"start": row.problem, "length": length, "stop": stop, "text": text})
     summary["rollout_s"] = time.perf_counter() - t0
 
+    summary["carry_forward"] = carry_forward(teacher, tokenizer, rows, records, verdicts, task)
     counts = {c: sum(v.category == c for v in verdicts) for c in tc.CATEGORIES}
     summary["categories"] = counts
     summary["capped_total"] = sum(r["stop"] == "max_tokens" for r in records)

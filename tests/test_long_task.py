@@ -162,6 +162,20 @@ def test_offline_kat_cuts_by_hand():
     assert tc.cut_after_onset_share(cuts, verdicts) == 1.0
 
 
+def test_carry_forward_measures_by_hand():
+    # 43*3-1 should be 128; the rollout writes 129, then halves... 129 is odd: 3*129-1=386
+    wrong = "3*29-1=86\n43=86/2\n43*3-1=129\n3*129-1=386\n193=386/2\n64:2=32"
+    assert tc.carried_forward_share(wrong, 2, CFG) == pytest.approx(2 / 3)  # last line reverts
+    prefix, got, right = tc.error_prefixes(29, wrong, CFG)
+    assert prefix == "3*29-1=86\n43=86/2\n43*3-1=129\n" and (got, right) == (129, 128)
+    assert tc.continuation_kind("129*3-1=386", 129, 128, CFG) == "carried"
+    assert tc.continuation_kind("64=128/2", 129, 128, CFG) == "reverted"
+    assert tc.continuation_kind("64=129/2", 129, 128, CFG) == "other"
+    # a first error that is not a wrong result from the right input: no prefix
+    assert tc.error_prefixes(29, "3*29-1=86\n44=88/2\n22=44/2", CFG) is None
+    assert tc.error_prefixes(29, SOLUTION_29, CFG) is None
+
+
 # ---- the recipe on tiny settings --------------------------------------------------------
 
 
@@ -189,3 +203,18 @@ def test_collatz_models_pretrain_then_sft(tmp_path):
         tmp_path / "m", architecture=architecture, sft=sft, task={}, kind="collatz"
     )
     assert meta["sft_steps"] == 2 and "collatz/accuracy" in meta and meta["pretrain_seconds"] > 0
+    # continuing from the saved model starts from its weights, not a fresh init
+    from kat_research.models import load_causal_lm
+
+    saved = load_causal_lm(str(tmp_path / "m"), trainable=False).model
+    again = train_sft_model(
+        tmp_path / "c",
+        architecture=architecture,
+        sft={**sft, "pretrain_steps": 0, "steps": 1, "lr": 0.0, "init_from": str(tmp_path / "m")},
+        task={},
+        kind="collatz",
+    )
+    assert again["sft_steps"] == 1
+    continued = load_causal_lm(str(tmp_path / "c"), trainable=False).model
+    for a, b in zip(saved.parameters(), continued.parameters(), strict=True):
+        assert torch.equal(a, b)  # lr 0: the continued model is the saved one

@@ -35,6 +35,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kat_research.data.long_task import (
     N_FORMS,
     CollatzTaskConfig,
+    is_valid_step,
+    next_value,
+    parse_step,
     repetition_onset,
     step_line,
     trajectory,
@@ -285,3 +288,53 @@ def cut_after_onset_share(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict])
         if c is not None and v.category != "correct" and v.onset is not None
     ]
     return sum(c >= onset for c, onset in pairs) / len(pairs) if pairs else math.nan
+
+
+def carried_forward_share(
+    completion: str, first_error: int, cfg: CollatzTaskConfig
+) -> float | None:
+    """Among the step lines after line ``first_error``, the share that are a valid step from the
+    previous line's own result (the wrong value carried forward); None if there are none."""
+    lines = completion.split("\n")
+    previous = parse_step(lines[first_error], cfg) if first_error < len(lines) else None
+    ok = total = 0
+    for line in lines[first_error + 1 :]:
+        step = parse_step(line, cfg)
+        if previous is not None and step is not None:
+            total += 1
+            ok += step[0] == previous[1] and is_valid_step(line, step[0], cfg)
+        previous = step
+    return ok / total if total else None
+
+
+def continuation_kind(line: str, wrong: int, right: int, cfg: CollatzTaskConfig) -> str:
+    """What a next line does after an error line whose result is ``wrong`` (the correct result
+    was ``right``): ``carried`` (a valid step from ``wrong``), ``reverted`` (a valid step from
+    ``right``) or ``other``."""
+    if is_valid_step(line, wrong, cfg):
+        return "carried"
+    if is_valid_step(line, right, cfg):
+        return "reverted"
+    return "other"
+
+
+def error_prefixes(
+    start: int | str, completion: str, cfg: CollatzTaskConfig
+) -> tuple[str, int, int] | None:
+    """(the completion up to and including its first error line and a newline, the wrong
+    result written there, the correct one) when the first rejected line is a parsable step
+    from the right input with a wrong result; None otherwise."""
+    verdict = verify(start, completion, cfg)
+    if verdict.first_error is None:
+        return None
+    lines = completion.split("\n")
+    if verdict.first_error >= len(lines) - 1:  # nothing after it in the rollout
+        return None
+    x = int(start)
+    for _ in range(verdict.first_error):
+        x = next_value(x, cfg)
+    step = parse_step(lines[verdict.first_error], cfg)
+    if step is None or step[0] != x or step[1] == next_value(x, cfg):
+        return None
+    prefix = "\n".join(lines[: verdict.first_error + 1]) + "\n"
+    return prefix, step[1], next_value(x, cfg)
