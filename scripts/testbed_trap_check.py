@@ -95,6 +95,12 @@ def carry_forward(teacher, tokenizer, rows, records, verdicts, task) -> dict:
     }
 
 
+def train_starts(task: CollatzTaskConfig, n: int = 64) -> list[int]:
+    """Up to ``n`` distinct training-split starts (the prompts OPD samples)."""
+    rows, _ = load_rows(SourceSpec(kind="collatz", split="train", n=4 * n, seed=7, task=task))
+    return sorted({int(r.problem) for r in rows})[:n]
+
+
 def markdown(summary: dict) -> str:
     """The summary as the Markdown tables results/testbed_trap_check.md quotes."""
     fl = summary["forced_loop"]
@@ -110,6 +116,12 @@ def markdown(summary: dict) -> str:
             f"| {role} top-1 accuracy | " + " | ".join(f"{a:.3f}" for a in fl[role]) + " |"
             for role in fl
         ],
+        "| KL(student‖teacher), loop copy | – | "
+        + " | ".join(f"{a:.4f}" for a in summary["forced_loop_kl"]["loop"])
+        + " |",
+        "| KL, correct line at that place | – | "
+        + " | ".join(f"{a:.4f}" for a in summary["forced_loop_kl"]["correct_lines"])
+        + " |",
         "",
         "carried forward after the first error: student's later lines valid from its own "
         f"previous result {summary['carry_forward']['student_carried_share_mean']:.2f} "
@@ -209,6 +221,11 @@ def main() -> None:
         role: tc.forced_loop_accuracy(m.model, tokenizer, eval_starts, task)
         for role, m in (("teacher", teacher), ("student", student))
     }
+
+    loop_kl, control_kl = tc.forced_loop_kl(
+        student.model, teacher.model, tokenizer, eval_starts + train_starts(task), task
+    )
+    summary["forced_loop_kl"] = {"loop": loop_kl, "correct_lines": control_kl}
 
     rows, _ = load_rows(
         SourceSpec(kind="collatz", split="train", n=args.rollouts, seed=1000 + args.seed, task=task)

@@ -130,6 +130,56 @@ def forced_loop_accuracy(
     return [h / max(1, n) for h, n in hits]
 
 
+def _token_kl(student: PreTrainedModel, teacher: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    """KL(student || teacher) over the full vocabulary at each position of ``ids`` (the
+    distribution predicting token i+1 sits at i), as the rollout engine computes d_t."""
+    x = torch.tensor([ids], device=teacher.device)
+    log_p = torch.log_softmax(student(input_ids=x.to(student.device)).logits[0].float(), -1)
+    log_q = torch.log_softmax(teacher(input_ids=x).logits[0].float(), -1).to(log_p.device)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).cpu()
+
+
+@torch.no_grad()
+def forced_loop_kl(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    starts: Sequence[int],
+    cfg: CollatzTaskConfig,
+    *,
+    k: int = 4,
+    copies: int = 6,
+    seed: int = 0,
+) -> tuple[list[float], list[float]]:
+    """Per copy index 1..``copies``: the mean KL(student || teacher) on the tokens of the
+    ``k``-th line repeated verbatim (a forced loop), and on the correct ``k+j``-th line of the
+    same problem (the control: the lines a correct rollout writes there). Starts whose
+    trajectory is shorter than ``k + copies`` lines are skipped."""
+    rng = random.Random(seed)
+    loop = [[] for _ in range(copies)]
+    control = [[] for _ in range(copies)]
+    for start in starts:
+        values = trajectory(start, cfg)
+        if values is None or len(values) - 1 < k + copies:
+            continue
+        lines = [step_line(x, rng.randrange(N_FORMS), cfg) for x in values[: k + copies]]
+        prompt = tokenizer(format_prompt(tokenizer, str(start), ""), add_special_tokens=False)
+        prefix = (
+            prompt.input_ids
+            + tokenizer("\n".join(lines[:k]) + "\n", add_special_tokens=False).input_ids
+        )
+        for target, continuation in ((loop, [lines[k - 1]] * copies), (control, lines[k:])):
+            ids, spans = list(prefix), []
+            for line in continuation:
+                line_ids = tokenizer(line + "\n", add_special_tokens=False).input_ids
+                spans.append((len(ids), len(ids) + len(line_ids)))
+                ids += line_ids
+            kl = _token_kl(student, teacher, ids)
+            for j, (lo, hi) in enumerate(spans):
+                target[j].append(float(kl[lo - 1 : hi - 1].mean()))
+    return [mean(v) for v in loop], [mean(v) for v in control]
+
+
 def mean(values: Sequence[float]) -> float:
     """The mean, NaN for no values."""
     return statistics.fmean(values) if values else math.nan
