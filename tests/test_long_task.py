@@ -176,6 +176,23 @@ def test_carry_forward_measures_by_hand():
     assert tc.error_prefixes(29, SOLUTION_29, CFG) is None
 
 
+def test_forced_loop_probes_on_tiny_models():
+    from kat_research.models import build_char_tokenizer, build_tiny_qwen3
+    from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
+
+    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
+    arch = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    a, b = build_tiny_qwen3(tokenizer, seed=0, **arch), build_tiny_qwen3(tokenizer, seed=1, **arch)
+    starts = [29, *lt.valid_starts(CFG)[:3]]
+    loop, control = tc.forced_loop_kl(a, a, tokenizer, starts, CFG, k=2, copies=3)
+    assert len(loop) == len(control) == 3
+    assert all(abs(x) < 1e-5 for x in loop + control)  # a model against itself: KL 0
+    loop, control = tc.forced_loop_kl(a, b, tokenizer, starts, CFG, k=2, copies=3)
+    assert all(x > 1e-3 for x in loop + control)
+    accuracy = tc.forced_loop_accuracy(a, tokenizer, starts, CFG, k=2, copies=3)
+    assert len(accuracy) == 4 and all(0 <= x <= 1 for x in accuracy)
+
+
 # ---- the recipe on tiny settings --------------------------------------------------------
 
 
