@@ -43,7 +43,8 @@ class CollatzTaskConfig:
     """Settings of the long-horizon task (see the module docstring).
 
     ``heldout_fraction`` of the starts (by a hash of the problem string) form the eval split.
-    ``max_chars`` bounds a pre-training document.
+    ``max_chars`` bounds a pre-training document. ``form_weights`` are the relative odds of
+    the three phrasings when text is generated (a model's style; the verifier accepts all).
     """
 
     odd_multiplier: int = 3
@@ -54,6 +55,7 @@ class CollatzTaskConfig:
     max_value: int = 9999
     heldout_fraction: float = 0.15
     max_chars: int = 256
+    form_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.odd_multiplier < 1 or (self.odd_multiplier + self.odd_offset) % 2:
@@ -67,6 +69,10 @@ class CollatzTaskConfig:
             raise ValueError("need 1 <= min_steps <= max_steps")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        weights = tuple(float(w) for w in self.form_weights)
+        if len(weights) != N_FORMS or min(weights) < 0 or not sum(weights) > 0:
+            raise ValueError(f"form_weights needs {N_FORMS} non-negative odds, got {weights}")
+        object.__setattr__(self, "form_weights", weights)
 
     @property
     def odd_rule(self) -> str:
@@ -89,6 +95,14 @@ def trajectory(start: int, cfg: CollatzTaskConfig) -> list[int] | None:
             return None
         values.append(y)
     return values
+
+
+def draw_form(rng: random.Random, cfg: CollatzTaskConfig) -> int:
+    """A phrasing index drawn with ``cfg.form_weights`` (equal odds: ``randrange``, the stream
+    the first testbed models were trained on)."""
+    if len(set(cfg.form_weights)) == 1:
+        return rng.randrange(N_FORMS)
+    return rng.choices(range(N_FORMS), cfg.form_weights)[0]
 
 
 def step_line(x: int, form: int, cfg: CollatzTaskConfig) -> str:
@@ -139,7 +153,7 @@ def solution_text(start: int, rng: random.Random, cfg: CollatzTaskConfig) -> str
     values = trajectory(start, cfg)
     if values is None:
         raise ValueError(f"start {start} has no trajectory within {cfg}")
-    lines = [step_line(x, rng.randrange(N_FORMS), cfg) for x in values[:-1]]
+    lines = [step_line(x, draw_form(rng, cfg), cfg) for x in values[:-1]]
     return "\n".join([*lines, f"\\boxed{{{values[-1]}}}"])
 
 
@@ -247,7 +261,7 @@ def _free_trajectory(start: int, rng: random.Random, cfg: CollatzTaskConfig) -> 
     ``max_chars``: starts in a loop basin cycle until the end of the document."""
     text, x = f"{start}", start
     while x >= cfg.stop_below and next_value(x, cfg) <= cfg.max_value:
-        line = step_line(x, rng.randrange(N_FORMS), cfg)
+        line = step_line(x, draw_form(rng, cfg), cfg)
         if len(text) + len(line) + 1 > cfg.max_chars:
             return text
         text += "\n" + line
@@ -263,7 +277,7 @@ def _repeated_lines(start: int, rng: random.Random, cfg: CollatzTaskConfig) -> s
     for _ in range(rng.randint(2, 7)):
         if x < cfg.stop_below or next_value(x, cfg) > cfg.max_value:
             break
-        lines.append(step_line(x, rng.randrange(N_FORMS), cfg))
+        lines.append(step_line(x, draw_form(rng, cfg), cfg))
         x = next_value(x, cfg)
     if len(lines) < 2:  # the first step already leaves max_value: repeat the start line
         lines.append(lines[0])

@@ -4,7 +4,9 @@ SFT on worked solutions with a share of those documents kept in the mixture.
 
 ``collatz_setup`` gives ``demo.models.train_sft_model`` the data of both phases and the
 held-out evaluator; the ``sft`` settings it reads beyond the arithmetic models' are
-``pretrain_steps``, ``n_documents``, ``copy_fraction`` and ``eval_problems``.
+``pretrain_steps``, ``n_documents``, ``copy_fraction``, ``eval_problems`` and the optional
+``form_weights`` (the model's phrasing style: odds of the three forms in its training text;
+teacher and student may differ, as real model pairs differ in style).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class TaskSetup:
 def collatz_setup(tokenizer: Any, sft: dict[str, Any], task: dict[str, Any]) -> TaskSetup:
     """Pre-training on ``n_documents`` copy-rich documents; SFT on a mixture drawing a
     document with probability ``copy_fraction`` and a worked solution otherwise."""
-    cfg = CollatzTaskConfig(**task)
+    cfg = CollatzTaskConfig(**{**task, "form_weights": sft.get("form_weights", (1, 1, 1))})
     seed, batch = sft["seed"], sft["batch_size"]
     max_length = cfg.max_chars + _MARGIN
     documents = document_examples(tokenizer, pretraining_documents(sft["n_documents"], seed, cfg))
