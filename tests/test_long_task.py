@@ -4,6 +4,7 @@ the trap-check statistics on hand-made traces, and (slow) the model recipe."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections import Counter
 
@@ -85,6 +86,17 @@ def test_phrasings_vary_within_and_across_solutions():
         by_start.setdefault(p.problem, set()).add(p.solution)
     drawn_twice = [texts for texts in by_start.values() if len(texts) > 1]
     assert len(drawn_twice) >= 50  # the same start drawn again is phrased differently
+
+
+def test_form_weights_set_a_style():
+    styled = lt.CollatzTaskConfig(form_weights=(6, 2, 2))
+    rng = random.Random(0)
+    forms = Counter(lt.draw_form(rng, styled) for _ in range(3000))
+    assert 0.56 <= forms[0] / 3000 <= 0.64 and 0.17 <= forms[2] / 3000 <= 0.23
+    with pytest.raises(ValueError, match="form_weights"):
+        lt.CollatzTaskConfig(form_weights=(1, 1))
+    with pytest.raises(ValueError, match="form_weights"):
+        lt.CollatzTaskConfig(form_weights=(0, 0, 0))
 
 
 def test_source_kind_collatz():
