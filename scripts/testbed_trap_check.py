@@ -149,14 +149,16 @@ def markdown(summary: dict) -> str:
             for name, a in summary["kl_after_derailment"].items()
         ],
         "",
-        "| quantile q | threshold | cut derailed | cut correct | Fisher p | wrong | degenerate "
-        "| capped | cuts at/after onset |",
+        "| quantile q | threshold | cut derailed | cut correct | Fisher p "
+        "| wrong (p vs correct) | degenerate (p) | capped (p) | cuts at/after onset |",
         "|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {q} | {k['threshold']:.4g} | {k['cut_derailed']}/{k['n_derailed']} "
             f"({k['rate_derailed']:.2f}) | {k['cut_correct']}/{k['n_correct']} "
-            f"({k['rate_correct']:.2f}) | {k['fisher_p']:.2g} | {k['rate_wrong']:.2f} "
-            f"| {k['rate_degenerate']:.2f} | {k['rate_capped']:.2f} "
+            f"({k['rate_correct']:.2f}) | {k['fisher_p']:.2g} "
+            f"| {k['rate_wrong']:.2f} (p {k['fisher_p_wrong']:.2g}) "
+            f"| {k['rate_degenerate']:.2f} (p {k['fisher_p_degenerate']:.2g}) "
+            f"| {k['rate_capped']:.2f} (p {k['fisher_p_capped']:.2g}) "
             f"| {k['cut_after_onset_share']:.2f} |"
             for q, k in summary["kat"].items()
         ],

@@ -171,6 +171,8 @@ def test_offline_kat_cuts_by_hand():
     assert (table["cut_derailed"], table["n_derailed"]) == (1, 1)
     assert (table["cut_correct"], table["n_correct"]) == (0, 2)
     assert table["fisher_p"] == pytest.approx(1 / 3)  # P(table) 1/3, its mirror 2/3
+    assert table["fisher_p_degenerate"] == pytest.approx(1 / 3)  # the same table here
+    assert math.isnan(table["rate_wrong"]) and table["fisher_p_wrong"] == pytest.approx(1.0)
     assert tc.cut_after_onset_share(cuts, verdicts) == 1.0
 
 

@@ -301,7 +301,7 @@ def fisher_exact(a: int, b: int, c: int, d: int) -> float:
 
 def cut_rate_table(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> dict[str, float]:
     """Cut counts and rates of derailed (any category but correct) vs correct rollouts, the
-    Fisher p-value, and the rates per category."""
+    Fisher p-value, and per category its rate and its Fisher p-value against correct."""
     derailed = [
         c is not None for c, v in zip(cuts.cut, verdicts, strict=True) if v.category != "correct"
     ]
@@ -326,6 +326,9 @@ def cut_rate_table(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> dic
         ]
         out[f"rate_{category}"] = sum(flags) / len(flags) if flags else math.nan
         out[f"n_{category}"] = len(flags)
+        if category != "correct":  # this category against the correct rollouts
+            hit = sum(flags)
+            out[f"fisher_p_{category}"] = fisher_exact(hit, len(flags) - hit, c, d)
     return out
 
 
