@@ -14,6 +14,7 @@ import torch
 from kat_research.analysis import trap_check as tc
 from kat_research.data import long_task as lt
 from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.data.synthetic import ArithmeticTaskConfig
 
 CFG = lt.CollatzTaskConfig()
 # 29 -> 86 -> 43 -> 128 -> 64 -> 32 -> 16 -> 8 -> 4, by hand: 3*29-1=86, 3*43-1=128, halvings
@@ -104,6 +105,11 @@ def test_source_kind_collatz():
     assert stats.n_read == 5 and rows[0].problem_id == "collatz-train:0"
     assert all(lt.verify(r.problem, r.solution, CFG).correct for r in rows)
     assert rows[0].answer == rows[0].solution.rsplit("{", 1)[1].rstrip("}")
+    assert SourceSpec(kind="collatz").task == CFG  # no task given: the task's defaults
+    with pytest.raises(ValueError, match="CollatzTaskConfig"):
+        SourceSpec(kind="collatz", task=ArithmeticTaskConfig(n_ops=3))
+    with pytest.raises(ValueError, match="ArithmeticTaskConfig"):
+        SourceSpec(kind="synthetic", task=CFG)
 
 
 def test_pretraining_documents_are_copy_rich():

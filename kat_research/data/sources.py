@@ -80,8 +80,14 @@ class SourceSpec:
                 long_task.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
             )
             object.__setattr__(self, "task", task_type(**self.task))
-        if self.kind == "collatz" and not isinstance(self.task, long_task.CollatzTaskConfig):
+        task_type = long_task.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
+        if self.kind == "collatz" and self.task == ArithmeticTaskConfig():  # the unset default
             object.__setattr__(self, "task", long_task.CollatzTaskConfig())
+        if self.kind in ("synthetic", "collatz") and not isinstance(self.task, task_type):
+            raise ValueError(
+                f"data.source.kind={self.kind} needs data.source.task settings of a "
+                f"{task_type.__name__}, got a {type(self.task).__name__}"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"data source kind must be one of {KINDS}, got {self.kind!r}")
         if self.answer_transform not in ANSWER_TRANSFORMS:
