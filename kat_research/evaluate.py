@@ -1,7 +1,7 @@
 """`python -m kat_research.evaluate`: math benchmark evaluation of any student.
 
 ``student=`` takes a hub id, a local model folder, or a training run folder (its exported
-``student/``); ``eval=paper|quick`` picks the suite. The job folder receives ``samples.jsonl``
+``student/``); ``eval=math_suite|quick`` picks the suite. The job folder receives ``samples.jsonl``
 (one graded sample per line), ``summary.csv`` / ``summary.json`` (per-benchmark metrics and
 throughput) and TensorBoard scalars under ``tensorboard/``; the table is printed.
 """
@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 import pandas as pd
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -25,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.eval.suite import BenchmarkEvaluator, SuiteResult
 from kat_research.layout import write_samples, write_summary
-from kat_research.models import load_causal_lm
+from kat_research.models import load_causal_lm, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +62,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if "evaluator" not in cfg.eval:
-        raise ConfigError("this eval option has no evaluator: choose eval=paper or eval=quick")
+        raise ConfigError("this eval option has no evaluator: choose eval=math_suite or eval=quick")
     evaluator = instantiate(cfg.eval.evaluator)  # loads the problems before the model
     if not isinstance(evaluator, BenchmarkEvaluator):
         raise ConfigError(
             f"eval.evaluator must be a BenchmarkEvaluator, got {type(evaluator).__name__}"
         )
     name = resolve_model(cfg.student)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(cfg.device))
     loaded = load_causal_lm(
         name, dtype=cfg.dtype, trainable=False, gguf_file=cfg.gguf_file, device=device
     )
@@ -82,6 +81,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "model": name,
         "dtype": cfg.dtype,
         "device": device,
+        "backend": evaluator.backend,
         "load": {
             bench: {"n_read": s.n_read, "n_skipped": s.n_skipped, "reasons": dict(s.reasons)}
             for bench, s in evaluator.load_stats.items()

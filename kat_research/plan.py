@@ -1,6 +1,6 @@
 """`python -m kat_research.plan [overrides]`: parameter counts, GPU memory per rank and FLOPs of
-a training config, without loading weights (knobs: conf/plan.yaml; formulas:
-kat_research/planning/)."""
+a training config, and what in it would only fail on the cluster, without loading weights
+(knobs: conf/plan.yaml; formulas and checks: kat_research/planning/)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kat_research.config import CONFIG_DIR
+from kat_research.planning.checks import cluster_problems
 from kat_research.planning.estimate import make_plan
 from kat_research.planning.memory import GIB
 
@@ -56,6 +57,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"fits: {verdict} (need {plan['need_gib']:.1f} GiB of {plan['device_gib']:.0f} GiB "
         "per device)",
     ]
+    lines += [f"problem: {problem}" for problem in plan["problems"]]
     return "\n".join(lines)
 
 
@@ -63,6 +65,7 @@ def format_plan(plan: dict[str, Any]) -> str:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: print the plan (and write it as JSON to ``plan.out``)."""
     plan = make_plan(cfg)
+    plan["problems"] = cluster_problems(cfg, plan)
     print(format_plan(plan))
     if cfg.plan.out:
         Path(cfg.plan.out).write_text(json.dumps(plan, indent=2))

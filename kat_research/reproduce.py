@@ -3,11 +3,12 @@ run the sweep behind a table of the KAT paper and write the table (what `make re
 
 For each name (experiments/<name>.yaml): expand its jobs and those of the specs it includes,
 list them with their state, compose and check the config of every job to launch (of every job
-with ``--dry-run``), launch those not done (finished jobs are skipped; failed and incomplete
-ones run again), then aggregate all of them
-into ``<results-dir>/<name>.{csv,md,tex}`` (+ ``.png`` and ``.jobs.csv``) and print the table.
+with ``--dry-run``), launch those not done (finished jobs are skipped; failed and interrupted
+ones run again and resume from their newest checkpoint), then aggregate all of them into
+``<results-dir>/<name>.{csv,md,tex}`` (+ ``.png`` and ``.jobs.csv``) and print the table.
 Arguments holding ``=`` (or starting with ``~``) are Hydra overrides for every job, e.g.
-``scale.seeds=[0]`` or ``~scale.students.large``.
+``scale.seeds=[0]`` or ``~scale.students.large``; ``launcher.<key>=<value>`` ones change the
+launcher file's settings instead (e.g. ``launcher.slurm.partition=gpu``).
 Job folders: ``<runs-dir>/<scale>/<experiment>/<job>``.
 """
 
@@ -21,51 +22,71 @@ from pathlib import Path
 
 import pandas as pd
 
-from kat_research.config import ConfigError, check_runnable
-from kat_research.sweep.job import job_config
-from kat_research.sweep.launch import LAUNCHERS, LOCAL, check_launcher, launch_all
+from kat_research.config import ConfigError, check_runnable, compose
+from kat_research.planning.checks import config_problems, memory_problem
+from kat_research.planning.configs import model_config
+from kat_research.planning.estimate import make_plan, world_size
+from kat_research.sweep.launch import LOCAL, check_launcher, launch_all, launcher_choices
+from kat_research.sweep.records import job_records
 from kat_research.sweep.spec import (
     EVALUATE,
     ExperimentSpec,
     Job,
-    expand_jobs,
     load_spec,
-    with_includes,
+    spec_jobs,
 )
 from kat_research.sweep.state import (
     DONE,
     PENDING,
+    RUNNING,
     STALE,
     TO_RUN,
     job_folder,
     job_state,
+    running_elsewhere,
 )
 from kat_research.tables.aggregate import TableSpec, aggregate
-from kat_research.tables.figures import plot_figure
-from kat_research.tables.load import job_records
+from kat_research.tables.plots import plot_figure
 from kat_research.tables.write import write_table
 
-
-def plan(spec: ExperimentSpec, scale: str, extra: list[str]) -> list[Job]:
-    """Every job ``spec`` aggregates: those of its includes, then its own."""
-    return [job for s in with_includes(spec) for job in expand_jobs(s, scale, extra)]
+log = logging.getLogger(__name__)
 
 
-def validate(job: Job, folder: Path) -> None:
-    """Compose the job's config and build its termination rule; raise ConfigError if it cannot
-    run (no model or data is loaded)."""
-    cfg = job_config(job, folder)
+def validate(job: Job, folder: Path, launcher: str = LOCAL) -> None:
+    """Compose the job's config, build its termination rule and check what would only fail on
+    the cluster (``kat_research.planning.checks``); raise ConfigError if it cannot run (no model
+    or data is loaded), or cannot run with ``launcher``. On accelerators, a training job whose
+    memory plan exceeds a device is reported with a warning (the plan is an estimate)."""
+    cfg = compose([*job.overrides, f"paths.output_dir='{folder}'"], config_name="plan")
     check_runnable(cfg)
     if job.kind == EVALUATE and not cfg.eval.get("enabled", False):
         raise ConfigError(f"{job.name}: an evaluation job needs eval.enabled (not eval=none)")
+    if launcher == LOCAL and job.kind != EVALUATE and world_size(cfg.trainer) > 1:
+        raise ConfigError(
+            f"{job.name}: a job on {world_size(cfg.trainer)} ranks starts processes of its own "
+            "(Lightning re-runs the launching command): use --launcher subprocess or submitit_* "
+            "(LAUNCHER=...), not local"
+        )
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(f"{job.experiment}/{job.name}: " + "; ".join(problems))
+    if cfg.trainer.get("accelerator") == "cpu":
+        return
+    if job.kind == EVALUATE:
+        model_config(cfg.model[job.role])  # a hub id the planner cannot describe fails here
+        return
+    memory = memory_problem(cfg, make_plan(cfg))
+    if memory:
+        log.warning("%s/%s: %s", job.experiment, job.name, memory)
 
 
-def selected(state: str, args: argparse.Namespace) -> bool:
-    """Whether a job in ``state`` is launched."""
+def selected(state: str, folder: Path, args: argparse.Namespace) -> bool:
+    """Whether the job in ``folder``, in ``state``, is launched."""
     return (
         state in TO_RUN
         or (state == STALE and args.rerun_stale)
         or (state == PENDING and args.relaunch_pending)
+        or (state == RUNNING and args.relaunch_pending and running_elsewhere(folder))
     )
 
 
@@ -110,20 +131,27 @@ def write_results(
 def reproduce(name: str, args: argparse.Namespace, extra: list[str]) -> bool:
     """List, check, run and aggregate one spec; False if a job failed."""
     spec = load_spec(name)
-    jobs = plan(spec, args.scale, extra)
+    jobs = spec_jobs(spec, args.scale, extra)
     folders = [job_folder(args.runs_dir, job) for job in jobs]
     states = [job_state(folder, job) for job, folder in zip(jobs, folders, strict=True)]
-    chosen = [i for i, state in enumerate(states) if selected(state, args)]
+    chosen = [i for i, s in enumerate(states) if selected(s, folders[i], args)]
     for i in range(len(jobs)) if args.dry_run else [] if args.no_run else chosen:
-        validate(jobs[i], folders[i])
+        validate(jobs[i], folders[i], args.launcher)
     counts = ", ".join(f"{n} {s}" for s, n in Counter(states).items())
-    print(f"{name} @ {args.scale}: {len(jobs)} jobs ({counts}); {len(chosen)} to run")
+    run = "would run" if args.no_run or args.dry_run else "to run"
+    print(f"{name} @ {args.scale}: {len(jobs)} jobs ({counts}); {len(chosen)} {run}")
     for i, job in enumerate(jobs):
-        mark = "run" if i in chosen else states[i]
-        print(f"  [{mark:>10}] {job.experiment}/{job.name}: {' '.join(job.overrides)}")
+        mark = f"{states[i]}, {run}" if i in chosen else states[i]
+        print(f"  [{mark:>22}] {job.experiment}/{job.name}: {' '.join(job.overrides)}")
     if args.dry_run:
+        print("--dry-run: nothing launched, no table written")
         return True
-    ok = args.no_run or launch_all([(jobs[i], folders[i]) for i in chosen], args.launcher)
+    if args.no_run:
+        print("--no-run: nothing launched; the table shows the jobs as they are")
+        ok = True
+    else:
+        chosen_jobs = [(jobs[i], folders[i]) for i in chosen]
+        ok = launch_all(chosen_jobs, args.launcher, args.launcher_overrides)
     print(write_results(spec, jobs, args.scale, Path(args.runs_dir), Path(args.results_dir)))
     return ok
 
@@ -137,22 +165,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--launcher",
         default=LOCAL,
-        help=f"{' | '.join(LAUNCHERS)} | a command template with {{cmd}}",
+        help=f"{' | '.join(launcher_choices())} (conf/launcher) | a launcher file (.yaml) | "
+        "a command template with {cmd}",
     )
     parser.add_argument("--runs-dir", default="runs", help="root of the job folders")
     parser.add_argument("--results-dir", default="results", help="where tables are written")
     parser.add_argument(
-        "--rerun-stale", action="store_true", help="re-run jobs done with other overrides"
+        "--rerun-stale",
+        action="store_true",
+        help="re-run, from scratch, jobs that ran (or started) with other overrides",
     )
     parser.add_argument(
         "--relaunch-pending",
         action="store_true",
-        help="launch again jobs handed to a template or to Slurm",
+        help="launch again jobs handed to a queue or a template that have not finished: pending "
+        "ones, and running ones on another host (whose process cannot be checked from here)",
     )
     args = parser.parse_intermixed_args(argv)
     check_launcher(args.launcher)
-    extra = [t for t in args.targets if "=" in t or t.startswith("~")]  # Hydra overrides
-    names = [t for t in args.targets if t not in extra]
+    overrides = [t for t in args.targets if "=" in t or t.startswith("~")]
+    args.launcher_overrides = [
+        o.removeprefix("launcher.") for o in overrides if o.startswith("launcher.")
+    ]
+    extra = [o for o in overrides if not o.startswith("launcher.")]  # Hydra overrides of every job
+    names = [t for t in args.targets if t not in overrides]
     if not names:
         parser.error("name at least one spec (experiments/<name>.yaml)")
     args.targets = names

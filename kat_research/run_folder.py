@@ -179,12 +179,22 @@ def resume_checkpoint(folder: Path, resume: str) -> Resume:
 
 def trim_metrics(path: Path, step: int) -> int:
     """Drop the rows of a Lightning ``metrics.csv`` logged at optimizer steps >= ``step`` (a
-    resumed run logs them again); return how many were dropped."""
+    resumed run logs them again); return how many were dropped. Warns when the row of step
+    ``step - 1`` is missing: Lightning saves a step's checkpoint just before logging its
+    metrics, so a kill in between loses that one row."""
     if not path.exists():
         return 0
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames or [], list(reader)
+    logged = {int(float(r["step"])) for r in rows if r.get("step")}
+    if step > 0 and step - 1 not in logged:
+        log.warning(
+            "%s has no row for step %d: the run stopped between that step's checkpoint and its "
+            "metrics, which are lost (training resumes correctly after it)",
+            path,
+            step - 1,
+        )
     kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
     if len(kept) == len(rows):
         return 0

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
 from kat_research.models.smollm2 import smollm2_model
 from kat_research.rollout import RolloutEngine, SamplingConfig
-from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings
 
 
 def bench_model(

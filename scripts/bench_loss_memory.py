@@ -46,15 +46,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def make_inputs(kind: str, n: int, vocab: int, hidden: int, chunk_size: int):
-    """Student hidden states and head, targets, weights and the teacher output ``kind`` uses."""
+def make_inputs(
+    kind: str, n: int, vocab: int, hidden: int, chunk_size: int, device: str | torch.device = "cpu"
+):
+    """Student hidden states and head, targets, weights and the teacher output ``kind`` uses,
+    built on ``device``."""
     torch.manual_seed(0)
-    student_head = nn.Linear(hidden, vocab, bias=False)
-    teacher_head = nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
-    student_hidden = torch.randn(n, hidden, requires_grad=True)
-    teacher_hidden = torch.randn(n, hidden)
-    targets = torch.randint(vocab, (n,))
-    weights = torch.full((n,), 1.0 / n)
+    student_head = nn.Linear(hidden, vocab, bias=False, device=device)
+    teacher_head = nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
+    student_hidden = torch.randn(n, hidden, device=device, requires_grad=True)
+    teacher_hidden = torch.randn(n, hidden, device=device)
+    targets = torch.randint(vocab, (n,), device=device)
+    weights = torch.full((n,), 1.0 / n, device=device)
     if kind in ("full", "topk_tail"):
         teacher = TeacherTargets(hidden=teacher_hidden, lm_head=teacher_head)
     else:  # what a rollout engine would keep: top-K or sampled-token log-probs

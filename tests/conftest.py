@@ -82,7 +82,7 @@ VLLM_TEST_SETTINGS = dict(
 @pytest.fixture(scope="session")
 def vllm_student(tiny_pair):
     """A vLLM engine serving the tiny student (tests marked ``vllm``, run by `make test-vllm`)."""
-    from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+    from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings
 
     return VLLMBackend(tiny_pair[0].model, VLLMSettings(**VLLM_TEST_SETTINGS))
 

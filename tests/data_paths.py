@@ -10,13 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"  # same layout as paths.data_dir
-FIXTURE_ARCHITECTURES = ROOT / "tests" / "fixtures" / "models" / "qwen3_architectures.json"
 
 
 def full_data_dir() -> Path:
-    """The full offline data folder (``KAT_DATA_DIR``, default ``../shared/data``); fails the
-    calling test, naming what to set, when it is missing."""
-    path = Path(os.environ.get("KAT_DATA_DIR", ROOT.parent / "shared" / "data"))
+    """The full offline data folder (``KAT_DATA_DIR``, default ``<repo>/data`` as in
+    conf/paths/default.yaml); fails the calling test, naming what to set, when it is missing."""
+    path = Path(os.environ.get("KAT_DATA_DIR", ROOT / "data"))
     if not (path / "math500" / "test.jsonl").is_file():
         pytest.fail(
             f"this test needs the full benchmark data, not found at {path}: set KAT_DATA_DIR to "

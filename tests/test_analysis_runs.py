@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from kat_research import config
 from kat_research.analysis import gradient_projection, kl_dynamics, teacher_tokens, trap_benchmark
 from kat_research.analysis.runs import kat_buffer, load_run, read_checkpoint
 from kat_research.config import CONFIG_DIR
@@ -21,23 +21,17 @@ from kat_research.training import train
 ROOT = Path(__file__).resolve().parent.parent
 CONF = Path(CONFIG_DIR)
 
-# A 4-step KAT run on tiny random models, a checkpoint after every step.
+# A 4-step KAT run of the debug preset (tiny random models, a checkpoint after every step),
+# with the paper's non-overlapping windows and patience.
 TINY_RUN = [
+    "debug=fast",
     "method=kat",
     "trainer.max_steps=4",
-    "data.batch_size=4",
-    "data.source.n=64",
-    "rollout.group_size=2",
     "rollout.max_new_tokens=16",
-    "termination.kat.window=4",
-    "termination.kat.min_buffer=4",
-    "termination.kat.warmup_steps=1",
-    "optimizer.lr=1e-3",
+    "termination.kat.stride=null",
+    "termination.kat.patience=4",
     "logger=csv",
-    "eval=none",
     "export_student=false",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
-    "callbacks.progress_bar.refresh_rate=0",
 ]
 FEW_ROLLOUTS = ["analysis.rollouts.n=8", "analysis.rollouts.batch_size=8", "device=cpu"]
 TINY_GRID = [
@@ -50,8 +44,7 @@ TINY_GRID = [
 
 
 def compose_config(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return config.compose(overrides, config_name=name)
 
 
 @pytest.fixture(scope="session")

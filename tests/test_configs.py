@@ -142,16 +142,3 @@ def test_unknown_option_fails_with_hydra_message():
         compose_train("method=does_not_exist")
     with pytest.raises(ConfigCompositionException):
         compose_train("rollout.no_such_knob=3")
-
-
-@pytest.mark.parametrize("launcher", options("hydra/launcher"))
-def test_launcher_presets_follow_trainer_devices(launcher):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"hydra/launcher={launcher}", "trainer=gpu", "trainer.devices=8"],
-            return_hydra_config=True,
-        )
-    preset = cfg.hydra.launcher
-    assert preset.gpus_per_node == 8 and preset._target_.startswith("hydra_plugins")
-    assert preset.tasks_per_node == (8 if launcher == "submitit_slurm" else 1)

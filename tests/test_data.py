@@ -41,7 +41,7 @@ GSM8K_SOURCE = {
     "problem_field": "question",
     "answer_transform": "gsm8k",
 }
-# the vendored slice, and the full file (slow: needs KAT_DATA_DIR or ../shared/data)
+# the vendored slice, and the full file (slow: needs KAT_DATA_DIR or <repo>/data)
 SLICE_AND_FULL = [False, pytest.param(True, marks=pytest.mark.slow)]
 
 

@@ -308,6 +308,20 @@ def test_vllm_backend_without_vllm_says_how_to_install(tiny_pair, monkeypatch):
     from kat_research.rollout import build_backend
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # as in an environment without vLLM
-    monkeypatch.delitem(sys.modules, "kat_research.rollout.vllm_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "kat_research.rollout.backends.vllm", raising=False)
     with pytest.raises(ImportError, match="make install-vllm"):
         build_backend("vllm", tiny_pair[0].model)
+
+
+def test_row_end_rule():
+    from kat_research.rollout.backends import row_ends
+
+    last = torch.tensor([5, 9, 5, 2])
+    count = torch.tensor([3, 4, 4, 1])
+    cap = torch.tensor([8, 4, 4, 6])
+    ended, at_stop = row_ends(last, count, cap, stop_ids=torch.tensor([5, 7]))
+    # row 0: stop token before its cap; 1: cap; 2: stop token at its cap; 3: neither
+    assert ended.tolist() == [True, True, True, False]
+    assert at_stop.tolist() == [True, False, True, False]
+    ended, at_stop = row_ends(last, count, cap, stop_ids=torch.tensor([], dtype=torch.long))
+    assert ended.tolist() == [False, True, True, False] and not at_stop.any()

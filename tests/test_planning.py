@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_paths import FIXTURE_ARCHITECTURES
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from kat_research.config import CONFIG_DIR
-from kat_research.models import build_tiny_qwen3
-from kat_research.models.tiny import tiny_qwen3_config
-from kat_research.planning.configs import architecture_key, pretrained_config
+from kat_research.models import build_char_tokenizer, build_tiny_qwen3
+from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE, tiny_qwen3_config
+from kat_research.planning.configs import architecture_key, model_config, pretrained_config
 from kat_research.planning.estimate import make_plan
 from kat_research.planning.flops import FlopsModel, opd_flops, sequence_flops
 from kat_research.planning.memory import (
@@ -28,7 +28,6 @@ from kat_research.planning.memory import (
 from kat_research.planning.params import ModelShape, count_params
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHITECTURES = FIXTURE_ARCHITECTURES  # a copy of ../shared/models/qwen3_architectures.json
 
 
 def qwen3_layer(hidden: int, heads: int, kv_heads: int, intermediate: int, head_dim=128) -> int:
@@ -38,7 +37,7 @@ def qwen3_layer(hidden: int, heads: int, kv_heads: int, intermediate: int, head_
 
 
 def test_qwen3_8b_counts_by_hand():
-    counts = count_params(pretrained_config("Qwen/Qwen3-8B", ARCHITECTURES))
+    counts = count_params(pretrained_config("Qwen/Qwen3-8B"))  # the package's facts, offline
     embedding = 2 * 151_936 * 4096  # untied LM head
     non_embedding = 36 * qwen3_layer(4096, 32, 8, 12288) + 4096  # + final norm
     assert counts.embedding == embedding
@@ -48,7 +47,7 @@ def test_qwen3_8b_counts_by_hand():
 
 def test_base_checkpoints_use_their_siblings_architecture():
     assert architecture_key("Qwen/Qwen3-4B-Base") == "Qwen3-4B"
-    counts = count_params(pretrained_config("Qwen/Qwen3-1.7B-Base", ARCHITECTURES))
+    counts = count_params(pretrained_config("Qwen/Qwen3-1.7B-Base"))
     assert counts.embedding == 151_936 * 2048  # tied: counted once
     assert counts.total == counts.embedding + 28 * qwen3_layer(2048, 16, 8, 6144) + 2048
 
@@ -94,12 +93,13 @@ def test_flops_formula():
 
 def plan_config(*overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("plan", overrides=[f"plan.architectures={ARCHITECTURES}", *overrides])
+        return compose("plan", overrides=list(overrides))
 
 
 def test_paper_plan():
     cfg = plan_config(
         "experiment=table1",
+        "scale=paper",
         "model/student=1.6b",
         "trainer.devices=8",
         "data.batch_size=8",  # global: one prompt per rank
@@ -159,10 +159,27 @@ def test_plan_entry_prints_a_table_and_writes_json(tmp_path):
 
 
 def test_fsdp_shards_the_student_state_but_not_its_weights():
-    common = ("experiment=table1", "model/student=1.6b", "data.batch_size=64")
+    common = ("experiment=table1", "scale=paper", "model/student=1.6b", "data.batch_size=64")
     ddp = make_plan(plan_config(*common, "trainer=ddp"))["memory_per_rank_bytes"]
     fsdp = make_plan(plan_config(*common, "trainer=fsdp"))["memory_per_rank_bytes"]
     assert fsdp["student_weights"] == ddp["student_weights"]  # gathered for the whole step
     for part in ("student_grads", "student_adamw"):
         assert fsdp[part] == -(-ddp[part] // 8)
     assert fsdp["kv_cache_student"] == ddp["kv_cache_student"]  # 8 prompts per rank in both
+
+
+def test_demo_models_are_described_as_the_demo_builds_them():
+    """The planner describes the demo's models from models/ (without importing the demo)."""
+    cfg = plan_config("model/student=demo", "model/teacher=demo")
+    for role in ("student", "teacher"):
+        arch = OmegaConf.to_container(cfg.model[role].architecture)
+        tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)  # as train_sft_model
+        built = build_tiny_qwen3(tokenizer, **arch)
+        config = model_config(cfg.model[role])
+        assert count_params(config).total == sum(p.numel() for p in built.parameters())
+
+
+def test_a_missing_architectures_file_names_the_knob(tmp_path):
+    cfg = plan_config("scale=paper", f"plan.architectures={tmp_path / 'none.json'}")
+    with pytest.raises(FileNotFoundError, match="plan.architectures"):
+        make_plan(cfg)

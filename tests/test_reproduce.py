@@ -11,11 +11,20 @@ import pandas as pd
 import pytest
 from hydra.utils import instantiate
 
+from kat_research.config import ConfigError
 from kat_research.reproduce import main as reproduce
 from kat_research.reproduce import validate
 from kat_research.sweep.job import job_config
+from kat_research.sweep.launch import LOCAL, SUBPROCESS
 from kat_research.sweep.spec import expand_jobs, load_spec, spec_names
 from kat_research.sweep.state import DONE, PENDING, job_folder, job_state
+from kat_research.sweep.submitit_launch import (
+    JobRunner,
+    launcher_file,
+    launcher_names,
+    launcher_settings,
+    make_executor,
+)
 from kat_research.termination.marking import KATPhaseMarker
 
 SCALES = ("paper", "tiny")
@@ -37,9 +46,19 @@ def covering(jobs):
 def test_every_experiment_composes(tmp_path, name, scale):
     """Jobs covering every axis label compose and validate (all of them: the slow test)."""
     jobs = expand_jobs(load_spec(name), scale)
+    launcher = SUBPROCESS if scale == "paper" else LOCAL  # paper jobs run on 8 ranks
     for job in covering(jobs):
-        validate(job, job_folder(tmp_path, job))
+        validate(job, job_folder(tmp_path, job), launcher)
     assert {job.scale for job in jobs} <= {scale}
+
+
+def test_multi_rank_jobs_need_a_process_of_their_own(tmp_path):
+    job = expand_jobs(
+        load_spec("ablation_quantile"), "smoke", ["trainer=ddp", "trainer.devices=2"]
+    )[0]
+    with pytest.raises(ConfigError, match="--launcher subprocess"):
+        validate(job, tmp_path, "local")
+    validate(job, tmp_path, "subprocess")
 
 
 @pytest.mark.slow
@@ -141,7 +160,7 @@ def test_reduced_table1_end_to_end_and_resume(tmp_path, capsys):
 
     (kat / "summary.json").unlink()  # a job killed before it finished
     assert run(tmp_path, "table1") == 0
-    assert "1 incomplete" in capsys.readouterr().out
+    assert "1 interrupted" in capsys.readouterr().out
     assert (kat / "summary.json").exists()
     assert json.loads((kat / "status.json").read_text())["attempt"] == 2
     others = {p: t for p, t in summaries.items() if p.parent != kat}
@@ -153,9 +172,23 @@ def test_changed_overrides_make_finished_jobs_stale(tmp_path, capsys):
     assert run(tmp_path, *args) == 0
     capsys.readouterr()
     assert run(tmp_path, *args, "optimizer.lr=0.01", "--dry-run") == 0
+    assert "1 stale); 0 would run" in capsys.readouterr().out
+    assert run(tmp_path, *args, "optimizer.lr=0.01") == 0  # kept, not re-run
     assert "1 stale); 0 to run" in capsys.readouterr().out
-    assert run(tmp_path, *args, "optimizer.lr=0.01", "--dry-run", "--rerun-stale") == 0
-    assert "1 to run" in capsys.readouterr().out
+    assert run(tmp_path, *args, "optimizer.lr=0.01", "--rerun-stale") == 0
+    assert "1 stale); 1 to run" in capsys.readouterr().out
+    (folder,) = (tmp_path / "runs" / "smoke" / "ablation_quantile").iterdir()
+    assert job_state(folder) == DONE
+    assert "optimizer.lr=0.01" in json.loads((folder / "job.json").read_text())["overrides"]
+    assert json.loads((folder / "status.json").read_text())["attempt"] == 1  # from scratch
+
+
+def test_no_run_launches_nothing_and_says_so(tmp_path, capsys):
+    assert run(tmp_path, "ablation_stagewise", "--no-run") == 0
+    printed = capsys.readouterr().out
+    assert "3 missing); 3 would run" in printed and "[    missing, would run]" in printed
+    assert "--no-run: nothing launched" in printed
+    assert not (tmp_path / "runs").exists()
 
 
 def test_template_launcher_hands_jobs_over_once(tmp_path, capsys):
@@ -170,6 +203,8 @@ def test_template_launcher_hands_jobs_over_once(tmp_path, capsys):
     assert run(tmp_path, "ablation_stagewise", f"--launcher={template}") == 0
     assert "3 pending); 0 to run" in capsys.readouterr().out
     assert run(tmp_path, *args) == 0  # the table reports the pending cells as missing
+    printed = capsys.readouterr().out
+    assert "3 pending); 0 would run" in printed and "--no-run: nothing launched" in printed
     assert "missing cell" in (tmp_path / "results" / "ablation_stagewise.md").read_text()
     assert DONE not in {job_state(f) for f in folders}
 
@@ -185,8 +220,27 @@ def test_submitit_local_launcher_runs_jobs_and_aggregates(tmp_path):
     assert "1 of 1 jobs done" in (tmp_path / "results" / "ablation_quantile.md").read_text()
 
 
-def test_submitit_slurm_launcher_submits_one_array_and_returns(tmp_path, monkeypatch, capsys):
-    """A fake sbatch records the submission file: resources come from the Hydra preset."""
+@pytest.mark.parametrize("name", launcher_names())
+def test_launcher_files_follow_the_job_config(tmp_path, monkeypatch, name):
+    """Every key of conf/launcher/<name>.yaml resolves against the job's config and is a
+    parameter submitit knows (update_parameters rejects unknown ones)."""
+    fake_slurm(tmp_path, monkeypatch)
+    job = expand_jobs(load_spec("table1"), "paper", ["trainer=ddp", "trainer.devices=8"])[-1]
+    settings = launcher_settings(launcher_file(name), job, tmp_path / "job")
+    assert settings["gpus_per_node"] == 8
+    assert settings["tasks_per_node"] == (8 if settings["cluster"] == "slurm" else 1)
+    make_executor(tmp_path / "submitit", settings)
+
+
+def test_submitted_jobs_resume_when_requeued(tmp_path):
+    """On a timeout or preemption submitit requeues what ``checkpoint`` returns: the same job,
+    which then resumes from its newest checkpoint."""
+    requeued = JobRunner().checkpoint(tmp_path)
+    assert isinstance(requeued.function, JobRunner) and requeued.args == (tmp_path,)
+
+
+def fake_slurm(tmp_path: Path, monkeypatch) -> None:
+    """A fake sbatch that records the submission file (and srun, which submitit checks for)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     sbatch = bin_dir / "sbatch"
@@ -194,14 +248,27 @@ def test_submitit_slurm_launcher_submits_one_array_and_returns(tmp_path, monkeyp
         f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n'
     )
     sbatch.chmod(0o755)
-    (bin_dir / "srun").write_text("#!/bin/sh\n")  # submitit checks that srun exists
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    assert run(tmp_path, "ablation_stagewise", "--launcher=submitit_slurm") == 0
+
+
+def test_submitit_slurm_launcher_submits_one_array_and_returns(tmp_path, monkeypatch, capsys):
+    """Resources come from conf/launcher/submitit_slurm.yaml, resolved per job, with the
+    command line's launcher.<key>=<value> settings."""
+    fake_slurm(tmp_path, monkeypatch)
+    args = ["ablation_stagewise", "--launcher=submitit_slurm", "launcher.slurm.partition=gpu"]
+    assert run(tmp_path, *args) == 0
     script = (tmp_path / "submitted.sh").read_text()
-    for line in ("--array=0-2%3", "--ntasks-per-node=1", "--gpus-per-node=1", "--time=1440"):
+    for line in (
+        "--array=0-2%3",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--time=1440",
+        "--partition=gpu",
+        "--job-name=kat_ablation_stagewise",
+    ):
         assert f"#SBATCH {line}" in script
-    assert "#SBATCH --job-name=kat_ablation_stagewise" in script
     folders = [
         job_folder(tmp_path / "runs", j)
         for j in expand_jobs(load_spec("ablation_stagewise"), "smoke")
@@ -213,5 +280,10 @@ def test_submitit_slurm_launcher_submits_one_array_and_returns(tmp_path, monkeyp
         "4242_2",
     ]
     capsys.readouterr()
-    assert run(tmp_path, "ablation_stagewise", "--launcher=submitit_slurm") == 0
+    assert run(tmp_path, *args) == 0
     assert "3 pending); 0 to run" in capsys.readouterr().out
+
+
+def test_unknown_launcher_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="submitit_slurm"):
+        run(tmp_path, "table1", "--launcher=slurm_cluster")

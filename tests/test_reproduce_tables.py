@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kat_research.sweep.records import scan_records
 from kat_research.sweep.spec import load_spec
 from kat_research.tables.aggregate import TableSpec, aggregate
-from kat_research.tables.figures import plot_figure
-from kat_research.tables.load import scan_records
 from kat_research.tables.measures import compute_eflops
+from kat_research.tables.plots import plot_figure
 from kat_research.tables.write import write_table
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reproduce" / "runs"

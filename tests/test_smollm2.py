@@ -4,9 +4,9 @@ student made of its first layers, on local GSM8K prompts with the real chat temp
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
+from data_paths import FIXTURE_DATA
 
-from kat_research.config import CONFIG_DIR
+from kat_research import config
 from kat_research.training import train
 
 pytestmark = pytest.mark.slow
@@ -14,25 +14,24 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("method", ["opd", "kat"])
 def test_smollm2_opd_and_kat_steps(tmp_path, method):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=smollm2_gsm8k",
-                f"method={method}",
-                f"paths.output_dir={tmp_path}",
-                "trainer.max_steps=2",
-                "data.batch_size=2",
-                "data.source.limit=32",
-                "rollout.max_new_tokens=32",
-                "termination.kat.window=8",
-                "termination.kat.stride=8",
-                "termination.kat.min_buffer=2",
-                "termination.kat.warmup_steps=1",
-                "logger=csv",
-                "callbacks.progress_bar.refresh_rate=0",
-            ],
-        )
+    cfg = config.compose(
+        [
+            "experiment=smollm2_gsm8k",
+            f"method={method}",
+            f"paths.output_dir={tmp_path}",
+            f"paths.data_dir={FIXTURE_DATA}",  # the vendored slice of GSM8K train (40 rows)
+            "trainer.max_steps=2",
+            "data.batch_size=2",
+            "data.source.limit=32",
+            "rollout.max_new_tokens=32",
+            "termination.kat.window=8",
+            "termination.kat.stride=8",
+            "termination.kat.min_buffer=2",
+            "termination.kat.warmup_steps=1",
+            "logger=csv",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+    )
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["tokens_generated"] > 0
     assert summary["final_metrics"]["train/kl"] > 0

@@ -160,12 +160,3 @@ def test_mismatched_vocabularies_fail_before_training(debug_config, tmp_path):
     with pytest.raises(VocabularyMismatchError, match="do not share a vocabulary"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_two_job_multirun_with_submitit_local(tmp_path):
-    done = run_sweep(tmp_path, "hydra/launcher=submitit_local", "export_student=false")
-    assert "validated against ConfigStore schema" not in done.stderr
-    sweep = next((tmp_path / "multirun").iterdir())
-    summaries = sorted(sweep.glob("*/summary.json"))
-    assert [json.loads(p.read_text())["method"] for p in summaries] == ["opd", "kat"]
-    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2  # one submitit job each

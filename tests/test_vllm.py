@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import VLLM_TEST_SETTINGS
-from test_train import config
 
 from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
@@ -34,7 +33,7 @@ def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_weight_sync_reaches_the_next_rollouts(tiny_dirs, char_tokenizer):
-    from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
+    from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings
 
     student = load_causal_lm(tiny_dirs["student"]).model
     backend = VLLMBackend(student, VLLMSettings(**VLLM_TEST_SETTINGS))
@@ -69,11 +68,11 @@ def test_weight_sync_reaches_the_next_rollouts(tiny_dirs, char_tokenizer):
     assert not torch.equal(tokens_after, tokens_before)
 
 
-def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(tmp_path, monkeypatch):
+def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(debug_config, tmp_path, monkeypatch):
     """Greedy rollouts make both backends sample the same tokens, so the two runs log the same
     losses; after each optimizer step the engine is out of date until the weights are pushed,
     then it scores like the trained student."""
-    from kat_research.rollout.vllm_backend import VLLMBackend
+    from kat_research.rollout.backends.vllm import VLLMBackend
 
     probe = list(range(4, 60))
     gaps: list[tuple[float, float]] = []  # (before, after) the push, per optimizer step
@@ -98,7 +97,7 @@ def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(tmp_path, monkeypatch):
     for backend in ("hf", "vllm"):
         out = tmp_path / backend
         extra = vllm if backend == "vllm" else []
-        summary = train(config(out, *overrides, f"rollout.backend={backend}", *extra))
+        summary = train(debug_config(out, *overrides, f"rollout.backend={backend}", *extra))
         assert summary["steps"] == 2
         df = pd.read_csv(out / "csv" / "metrics.csv").dropna(subset=["train/loss"])
         runs[backend] = df.groupby("step")[["train/loss", "train/kl", "len/generated"]].last()

@@ -20,11 +20,11 @@ from kat_research.analysis.runs import (
     kat_buffer,
     load_run,
     load_student,
-    pick_device,
     read_checkpoint,
     student_state,
 )
 from kat_research.lit import OPDModule
+from kat_research.models import pick_device
 from kat_research.rollout import Rollout
 
 

@@ -1,26 +1,14 @@
-"""Figure helpers: matplotlib's object API (no pyplot state, no display backend needed)."""
+"""What the analyses draw on their figures (phase colours and shading, window means); figures
+themselves come from ``kat_research.plotting``, the project's one plotting style."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 from kat_research.termination.phases import PhaseSegments
 
 PHASE_COLORS = {"pre": "tab:blue", "agreement": "tab:orange", "post": "tab:gray", "random": "k"}
-
-
-def new_figure(rows: int, cols: int, *, width: float = 4.5, height: float = 3.0) -> Figure:
-    """A figure of ``rows`` x ``cols`` panels of ``width`` x ``height`` inches each."""
-    return Figure(figsize=(cols * width, rows * height), layout="constrained")
-
-
-def save_figure(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def shade_phases(ax: Axes, segments: PhaseSegments) -> None:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
 from kat_research.analysis.detector import Detector
-from kat_research.analysis.figures import PHASE_COLORS, new_figure, save_figure
+from kat_research.analysis.figures import PHASE_COLORS
 from kat_research.analysis.projection import (
     group_ratios,
     parameter_groups,
@@ -36,6 +36,7 @@ from kat_research.analysis.projection import (
     top_left_singular_vectors,
 )
 from kat_research.config import CONFIG_DIR
+from kat_research.plotting import new_figure, save_figure
 from kat_research.termination.phases import PHASES, phase_id_matrix
 
 RANDOM = "random"

@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
 from kat_research.analysis.detector import Detector
-from kat_research.analysis.figures import new_figure, save_figure, shade_phases, window_means
+from kat_research.analysis.figures import shade_phases, window_means
 from kat_research.config import CONFIG_DIR
+from kat_research.plotting import new_figure, save_figure
 from kat_research.termination.phases import PHASES, PhaseSegments
 
 STAGES = ("early", "late")

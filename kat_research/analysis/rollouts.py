@@ -51,7 +51,7 @@ def sample_rollouts(
     spec: RolloutSpec,
     *,
     teacher_keep: TeacherKeep = "none",
-    teacher_topk: int = 32,
+    teacher_topk: int | None = None,
 ) -> Iterator[Rollout]:
     """Rollouts of the module's current student over ``batches`` (one per batch, on CPU unless
     ``teacher_keep="hidden"``, which the loss needs on the module's device)."""

@@ -125,10 +125,3 @@ def kat_buffer(state: Any) -> torch.Tensor | None:
         return torch.as_tensor(state["buffer"], dtype=torch.float64)
     found = (kat_buffer(child) for child in state.values())
     return next((b for b in found if b is not None), None)
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``name`` as a device; None = cuda when available, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -22,8 +22,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from wordcloud import WordCloud
 
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
-from kat_research.analysis.figures import new_figure, save_figure
 from kat_research.config import CONFIG_DIR
+from kat_research.plotting import new_figure, save_figure
 from kat_research.termination.phases import PHASES, phase_id_matrix
 
 _NAMED = {" ": "<space>", "\n": "<newline>", "\t": "<tab>", "": "<empty>"}

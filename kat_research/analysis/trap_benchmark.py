@@ -26,9 +26,9 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.analysis.context import output_dir
-from kat_research.analysis.figures import new_figure, save_figure
 from kat_research.analysis.planted import TraceSpec, detect, planted_traces, score, window_minima
 from kat_research.config import CONFIG_DIR
+from kat_research.plotting import new_figure, save_figure
 
 DETECTORS = ("kat", "fixed_threshold", "no_persistence")
 METRICS = ("precision", "recall", "delay_mean")

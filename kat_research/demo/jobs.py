@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kat_research.config import compose
+from kat_research.console import quiet
 from kat_research.training import train
 
 
@@ -31,8 +32,10 @@ def run_job(name: str, output_dir: Path, overrides: list[str], threads: int) -> 
     name runs its training job and returns the summary."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # spawned workers start bare
+    cfg = demo_config("opd", output_dir, overrides)
+    quiet(cfg.verbose)
     if name in ("teacher", "student"):
-        instantiate(demo_config("opd", output_dir, overrides).model[name])
+        instantiate(cfg.model[name])
         return None
     print(f"=== demo: {name} ===", flush=True)
     folder = output_dir / name

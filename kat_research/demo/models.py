@@ -17,7 +17,6 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import Qwen3Config
 
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
 from kat_research.demo import testbed
@@ -28,7 +27,7 @@ from kat_research.lit.eval_callback import EvalCallback
 from kat_research.lit.step_log import StepLog
 from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
 from kat_research.models.cache import publish_folder
-from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE, tiny_qwen3_config
+from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 META_FILE = "demo_model.json"
@@ -170,12 +169,6 @@ def train_sft_model(
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
-
-
-def demo_config(architecture: dict[str, Any] | DictConfig) -> Qwen3Config:
-    """The config of a demo model of ``architecture`` (no training, no weights)."""
-    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
-    return tiny_qwen3_config(tokenizer, **_plain(architecture))
 
 
 def demo_model(

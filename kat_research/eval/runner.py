@@ -1,16 +1,22 @@
-"""Generate completions with the project's rollout engine (no teacher) and grade them."""
+"""Generate completions (the rollout engine without a teacher, or vLLM) and grade them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.eval.benchmarks import Gold
-from kat_research.rollout import RolloutEngine, SamplingConfig
+from kat_research.rollout import STOP_EOS, STOP_MAX_TOKENS, RolloutEngine, SamplingConfig
+
+if TYPE_CHECKING:
+    from kat_research.rollout.backends.vllm import VLLMBackend
+
+_SEED_RANGE = 2**31 - 1  # vLLM request seeds; the k samples of a request use seed .. seed+k-1
 
 
 @dataclass(frozen=True)
@@ -47,20 +53,53 @@ def generate_completions(
     n_samples: int = 1,
     batch_size: int = 32,
     seed: int = 0,
+    vllm: VLLMBackend | None = None,
 ) -> list[list[Completion]]:
-    """``n_samples`` completions per chat-formatted prompt, batched across prompts and samples.
+    """``n_samples`` completions per chat-formatted prompt, in order.
 
-    Jobs are sorted by prompt length so each batch pads little; results come back in order.
+    Without ``vllm`` the rollout engine decodes with ``model``, batching prompts x samples
+    ``batch_size`` sequences at a time (sorted by prompt length so each batch pads little).
+    With ``vllm`` (the student's vLLM backend) each prompt's samples come from one request
+    whose seed is drawn from ``seed``; vLLM schedules the requests itself. Both decode the
+    generated ids with ``tokenizer`` into the same ``Completion`` records.
     """
+    if vllm is None:
+        samples = _engine_samples(model, tokenizer, prompts, sampling, n_samples, batch_size, seed)
+    else:
+        encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        generator = torch.Generator().manual_seed(seed)
+        seeds = torch.randint(_SEED_RANGE - n_samples, (len(prompts),), generator=generator)
+        samples = [
+            [(ids, STOP_EOS if at_stop else STOP_MAX_TOKENS) for ids, at_stop in row]
+            for row in vllm.sample_n(encoded, sampling, n_samples, seeds.tolist())
+        ]
+    return [
+        [
+            Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), reason)
+            for ids, reason in row
+        ]
+        for row in samples
+    ]
+
+
+def _engine_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    n_samples: int,
+    batch_size: int,
+    seed: int,
+) -> list[list[tuple[list[int], str]]]:
+    """(generated ids, stop reason) per prompt and sample, from the rollout engine."""
     engine = RolloutEngine(model, sampling=sampling, pad_token_id=tokenizer.pad_token_id)
-    device = engine.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     jobs = sorted(
         ((i, s) for i in range(len(prompts)) for s in range(n_samples)),
         key=lambda job: lengths[job[0]],
     )
-    out: list[list[Completion | None]] = [[None] * n_samples for _ in prompts]
+    out: list[list[tuple[list[int], str]]] = [[([], "")] * n_samples for _ in prompts]
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         enc = tokenizer(
@@ -71,14 +110,9 @@ def generate_completions(
         )
         rollout = engine.generate(enc.input_ids, enc.attention_mask, generator)
         for row, (i, s) in enumerate(batch):
-            length = int(rollout.lengths[row])
-            ids = rollout.tokens[row, :length].tolist()
-            out[i][s] = Completion(
-                text=tokenizer.decode(ids, skip_special_tokens=True),
-                length=length,
-                stop_reason=rollout.stop_reason[row],
-            )
-    return out  # type: ignore[return-value]
+            ids = rollout.tokens[row, : int(rollout.lengths[row])].tolist()
+            out[i][s] = (ids, rollout.stop_reason[row])
+    return out
 
 
 def grade_completions(

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from transformers import PreTrainedModel
@@ -20,8 +20,11 @@ from kat_research.eval.grading import AnswerBudget, Grader
 from kat_research.eval.metrics import METRICS, PAPER_BENCHMARKS, macro_average, summarize
 from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
 from kat_research.eval.tasks import EvalResult
-from kat_research.rollout import SamplingConfig
+from kat_research.rollout import BACKENDS, SamplingConfig, build_backend
 from kat_research.text.answers import extract_answer
+
+if TYPE_CHECKING:
+    from kat_research.rollout.backends.vllm import VLLMBackend
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,11 @@ class BenchmarkEvaluator:
     """Evaluates a model on math benchmarks: ``evaluator(model, tokenizer) -> SuiteResult``.
 
     Problems are loaded once, here. Each call samples ``n_samples`` completions per problem
-    through the rollout engine (chat template + ``instruction``), grades them with a
+    (chat template + ``instruction``) with the ``backend``: ``hf`` (the rollout engine decodes
+    with the model) or ``vllm`` (one request per problem for its k samples, on the model's
+    vLLM engine: the training rollouts' engine when they use vLLM, else one the evaluator
+    starts at its first call and updates with the model's current weights at every call).
+    Both give the same records, so grading and metrics are the same code. It grades with a
     ``Grader`` (``num_workers`` processes, 0 = main thread; ``timeout_s`` per answer; answers
     over ``max_answer_chars`` / ``max_answer_terms`` are wrong unparsed) whose cache lives as
     long as the evaluator, and reports, per benchmark, ``<name>/avg@k``,
@@ -122,8 +129,11 @@ class BenchmarkEvaluator:
         data_dir, limit, n_samples, temperature, top_p, max_new_tokens: defaults for every
             benchmark (see ``BenchmarkSettings``).
         stop_tokens: tokens that end a completion besides eos (e.g. ``<|im_end|>``).
-        batch_size: sequences per generation batch (problems x samples are mixed).
+        batch_size: sequences per generation batch (problems x samples are mixed; ``hf``
+            only, vLLM schedules its requests itself).
         seed: sampling seed (the same for every benchmark and call).
+        backend: ``hf`` or ``vllm`` (``eval.backend``).
+        vllm: settings of the evaluator's own vLLM engine (``VLLMSettings`` fields).
     """
 
     def __init__(
@@ -145,7 +155,13 @@ class BenchmarkEvaluator:
         timeout_s: float = 5.0,
         max_answer_chars: int = AnswerBudget.max_chars,
         max_answer_terms: int = AnswerBudget.max_terms,
+        backend: str = "hf",
+        vllm: Mapping[str, Any] | None = None,
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown eval.backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        self.backend, self.vllm_settings = backend, dict(vllm or {})
+        self._vllm: VLLMBackend | None = None
         defaults = BenchmarkSettings(
             "*",
             data_dir=data_dir,
@@ -206,6 +222,7 @@ class BenchmarkEvaluator:
             n_samples=settings.n_samples,
             batch_size=self.batch_size,
             seed=self.seed,
+            vllm=self._vllm,
         )
         generation_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -237,7 +254,16 @@ class BenchmarkEvaluator:
         }
         return records, columns
 
+    def _attach_vllm(self, model: PreTrainedModel) -> None:
+        """Hold ``model``'s vLLM backend and bring its engine to the model's current weights
+        (as the rollouts do after an optimizer step; a no-op before the engine starts)."""
+        if self._vllm is None or self._vllm.student is not model:
+            self._vllm = build_backend("vllm", model, self.vllm_settings)
+        self._vllm.sync_weights()
+
     def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> SuiteResult:
+        if self.backend == "vllm":
+            self._attach_vllm(model)
         stop_ids = stop_token_ids(model, tokenizer, self.stop_tokens)
         counts_before = self._grader_counts()
         records: list[SampleRecord] = []

@@ -22,7 +22,10 @@ class EvalCallback(L.Callback):
     ranks only rank 0 evaluates (the others wait; their ``results`` hold empty metrics), on
     weights gathered by the module's ``full_student()`` context when it has one (FSDP). With
     ``stop_when`` (metric → minimum), training stops after the first evaluation in which every
-    listed metric reaches its minimum (``stopped_at`` holds that step).
+    listed metric reaches its minimum (``stopped_at`` holds that step). An evaluator that
+    samples with vLLM (``eval.backend=vllm``) pushes the student's current weights into its
+    engine at each call, as the rollouts do after each optimizer step; with vLLM rollouts it
+    uses their engine.
     """
 
     def __init__(

@@ -26,7 +26,15 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
 from kat_research.lit.divergence import divergence_error, global_grad_norm, grad_scaler_active
 from kat_research.lit.schedule import optimizers_config
-from kat_research.losses import LOSS_KINDS, LossOutput, TeacherTargets, opd_loss, token_weights
+from kat_research.losses import (
+    DEFAULT_K,
+    LOSS_KINDS,
+    TEACHER_KEEP,
+    LossOutput,
+    TeacherTargets,
+    opd_loss,
+    token_weights,
+)
 from kat_research.models import freeze
 from kat_research.rollout import (
     BACKENDS,
@@ -40,14 +48,6 @@ from kat_research.rollout import (
 from kat_research.rollout.sampling import NonFiniteLogitsError
 from kat_research.termination import NoTermination
 from kat_research.termination.base import Terminator
-
-# What the engine keeps from the teacher for each loss kind.
-TEACHER_KEEP = {
-    "full": "hidden",
-    "topk_tail": "hidden",
-    "topk_lsm": "topk",
-    "sampled_token": "none",
-}
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class OPDModule(L.LightningModule):
             terminator=self.terminator,
             score_every=self.rollout_settings.score_every,
             teacher_keep=TEACHER_KEEP[self.loss_settings.kind] if keep == "auto" else keep,
-            teacher_topk=self.loss_settings.k or 32,
+            teacher_topk=self.loss_settings.k or DEFAULT_K.get(self.loss_settings.kind),
             masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
             backend=build_backend(
                 self.rollout_settings.backend, student, self.rollout_settings.vllm

@@ -28,6 +28,15 @@ from kat_research.losses.kl import DEFAULT_K, KL_KINDS, per_token_reverse_kl
 LOSS_KINDS = (*KL_KINDS, "sampled_token")
 AGGREGATIONS = ("token_mean", "seq_mean")
 DEFAULT_CHUNK_SIZE = 128
+# What each loss kind needs the rollout to keep of the teacher besides log q(y_t): its final
+# hidden states (the loss recomputes the teacher's logits chunk by chunk), its top-K
+# log-probabilities and ids, or nothing (``rollout.teacher_keep: auto``).
+TEACHER_KEEP = {
+    "full": "hidden",
+    "topk_tail": "hidden",
+    "topk_lsm": "topk",
+    "sampled_token": "none",
+}
 
 
 @dataclass

@@ -1,6 +1,12 @@
 """Model loading, tiny in-code models for tests and demos, and the vocabulary check."""
 
-from kat_research.models.loading import LoadedModel, freeze, load_causal_lm, load_tokenizer
+from kat_research.models.loading import (
+    LoadedModel,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+)
 from kat_research.models.tiny import (
     build_bpe_tokenizer,
     build_char_tokenizer,
@@ -25,6 +31,7 @@ __all__ = [
     "freeze",
     "load_causal_lm",
     "load_tokenizer",
+    "pick_device",
     "save_tiny_model",
     "tiny_random_model",
 ]

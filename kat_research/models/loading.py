@@ -18,6 +18,13 @@ _DTYPES = {
 }
 
 
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """``name`` as a device; None = ``cuda`` when a GPU is visible, else ``cpu``."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a config string (``bfloat16``, ``fp32`` …) to a torch dtype."""
     if isinstance(dtype, torch.dtype):

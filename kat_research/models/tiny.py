@@ -7,8 +7,9 @@ so tests exercise the real loading path.
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -112,6 +113,13 @@ def tiny_qwen3_config(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+
+
+def demo_model_config(architecture: Mapping[str, Any]) -> Qwen3Config:
+    """The config of a demo model (``kat_research.demo``): a tiny Qwen3 of ``architecture``
+    (``tiny_qwen3_config``'s keywords) over the character tokenizer with the compact template."""
+    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
+    return tiny_qwen3_config(tokenizer, **architecture)
 
 
 def build_tiny_qwen3(

@@ -19,8 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kat_research.lit.opd_module import TEACHER_KEEP
-from kat_research.planning.configs import model_config
+from kat_research.losses import DEFAULT_K, TEACHER_KEEP
+from kat_research.planning.configs import ARCHITECTURES, model_config
 from kat_research.planning.flops import FlopsModel, opd_flops
 from kat_research.planning.memory import (
     GIB,
@@ -129,6 +129,7 @@ def rank_memory(
     tokens = rows * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     keep = cfg.rollout.teacher_keep
     keep = TEACHER_KEEP[cfg.loss.kind] if keep == "auto" else keep
+    topk = cfg.loss.k or DEFAULT_K["topk_lsm"]
     state = training_state_bytes(student["params"]["total"], s_bytes, fp32_master(cfg, s_bytes))
     if shards_student_state(cfg.trainer):
         ranks = world_size(cfg.trainer)
@@ -140,7 +141,11 @@ def rank_memory(
         "kv_cache_student": kv_cache_bytes(s_shape, tokens, s_act),
         "kv_cache_teacher": kv_cache_bytes(t_shape, tokens, t_bytes),
         "teacher_targets": teacher_target_bytes(
-            keep, rows * cfg.rollout.max_new_tokens, t_shape.hidden, t_bytes, cfg.loss.k or 32
+            keep,
+            rows * cfg.rollout.max_new_tokens,
+            t_shape.hidden,
+            t_bytes,
+            topk,
         ),
         "activations": activation_bytes(
             s_shape, tokens, s_act, bool(cfg.model.student.get("gradient_checkpointing", False))
@@ -159,7 +164,7 @@ def flops_model(model: dict[str, Any], attention: bool) -> FlopsModel:
 
 def make_plan(cfg: DictConfig) -> dict[str, Any]:
     """The whole plan of the training config ``cfg`` (with its ``plan`` knobs)."""
-    architectures = Path(cfg.plan.architectures) if cfg.plan.architectures else None
+    architectures = Path(cfg.plan.architectures) if cfg.plan.architectures else ARCHITECTURES
     student = describe_model(cfg.model.student, architectures)
     teacher = describe_model(cfg.model.teacher, architectures)
     ranks = world_size(cfg.trainer)

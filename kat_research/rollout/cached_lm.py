@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -25,6 +27,14 @@ def chunk_inputs(
     return mask, prompt_len[:, None] + steps[None, :], valid
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` in recent
+    transformers 5.x (5.24 deprecates the old name) or ``past_key_values`` in earlier releases
+    (5.17 on the GPU machine, 5.19 in the vLLM venv). Chosen from the signature, not the version."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class CachedLM:
     """A causal LM fed new tokens of its rows; rows can be dropped from its cache.
 
@@ -37,19 +47,20 @@ class CachedLM:
         self.body = model.base_model
         self.head = model.get_output_embeddings()
         self.cache = DynamicCache()
+        self.cache_arg = cache_argument(self.body)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Feed new tokens [n, L]; return final hidden states [n, L, H]."""
+        """Feed new tokens [n, L]; return final hidden states [n, L, H]. The cache object is
+        updated in place."""
         out = self.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_arg: self.cache},
         )
-        self.cache = out.past_key_values
         return out.last_hidden_state
 
     def keep_rows(self, index: torch.Tensor) -> None:

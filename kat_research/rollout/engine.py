@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 
 from kat_research.losses.kl import per_token_reverse_kl
 from kat_research.models.vocab_check import check_finite_weights
+from kat_research.rollout.backends import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
-from kat_research.rollout.student import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -100,7 +100,7 @@ class RolloutEngine:
         teacher_keep: what the loss needs from the teacher besides log q(y_t): ``hidden``
             (final hidden states, for full-vocabulary losses), ``topk`` (top-K log-probs
             and ids) or ``none``.
-        teacher_topk: K for ``teacher_keep="topk"``.
+        teacher_topk: K for ``teacher_keep="topk"`` (required with it).
         masked_token_ids: generated positions holding these ids are left out of ``loss_mask``.
         backend: where the student's tokens come from (default: the student decodes itself,
             :class:`HFBackend`); see :func:`kat_research.rollout.build_backend`.
@@ -116,7 +116,7 @@ class RolloutEngine:
         terminator: Terminator | None = None,
         score_every: int | None = None,
         teacher_keep: TeacherKeep = "none",
-        teacher_topk: int = 32,
+        teacher_topk: int | None = None,
         masked_token_ids: Sequence[int] = (),
         backend: StudentBackend | None = None,
     ):
@@ -126,8 +126,12 @@ class RolloutEngine:
             raise ValueError(f"{terminator!r} needs the teacher's per-token KL; pass a teacher")
         if teacher is None and teacher_keep != "none":
             raise ValueError("teacher_keep needs a teacher")
+        if teacher_keep == "topk" and (teacher_topk is None or teacher_topk < 1):
+            raise ValueError(f"teacher_keep='topk' needs teacher_topk >= 1, got {teacher_topk}")
         hint = getattr(terminator, "chunk_hint", None)
-        self.score_every = int(score_every or hint or DEFAULT_SCORE_EVERY)
+        self.score_every = int(
+            score_every if score_every is not None else hint or DEFAULT_SCORE_EVERY
+        )
         if self.score_every < 1:
             raise ValueError(f"score_every must be >= 1, got {self.score_every}")
         self.student = student
@@ -201,7 +205,6 @@ class _RolloutRun:
             else torch.full((batch,), self.width, dtype=torch.long)
         )
         self.limit = caps.to(self.device).clamp(max=self.width)  # tokens each row may generate
-        self.stop_ids = torch.tensor(self.cfg.stop_token_ids, dtype=torch.long, device=self.device)
         self.s_rows = torch.arange(batch, device=self.device)  # rows the student still samples
         self.chunk_start = 0
         self.t_time = 0.0
@@ -241,14 +244,12 @@ class _RolloutRun:
         self.lengths[rows] = start + counts
         end = start + int(counts.max())
 
-        last = sample.tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
-        is_eos = torch.isin(last, self.stop_ids)
-        ended = is_eos | (counts == remaining)
         at_max = self.lengths[rows] >= self.width
-        for i in ended.nonzero().flatten().tolist():
-            reason = STOP_EOS if is_eos[i] else STOP_MAX_TOKENS if at_max[i] else STOP_TERMINATED
+        for i in sample.ended.nonzero().flatten().tolist():
+            at_stop = sample.at_stop[i]
+            reason = STOP_EOS if at_stop else STOP_MAX_TOKENS if at_max[i] else STOP_TERMINATED
             self.stop_reason[rows[i]] = reason
-        self.s_rows = rows[~ended]  # the sampler dropped ended rows itself
+        self.s_rows = rows[~sample.ended]  # the sampler dropped ended rows itself
         if self.teacher is not None:
             self._score_chunk(rows, start, end, sample)
         self.chunk_start = end

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kat_research.config import ConfigError
 from kat_research.layout import eval_file, write_samples, write_summary
+from kat_research.models import pick_device
 
 
 def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     evaluator = instantiate(cfg.eval.evaluator)
     loaded = instantiate(cfg.model[role])
-    model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model = loaded.model.to(pick_device()).eval()
     result = evaluator(model, loaded.tokenizer)
     write_samples(eval_file(output_dir, 0), result.records)
     summary = {

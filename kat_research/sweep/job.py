@@ -1,9 +1,11 @@
 """Run one prepared job: `python -m kat_research.sweep.job <job folder>`.
 
 Reads ``job.json``, composes its config, saves it as ``.hydra/config.yaml`` (like a Hydra job),
-runs training (``kat_research.training.train``) or a model evaluation, then records parameter
-counts and the job's hyperparameters and final metrics for TensorBoard's HPARAMS tab. Output
-goes to ``job.log``; ``status.json`` follows the job (running -> done | failed).
+runs training (``kat_research.training.train``: with ``resume=auto`` it continues from the
+newest checkpoint an earlier attempt left in the folder) or a model evaluation, then records
+parameter counts and the job's hyperparameters and final metrics for TensorBoard's HPARAMS tab.
+Output goes to ``job.log``; ``status.json`` follows the job (running, with pid and host ->
+done | failed). Under a multi-process launch (Slurm tasks, DDP ranks) only rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import socket
 import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.config import compose
+from kat_research.layout import JOB_FILE, read_json
 from kat_research.planning.configs import model_config
 from kat_research.planning.params import count_params
 from kat_research.sweep.evaluate_model import evaluate_model
 from kat_research.sweep.hparams import write_hparams
-from kat_research.sweep.spec import EVALUATE, ROLES, Job, compose_train
-from kat_research.sweep.state import DONE, FAILED, JOB_FILE, read_json, write_status
+from kat_research.sweep.spec import EVALUATE, ROLES, Job
+from kat_research.sweep.state import DONE, FAILED, RUNNING, write_status
 from kat_research.training import train
 
 log = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def job_config(job: Job, folder: Path) -> DictConfig:
     """The job's training config, writing into ``folder``."""
-    return compose_train([*job.overrides, f"paths.output_dir='{folder}'"])  # quoted: '=' ','
+    return compose([*job.overrides, f"paths.output_dir='{folder}'"])  # quoted: '=' ','
 
 
 def count_parameters(node: DictConfig) -> int:
@@ -75,7 +82,15 @@ def run_job(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder / JOB_FILE} does not exist: not a prepared job folder")
     job = Job.from_dict(recorded)
     start = time.time()
-    write_status(folder, "running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    main_rank = rank_zero_only.rank == 0  # from the launcher's environment (RANK, SLURM_PROCID)
+    if main_rank:
+        write_status(
+            folder,
+            RUNNING,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
     with log_to(folder / "job.log"):
         try:
             cfg = job_config(job, folder)
@@ -87,8 +102,11 @@ def run_job(folder: str | Path) -> dict[str, Any]:
             else:
                 summary = train(cfg)
         except BaseException as error:
-            write_status(folder, FAILED, error="".join(traceback.format_exception(error)))
+            if main_rank:
+                write_status(folder, FAILED, error="".join(traceback.format_exception(error)))
             raise
+        if not main_rank:
+            return summary
         roles = (job.role,) if job.kind == EVALUATE else ROLES
         counts = parameter_counts(cfg, roles)
         write_hparams(folder, job, summary)

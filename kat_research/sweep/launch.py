@@ -1,11 +1,12 @@
 """Launch jobs: in this process (``local``), one subprocess each (``subprocess``), through
-submitit (``submitit_local``, ``submitit_slurm``: kat_research.sweep.submitit_launch), or
-through a command template holding ``{cmd}`` (e.g. a cluster submission).
+submitit with a launcher file (``submitit_local``, ``submitit_slurm``, any name in
+conf/launcher or a YAML path: kat_research.sweep.submitit_launch), or through a command
+template holding ``{cmd}`` (e.g. a cluster submission).
 
 A template is run with the shell after replacing ``{cmd}`` (the job's command line), ``{dir}``
 (its folder) and ``{name}`` (``<experiment>/<job>``), e.g.
-``sbatch --gpus=1 -J {name} --wrap '{cmd}'``. The job is then ``pending`` until its summary
-appears; re-running the sweep does not submit it again.
+``sbatch --gpus=1 -J {name} --wrap '{cmd}'``. The job is then ``pending`` until it starts;
+re-running the sweep does not submit it again.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import logging
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from kat_research.sweep.job import run_job
 from kat_research.sweep.spec import Job
-from kat_research.sweep.state import EXTERNAL, prepare_folder, write_status
-from kat_research.sweep.submitit_launch import SUBMITIT_LAUNCHERS, launch_submitit
+from kat_research.sweep.state import SUBMITTED, prepare_folder, write_status
+from kat_research.sweep.submitit_launch import launch_submitit, launcher_file, launcher_names
 
 log = logging.getLogger(__name__)
 LOCAL, SUBPROCESS = "local", "subprocess"
-LAUNCHERS = (LOCAL, SUBPROCESS, *SUBMITIT_LAUNCHERS)  # named launchers (besides templates)
+TEMPLATE = "template"  # status.json launcher of jobs handed to a command template
+
+
+def launcher_choices() -> list[str]:
+    """The named launchers (besides launcher file paths and command templates)."""
+    return [LOCAL, SUBPROCESS, *launcher_names()]
 
 
 def job_command(folder: Path) -> list[str]:
@@ -32,19 +39,26 @@ def job_command(folder: Path) -> list[str]:
 
 
 def check_launcher(launcher: str) -> None:
-    if launcher not in LAUNCHERS and "{cmd}" not in launcher:
+    if launcher in (LOCAL, SUBPROCESS) or "{cmd}" in launcher:
+        return
+    path = launcher_file(launcher)
+    if path is None or not path.exists():
         raise ValueError(
-            f"launcher must be one of {', '.join(LAUNCHERS)} or a command template containing "
-            f"{{cmd}}, got {launcher!r}"
+            f"launcher must be one of {', '.join(launcher_choices())}, a launcher file (.yaml) or "
+            f"a command template containing {{cmd}}, got {launcher!r}"
         )
 
 
-def launch_all(jobs: list[tuple[Job, Path]], launcher: str) -> bool:
+def launch_all(
+    jobs: list[tuple[Job, Path]], launcher: str, launcher_overrides: Sequence[str] = ()
+) -> bool:
     """Prepare the folder of each (job, folder) and run or hand over the job; False if one
-    failed (or its submission did)."""
+    failed (or its submission did). ``launcher_overrides`` (``key=value``) change a launcher
+    file's settings."""
     check_launcher(launcher)
-    if launcher in SUBMITIT_LAUNCHERS:
-        return launch_submitit(jobs, launcher)
+    path = None if launcher in (LOCAL, SUBPROCESS) else launcher_file(launcher)
+    if path is not None:
+        return launch_submitit(jobs, path, launcher_overrides)
     ok = True
     for n, (job, folder) in enumerate(jobs, 1):
         print(f"[{n}/{len(jobs)}] {job.experiment}/{job.name}", flush=True)
@@ -64,10 +78,10 @@ def launch(folder: Path, launcher: str) -> bool:
             return False
         return True
     if launcher == SUBPROCESS:
-        with open(folder / "stdout.log", "w") as out:
+        with open(folder / "stdout.log", "a") as out:
             done = subprocess.run(job_command(folder), stdout=out, stderr=subprocess.STDOUT)
         return done.returncode == 0
-    write_status(folder, "submitted", launcher=EXTERNAL)
+    write_status(folder, SUBMITTED, launcher=TEMPLATE)
     command = (
         launcher.replace("{cmd}", shlex.join(job_command(folder)))
         .replace("{dir}", shlex.quote(str(folder.resolve())))

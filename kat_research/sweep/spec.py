@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from kat_research.config import compose
 
@@ -101,10 +101,9 @@ def with_includes(spec: ExperimentSpec, directory: Path = EXPERIMENTS_DIR) -> li
     return list(seen.values())
 
 
-def compose_train(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
-    """conf/train.yaml composed with ``overrides`` (Hydra's compose API); ``with_hydra`` keeps
-    the ``hydra`` node (e.g. the launcher a ``hydra/launcher=...`` override picks)."""
-    return compose(overrides, with_hydra=with_hydra)
+def spec_jobs(spec: ExperimentSpec, scale: str, extra: Sequence[str] = ()) -> list[Job]:
+    """Every job ``spec`` aggregates at ``scale``: those of its includes, then its own."""
+    return [job for s in with_includes(spec) for job in expand_jobs(s, scale, extra)]
 
 
 def base_overrides(spec: ExperimentSpec, scale: str) -> list[str]:
@@ -139,7 +138,7 @@ def expand_jobs(spec: ExperimentSpec, scale: str, extra: Sequence[str] = ()) -> 
     base = base_overrides(spec, scale)
     if not spec.entries:
         return []
-    cfg = compose_train([*base, *extra])
+    cfg = compose([*base, *extra])
     root = OmegaConf.create({"scale": cfg.scale, "jobs": list(spec.entries)})
     entries = OmegaConf.to_container(root.jobs, resolve=True)
     jobs: list[Job] = []

@@ -1,62 +1,95 @@
-"""Launch prepared jobs with submitit: ``submitit_local`` runs them on this machine one after
-another and waits; ``submitit_slurm`` submits them to Slurm (one job array per resource set)
-and returns, each job ``pending`` until its summary appears (like a command template).
+"""Launch prepared jobs with submitit, resources from a launcher file.
 
-Resources come from conf/hydra/launcher/<launcher>.yaml, the presets of
-``python -m kat_research.train -m hydra/launcher=<launcher>``, resolved against each job's own
-config (e.g. ``tasks_per_node: ${trainer.devices}``). Logs: ``<job>/.submitit/`` (local) or
-``<runs>/<scale>/.submitit/`` (Slurm); ``<job>/submitit.json`` names the job's id and log.
+A launcher file is ``conf/launcher/<name>.yaml`` (``--launcher <name>``) or any YAML file
+(``--launcher path/to/file.yaml``): ``cluster`` (submitit's executor: ``local`` or ``slurm``),
+``max_num_timeout``, submitit's shared parameters (``timeout_min``, ``gpus_per_node``, ...) and,
+under a key named after the cluster, that executor's own parameters (e.g. ``slurm.partition``).
+Values are resolved against each job's own config (``tasks_per_node: ${trainer.devices}``);
+``launcher.<key>=<value>`` arguments override them for a sweep.
+
+``local`` runs the jobs on this machine one after another and waits; ``slurm`` submits them (one
+job array per distinct resource set) and returns, each job ``pending`` until it starts. A job
+that times out or is preempted is requeued up to ``max_num_timeout`` times and resumes from its
+newest checkpoint. Logs: ``<job>/.submitit/`` (local) or ``<runs>/<scale>/.submitit/``
+(Slurm); ``<job>/submitit.json`` names the job's id and log.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import submitit
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kat_research.sweep.job import run_job
-from kat_research.sweep.spec import Job, compose_train
-from kat_research.sweep.state import EXTERNAL, FAILED, prepare_folder, write_status
+from kat_research.config import CONFIG_DIR
+from kat_research.sweep.job import job_config, run_job
+from kat_research.sweep.spec import Job
+from kat_research.sweep.state import FAILED, SUBMITTED, prepare_folder, write_status
 
 log = logging.getLogger(__name__)
-SUBMITIT_LOCAL, SUBMITIT_SLURM = "submitit_local", "submitit_slurm"
-SUBMITIT_LAUNCHERS = (SUBMITIT_LOCAL, SUBMITIT_SLURM)
-SWEEP_KEYS = ("_target_", "submitit_folder", "name")  # set by Hydra per sweep, here per job
+LAUNCHER_DIR = Path(CONFIG_DIR) / "launcher"
+CLUSTERS = ("local", "slurm")
 
 
-def launcher_params(job: Job, folder: Path, launcher: str) -> dict[str, Any]:
-    """The preset's resources, resolved against the job's config (sweep-only keys dropped)."""
-    cfg = compose_train(
-        [*job.overrides, f"paths.output_dir='{folder}'", f"hydra/launcher={launcher}"],
-        with_hydra=True,
+def launcher_names() -> list[str]:
+    """The named launcher files (``conf/launcher/*.yaml``)."""
+    return sorted(p.stem for p in LAUNCHER_DIR.glob("*.yaml"))
+
+
+def launcher_file(launcher: str) -> Path | None:
+    """The launcher file ``launcher`` names (a name in conf/launcher or a YAML path), or None."""
+    if launcher.endswith((".yaml", ".yml")):
+        return Path(launcher)
+    path = LAUNCHER_DIR / f"{launcher}.yaml"
+    return path if path.exists() else None
+
+
+def load_launcher(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The launcher file with ``overrides`` (``key=value``), unresolved."""
+    if not path.exists():
+        raise FileNotFoundError(f"launcher file {path} does not exist")
+    settings = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    if settings.get("cluster") not in CLUSTERS:
+        raise ValueError(
+            f"{path}: cluster must be one of {CLUSTERS}, got {settings.get('cluster')!r}"
+        )
+    return settings
+
+
+def launcher_settings(
+    path: Path, job: Job, folder: Path, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The launcher file's settings with ``overrides``, resolved against the job's config."""
+    root = job_config(job, folder)
+    with open_dict(root):
+        root.launcher = load_launcher(path, overrides)  # its interpolations see the job's config
+    return OmegaConf.to_container(root.launcher, resolve=True)
+
+
+def make_executor(folder: Path, settings: Mapping[str, Any]) -> submitit.AutoExecutor:
+    """A submitit executor writing into ``folder``: the cluster's own parameters (the section
+    named after it) get submitit's ``<cluster>_`` prefix, the others are shared ones."""
+    settings = dict(settings)
+    cluster = settings.pop("cluster")
+    own = settings.pop(cluster, None) or {}
+    requeues = settings.pop("max_num_timeout", 0)
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster=cluster, **{f"{cluster}_max_num_timeout": requeues}
     )
-    preset, params = cfg.hydra.launcher, {}
-    for key in preset:
-        if key not in SWEEP_KEYS:
-            value = preset[key]  # resolved
-            params[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    return params
-
-
-def make_executor(launcher: str, folder: Path, params: dict[str, Any]) -> submitit.AutoExecutor:
-    """An executor writing into ``folder`` with ``params`` named as the Hydra plugin names them
-    (shared keys as they are, executor-specific ones prefixed with the cluster)."""
-    cluster = launcher.removeprefix("submitit_")
-    params = dict(params)
-    init = {}
-    if "max_num_timeout" in params:
-        init[f"{cluster}_max_num_timeout"] = params.pop("max_num_timeout")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **init)
-    shared = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(
-        **{k if k in shared else f"{cluster}_{k}": v for k, v in params.items()}
-    )
+    executor.update_parameters(**settings, **{f"{cluster}_{k}": v for k, v in own.items()})
     return executor
+
+
+class JobRunner(submitit.helpers.Checkpointable):
+    """What submitit runs: one prepared job. Checkpointable: on a timeout or preemption
+    submitit requeues the same call, and the job resumes from its newest checkpoint."""
+
+    def __call__(self, folder: Path) -> dict[str, Any]:
+        return run_job(folder)
 
 
 def record(folder: Path, job: submitit.Job) -> None:
@@ -65,16 +98,16 @@ def record(folder: Path, job: submitit.Job) -> None:
     (folder / "submitit.json").write_text(json.dumps(info, indent=2))
 
 
-def run_local(jobs: list[tuple[Job, Path]]) -> bool:
+def run_local(jobs: list[tuple[Job, Path]], path: Path, overrides: Sequence[str]) -> bool:
     """Run each job through submitit's local executor, one at a time; False if one failed."""
     ok = True
     for n, (job, folder) in enumerate(jobs, 1):
         print(f"[{n}/{len(jobs)}] {job.experiment}/{job.name}", flush=True)
         prepare_folder(folder, job)
-        params = launcher_params(job, folder, SUBMITIT_LOCAL)
-        executor = make_executor(SUBMITIT_LOCAL, folder / ".submitit" / "%j", params)
+        settings = launcher_settings(path, job, folder, overrides)
+        executor = make_executor(folder / ".submitit" / "%j", settings)
         executor.update_parameters(name=job.name)
-        submitted = executor.submit(run_job, folder.resolve())
+        submitted = executor.submit(JobRunner(), folder.resolve())
         record(folder, submitted)
         try:
             submitted.result()
@@ -84,26 +117,28 @@ def run_local(jobs: list[tuple[Job, Path]]) -> bool:
     return ok
 
 
-def submit_slurm(jobs: list[tuple[Job, Path]]) -> bool:
-    """Submit the jobs to Slurm, one array per distinct resource set; do not wait. False (the
-    jobs recorded as failed, so they are launched again) if a submission fails."""
+def submit_queue(jobs: list[tuple[Job, Path]], path: Path, overrides: Sequence[str]) -> bool:
+    """Submit the jobs, one array per distinct resource set; do not wait. False (the jobs
+    recorded as failed, so they are launched again) if a submission fails."""
     groups: dict[str, list[tuple[Job, Path]]] = {}
     for job, folder in jobs:
-        key = json.dumps(launcher_params(job, folder, SUBMITIT_SLURM), sort_keys=True)
+        key = json.dumps(launcher_settings(path, job, folder, overrides), sort_keys=True)
         groups.setdefault(key, []).append((job, folder))
     ok = True
     for key, members in groups.items():
         root = members[0][1].parents[1] / ".submitit"  # <runs>/<scale>/.submitit
         for job, folder in members:
             prepare_folder(folder, job)
-            write_status(folder, "submitted", launcher=EXTERNAL)
+            write_status(folder, SUBMITTED, launcher=str(path))
         try:
-            executor = make_executor(SUBMITIT_SLURM, root / "%j", json.loads(key))
+            executor = make_executor(root / "%j", json.loads(key))
             executor.update_parameters(name=f"kat_{members[0][0].experiment}")
             with executor.batch():
-                submitted = [executor.submit(run_job, folder.resolve()) for _, folder in members]
+                submitted = [
+                    executor.submit(JobRunner(), folder.resolve()) for _, folder in members
+                ]
         except Exception as error:
-            log.exception("submitting %d jobs to Slurm failed", len(members))
+            log.exception("submitting %d jobs failed", len(members))
             for _, folder in members:
                 write_status(folder, FAILED, error=f"submission failed: {error}")
             ok = False
@@ -111,10 +146,14 @@ def submit_slurm(jobs: list[tuple[Job, Path]]) -> bool:
         for (_, folder), sub in zip(members, submitted, strict=True):
             record(folder, sub)
         array = submitted[0].job_id.split("_")[0]
-        print(f"submitted {len(members)} jobs to Slurm as array {array} (logs in {root})")
+        print(f"submitted {len(members)} jobs as array {array} (logs in {root})")
     return ok
 
 
-def launch_submitit(jobs: list[tuple[Job, Path]], launcher: str) -> bool:
-    """Run (local) or submit (Slurm) ``jobs`` with ``launcher``; False if one failed."""
-    return run_local(jobs) if launcher == SUBMITIT_LOCAL else submit_slurm(jobs)
+def launch_submitit(jobs: list[tuple[Job, Path]], path: Path, overrides: Sequence[str]) -> bool:
+    """Run (``cluster: local``) or submit (``slurm``) ``jobs`` with the launcher file ``path``;
+    False if one failed."""
+    if not jobs:
+        return True
+    local = load_launcher(path, overrides).cluster == "local"
+    return (run_local if local else submit_queue)(jobs, path, overrides)

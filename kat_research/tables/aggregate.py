@@ -1,6 +1,10 @@
 """Job rows -> a table: mean ± std over seeds per cell, the paper's numbers beside them, and
 cells with unfinished jobs reported as missing instead of averaged over fewer seeds.
 
+The input is one record per job (a DataFrame row, e.g. from ``kat_research.sweep.records``):
+the ``ID_COLUMNS``, one column per sweep axis holding the job's label, and the job's measures
+(``kat_research.tables.measures``) when its ``status`` is ``DONE``.
+
 A cell is (row, column): rows are the values of the table's row axes, columns the values of
 its column axis. A job without a value for the column axis (e.g. the teacher, shared by both
 students) belongs to every column. A cell is complete when every job expected in it is done
@@ -16,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from kat_research.sweep.state import DONE
-from kat_research.tables.load import ID_COLUMNS
 from kat_research.tables.measures import MEASURES
 
+ID_COLUMNS = ("experiment", "scale", "job", "kind", "role", "status", "folder")  # of a record
+DONE = "done"  # the status of a finished job: its measures count
 MISSING_LABEL = "-"  # row-axis value of jobs that do not set that axis (e.g. KAT in a budget sweep)
 TIDY_COLUMNS = (
     "row",

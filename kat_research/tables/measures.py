@@ -20,8 +20,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kat_research.eval.metrics import PAPER_BENCHMARKS, macro_average, summarize
+from kat_research.layout import CONFIG_FILE, EVAL_DIR, STATUS_FILE, SUMMARY_FILE, read_json
 from kat_research.planning.flops import FlopsModel, opd_flops
-from kat_research.sweep.state import STATUS_FILE, SUMMARY_FILE, read_json
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def measure_format(name: str) -> Measure:
 
 def eval_measures(folder: Path) -> dict[str, float]:
     """avg@k / pass@k (in %), k and mean response length of the job's last evaluation."""
-    files = sorted((folder / "eval").glob("step*.jsonl"))
+    files = sorted((folder / EVAL_DIR).glob("step*.jsonl"))
     if not files:
         return {}
     table = summarize(pd.read_json(files[-1], lines=True, dtype={"problem_id": str}))
@@ -79,7 +79,7 @@ def eval_measures(folder: Path) -> dict[str, float]:
 
 def _devices(folder: Path) -> int:
     """Accelerators the job trained on (trainer.devices x num_nodes of its saved config)."""
-    path = folder / ".hydra" / "config.yaml"
+    path = folder / CONFIG_FILE
     if not path.exists():
         return 1
     trainer = OmegaConf.load(path).get("trainer", {})

@@ -1,4 +1,5 @@
-"""vLLM as the student's sampler, colocated with training (``rollout.backend: vllm``).
+"""The ``vllm`` student backend: vLLM as the student's sampler, colocated with training
+(``rollout.backend: vllm``).
 
 vLLM generates each chunk of ``score_every`` tokens in one call, continuing from the prompt
 plus the tokens sampled so far. The engine's full-vocabulary losses and the KL that drives
@@ -11,11 +12,19 @@ chooses the tokens. Without a teacher (evaluation) only log p(y_t) is needed and
 log-probs are used.
 
 After every optimizer step the student's weights are pushed into the engine in place.
+
+Evaluation (``eval.backend: vllm``) samples whole completions instead: ``sample_n`` sends one
+request per prompt for all of its k samples. A student has at most one engine
+(:meth:`VLLMBackend.serving`), so when training rollouts also use vLLM the evaluator shares
+their engine.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,16 +32,20 @@ import torch
 from transformers import PreTrainedModel
 from vllm import LLM, SamplingParams
 
+from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
-from kat_research.rollout.student import ChunkSample
 from kat_research.rollout.types import SamplingConfig
 
+log = logging.getLogger(__name__)
+
 _SEED_RANGE = 2**31 - 1
+# The engine serving each student (by id; the entry goes when its backend is collected).
+_SERVING: weakref.WeakValueDictionary[int, VLLMBackend] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
 class VLLMSettings:
-    """Arguments of the colocated ``vllm.LLM`` (see ``conf/rollout/default.yaml``)."""
+    """Arguments of the colocated ``vllm.LLM`` (see ``rollout.vllm`` in ``conf/train.yaml``)."""
 
     gpu_memory_utilization: float = 0.3
     kv_cache_memory_bytes: int | None = None
@@ -58,6 +71,25 @@ class VLLMBackend:
         self.settings = settings
         self._llm: LLM | None = None
         self._snapshot: tempfile.TemporaryDirectory | None = None
+
+    @classmethod
+    def serving(cls, student: PreTrainedModel, settings: VLLMSettings) -> VLLMBackend:
+        """The backend of ``student``: the one already serving it if any (its engine and its
+        settings are kept), else a new one. One engine per student, shared by the training
+        rollouts and the evaluator."""
+        backend = _SERVING.get(id(student))
+        if backend is not None and backend.student is student:
+            if backend.settings != settings:
+                log.info(
+                    "this student is already served by a vLLM engine; sharing it (its settings "
+                    "%s are kept, %s ignored)",
+                    backend.settings,
+                    settings,
+                )
+            return backend
+        backend = cls(student, settings)
+        _SERVING[id(student)] = backend
+        return backend
 
     @property
     def llm(self) -> LLM:
@@ -100,6 +132,69 @@ class VLLMBackend:
         weights = [(name, t.detach()) for name, t in self.student.state_dict().items()]
         self._llm.collective_rpc(_reload_weights, args=(weights,))
         self._llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
+
+    def sample_n(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        n: int,
+        seeds: Sequence[int],
+    ) -> list[list[tuple[list[int], bool]]]:
+        """``n`` completions of each prompt, from one request per prompt
+        (``SamplingParams(n=n, ...)``, request seed ``seeds[i]``; vLLM derives the samples'
+        seeds from it): (generated ids, whether they end on a stop id rather than at
+        ``max_new_tokens``).
+        Greedy decoding (temperature 0) asks for one completion and repeats it, since vLLM
+        takes n > 1 only when sampling (the n greedy completions are identical anyway)."""
+        limit = self.llm.model_config.max_model_len
+        longest = max(len(p) for p in prompts)
+        if longest + sampling.max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens + max_new_tokens={sampling.max_new_tokens} "
+                f"exceeds the vLLM engine's max_model_len={limit}: raise max_model_len in the "
+                "vLLM settings (eval.vllm, or rollout.vllm when the rollouts' engine is shared)"
+            )
+        greedy = sampling.temperature == 0
+        params = [
+            SamplingParams(
+                n=1 if greedy else n,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=seed,
+                stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=True,  # stop only at the configured stop ids, as the HF backend does
+                detokenize=False,
+            )
+            for seed in seeds
+        ]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            samples = []
+            for completion in out.outputs:
+                ids = list(completion.token_ids)
+                budget, reason = sampling.max_new_tokens, completion.finish_reason
+                samples.append((ids, _ends_at_stop(ids, budget, sampling, reason)))
+            result.append(samples * n if greedy else samples)
+        return result
+
+
+def _ends_at_stop(
+    ids: list[int], budget: int, sampling: SamplingConfig, finish_reason: str | None
+) -> bool:
+    """Whether vLLM's completion of a call for at most ``budget`` tokens ended on a stop id.
+    By the row-end rule it must end there or after ``budget`` tokens; anything else means
+    vLLM ran into its max_model_len where the HF backend would have continued: an error."""
+    stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long)
+    ended, at_stop = row_ends(torch.tensor(ids[-1:]), len(ids), budget, stop_ids)
+    if not ids or not bool(ended.all()):
+        raise RuntimeError(
+            f"vLLM stopped a row after {len(ids)} of {budget} tokens ({finish_reason}); "
+            "raise max_model_len in the vLLM settings (rollout.vllm or eval.vllm)"
+        )
+    return bool(at_stop.all())
 
 
 def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
@@ -162,11 +257,7 @@ class VLLMSampler:
         for i, out in enumerate(outputs):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
-            if len(ids) < budget[i] and (not ids or ids[-1] not in self.cfg.stop_token_ids):
-                raise RuntimeError(
-                    f"vLLM stopped a row after {len(ids)} of {budget[i]} tokens "
-                    f"({completion.finish_reason}); raise rollout.vllm.max_model_len"
-                )
+            _ends_at_stop(ids, budget[i], self.cfg, completion.finish_reason)
             tokens[i, : len(ids)] = torch.tensor(ids, device=device)
             counts[i] = len(ids)
             if self.rescorer is None:
@@ -183,9 +274,9 @@ class VLLMSampler:
                 -1, tokens[:, :width, None]
             )[..., 0]
         last = tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
-        ended = torch.isin(last, self.stop_ids) | (counts == remaining)
+        ended, at_stop = row_ends(last, counts, remaining, self.stop_ids)
         self.keep_rows((~ended).nonzero().flatten())
-        return ChunkSample(tokens, counts, logprobs, logits)
+        return ChunkSample(tokens, counts, logprobs, logits, ended, at_stop)
 
     def _params(self, max_tokens: int, seed: int) -> SamplingParams:
         return SamplingParams(

@@ -1,4 +1,5 @@
-"""Job folders -> one DataFrame row per job: identity, axes, state and measures.
+"""Job folders -> one record (DataFrame row) per job, as ``kat_research.tables`` aggregates
+them: identity (``ID_COLUMNS``), axis labels, state and measures.
 
 ``job_records(jobs, runs_dir)`` covers the jobs a sweep expects (never-launched ones included,
 as ``missing``); ``scan_records(root)`` reads whatever job folders lie below ``root`` (any
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from kat_research.layout import JOB_FILE, read_json
 from kat_research.sweep.spec import Job
-from kat_research.sweep.state import DONE, JOB_FILE, job_folder, job_state, read_json
+from kat_research.sweep.state import DONE, job_folder, job_state
+from kat_research.tables.aggregate import ID_COLUMNS
 from kat_research.tables.measures import job_measures
-
-ID_COLUMNS = ("experiment", "scale", "job", "kind", "role", "status", "folder")
 
 
 def job_record(folder: Path, job: Job, state: str) -> dict:

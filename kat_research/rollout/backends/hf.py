@@ -1,75 +1,15 @@
-"""Student-side sampling for the rollout engine: the part that differs between backends.
-
-A ``StudentBackend`` lives as long as the engine (it may own an inference server); for each
-``generate`` call it starts a ``StudentSampler`` over the batch's prompts. The engine asks
-the sampler for one chunk of tokens at a time, then scores the chunk with the teacher and
-runs the terminator; everything but the sampling itself is shared by all backends.
-"""
+"""The ``hf`` student backend: the trained model itself decodes, one token per forward, with
+its KV cache."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
 
+from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
 from kat_research.rollout.sampling import sample_next_token
 from kat_research.rollout.types import SamplingConfig
-
-BACKENDS = ("hf", "vllm")
-
-
-@dataclass
-class ChunkSample:
-    """Up to C tokens sampled for each of n rows. Entries at index >= ``counts[i]`` are
-    undefined. ``logits`` are the student's logits predicting each token (kept only when
-    the engine computes the KL against a teacher), over at least ``max(counts)`` columns."""
-
-    tokens: torch.Tensor  # [n, C] long
-    counts: torch.Tensor  # [n] long, tokens sampled per row (>= 1)
-    logprobs: torch.Tensor  # [n, C] float, log p(y_t) at temperature 1
-    logits: torch.Tensor | None  # [n, <= C, V]
-
-
-class StudentSampler(Protocol):
-    """Sampling state of one batch. Its rows are the engine's active rows, in order."""
-
-    def sample(
-        self,
-        start: int,
-        n_steps: int,
-        remaining: torch.Tensor,
-        generator: torch.Generator | None,
-    ) -> ChunkSample:
-        """Sample generated positions [start, start + n_steps) of every row. Row i stops after
-        a stop token or after ``remaining[i]`` tokens (its cap); such rows *end* and the
-        sampler drops them itself. Every other row samples exactly ``n_steps`` tokens."""
-        ...
-
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Keep only rows ``index`` (positions in the current row order): rows stopped by
-        the terminator."""
-        ...
-
-
-class StudentBackend(Protocol):
-    """Where the student's tokens come from; lives as long as the engine."""
-
-    def begin(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        keep_logits: bool,
-    ) -> StudentSampler:
-        """Start sampling continuations of left-padded prompts [B, P]."""
-        ...
-
-    def sync_weights(self) -> None:
-        """Make the next rollouts use the student's current weights."""
-        ...
 
 
 class HFBackend:
@@ -125,6 +65,8 @@ class HFSampler:
         tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
         logprobs = torch.full((n, n_steps), float("nan"), device=device)
         counts = torch.zeros(n, dtype=torch.long, device=device)
+        ended = torch.zeros(n, dtype=torch.bool, device=device)
+        at_stop = torch.zeros(n, dtype=torch.bool, device=device)
         logits_out = None
         live = torch.arange(n, device=device)  # chunk rows still decoding
         for j in range(n_steps):
@@ -138,13 +80,14 @@ class HFSampler:
             tokens[live, j], logprobs[live, j], counts[live] = new, lp, j + 1
             if logits_out is not None:
                 logits_out[live, j] = logits
-            ended = torch.isin(new, self.stop_ids) | (j + 1 == remaining[live])
-            keep = (~ended).nonzero().flatten()
+            ends, stops = row_ends(new, j + 1, remaining[live], self.stop_ids)
+            ended[live], at_stop[live] = ends, stops
+            keep = (~ends).nonzero().flatten()
             self.pending, live = new[keep], live[keep]
             self._select(keep)
             if live.numel() == 0:
                 break
-        return ChunkSample(tokens, counts, logprobs, logits_out)
+        return ChunkSample(tokens, counts, logprobs, logits_out, ended, at_stop)
 
     def _next_logits(self, position: int) -> torch.Tensor:
         """Logits predicting generated token ``position`` of the live rows."""
@@ -166,20 +109,3 @@ class HFSampler:
     def keep_rows(self, index: torch.Tensor) -> None:
         self.pending = self.pending[index]
         self._select(index)
-
-
-def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None) -> StudentBackend:
-    """The student backend called ``name`` (``hf`` or ``vllm``; ``vllm`` = settings of the
-    vLLM engine, see ``conf/rollout/default.yaml``)."""
-    if name == "hf":
-        return HFBackend(student)
-    if name == "vllm":
-        try:
-            from kat_research.rollout.vllm_backend import VLLMBackend, VLLMSettings
-        except ImportError as error:
-            raise ImportError(
-                f"rollout.backend=vllm needs vLLM ({error}); `make install-vllm` builds "
-                ".venv-vllm with it"
-            ) from error
-        return VLLMBackend(student, VLLMSettings(**(vllm or {})))
-    raise ValueError(f"unknown rollout backend {name!r}; valid: {', '.join(BACKENDS)}")

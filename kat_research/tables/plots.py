@@ -4,7 +4,8 @@ Kinds: ``scatter`` (measure ``x`` against measure ``y``, one point per row, a pa
 group: e.g. accuracy against rollout length), ``line`` (measures ``y`` against the numeric row
 axis ``x``, a line per remaining row label; rows without a value on ``x`` are dashed
 horizontal references) and ``bars`` (measures ``y`` per row, grouped by column). Error bars are
-the std over seeds; incomplete cells are left out.
+the std over seeds; incomplete cells are left out. Drawn in the project's plotting style
+(``kat_research.plotting``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from kat_research.plotting import new_figure, save_figure
+from kat_research.tables.aggregate import MISSING_LABEL, TableSpec
+from kat_research.tables.measures import measure_format
 
-from kat_research.tables.aggregate import MISSING_LABEL, TableSpec  # noqa: E402
-from kat_research.tables.measures import measure_format  # noqa: E402
+PANEL = {"width": 5.0, "height": 4.0}  # inches per panel
+
+
+def legend(ax: Axes) -> None:
+    """A legend of the labelled artists, if any (incomplete cells draw none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def _cells(tidy: pd.DataFrame, measure: str) -> pd.DataFrame:
@@ -36,10 +44,11 @@ def _title(group: Any, titles: Mapping[str, str]) -> str:
     return "" if pd.isna(group) else f"{group}: {titles[group]}" if group in titles else group
 
 
-def scatter(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str]) -> plt.Figure:
+def scatter(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str]) -> Figure:
     x, y = figure["x"], figure["y"]
     groups = _groups(tidy)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    fig = new_figure(1, len(groups), **PANEL)
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         xs = _cells(tidy[tidy["column"] == group], x).set_index("row")
         ys = _cells(tidy[tidy["column"] == group], y).set_index("row")
@@ -55,16 +64,17 @@ def scatter(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, 
             )
         ax.set(xlabel=measure_format(x).title, ylabel=measure_format(y).title)
         ax.set_title(_title(group, titles))
-        ax.legend(fontsize="small")
+        legend(ax)
     return fig
 
 
 def line(
     tidy: pd.DataFrame, table: TableSpec, figure: Mapping[str, Any], titles: Mapping[str, str]
-) -> plt.Figure:
+) -> Figure:
     x, measures = figure["x"], list(np.atleast_1d(figure["y"]))
     series = [a for a in table.rows if a != x]
-    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4), squeeze=False)
+    fig = new_figure(1, len(measures), **PANEL)
+    axes = fig.subplots(1, len(measures), squeeze=False)
     for ax, measure in zip(axes[0], measures, strict=True):
         cells = _cells(tidy, measure)
         for key, part in cells.groupby([*series, "column"], dropna=False, sort=False):
@@ -80,16 +90,17 @@ def line(
                 points["_x"], points["mean"], yerr=points["std"].fillna(0), marker="o", label=label
             )
         ax.set(xlabel=x.rsplit(".", 1)[-1], ylabel=measure_format(measure).title)
-        ax.legend(fontsize="small")
+        legend(ax)
     return fig
 
 
-def bars(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str]) -> plt.Figure:
+def bars(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str]) -> Figure:
     measures = list(np.atleast_1d(figure["y"]))
     groups = _groups(tidy)
     rows = list(dict.fromkeys(tidy["row"]))
     width = 0.8 / len(groups)
-    fig, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4), squeeze=False)
+    fig = new_figure(1, len(measures), **PANEL)
+    axes = fig.subplots(1, len(measures), squeeze=False)
     for ax, measure in zip(axes[0], measures, strict=True):
         for i, group in enumerate(groups):
             cells = _cells(tidy[tidy["column"] == group], measure).set_index("row")
@@ -105,7 +116,7 @@ def bars(tidy: pd.DataFrame, figure: Mapping[str, Any], titles: Mapping[str, str
         ax.set_xticks(np.arange(len(rows)) + width * (len(groups) - 1) / 2, rows, rotation=30)
         ax.set_ylabel(measure_format(measure).title)
         if len(groups) > 1:
-            ax.legend(fontsize="small")
+            legend(ax)
     return fig
 
 
@@ -130,8 +141,4 @@ def plot_figure(
     else:
         raise ValueError(f"unknown figure kind {kind!r}: scatter, line or bars")
     fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
