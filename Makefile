@@ -120,6 +120,15 @@ figure-teacher-tokens: install
 figure-trap-benchmark: install
 	$(PY) -m kat_research.analysis.trap_benchmark $(ARGS)
 
+# The long-horizon testbed's trap check (issue 14): builds and caches (first use) the testbed
+# teacher and student (conf/model/*/testbed.yaml, data=collatz), then reports the teacher's
+# forced-loop probe, KL after derailment vs correct rollouts at the same positions, and KAT's
+# offline cut rate on derailed vs correct student rollouts (Fisher's exact test), into
+# results/testbed_trap_check/. ARGS: script flags and Hydra overrides, e.g. ARGS="--rollouts 128".
+.PHONY: testbed-trap-check
+testbed-trap-check: install
+	OMP_NUM_THREADS=1 $(PY) scripts/testbed_trap_check.py $(ARGS)
+
 # ---------------------------------------------------------------------------------------------
 # Reproduction of the KAT paper's tables and ablations (kat_research.reproduce; the sweeps and
 # the paper's numbers are in experiments/<name>.yaml). Each target runs its jobs into

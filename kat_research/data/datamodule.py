@@ -40,7 +40,9 @@ def _log_counts(
     if load_stats.n_skipped:
         line += f"; {load_stats}"
     line += dropped
-    repeats = spec.kind != "synthetic" and stats["n_rows"] > stats["n_unique_prompts"]
+    repeats = (
+        spec.kind not in ("synthetic", "collatz") and stats["n_rows"] > stats["n_unique_prompts"]
+    )
     if repeats:  # the synthetic train split repeats problems by design
         line += "; repeated prompts kept (set data.source.dedup=true to drop them)"
     unexpected = (

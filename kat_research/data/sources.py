@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kat_research.data import long_task
 from kat_research.data.records import LoadStats, Unreadable, file_records, hub_records
 from kat_research.data.synthetic import (
     ArithmeticTaskConfig,
@@ -21,7 +22,7 @@ from kat_research.data.synthetic import (
 )
 from kat_research.text.answers import after_hashes, last_boxed
 
-KINDS = ("synthetic", "file", "hub")
+KINDS = ("synthetic", "collatz", "file", "hub")
 ANSWER_TRANSFORMS = ("none", "gsm8k", "last_boxed")
 _MISSING = object()  # a field path that does not resolve
 
@@ -43,6 +44,8 @@ class SourceSpec:
     ``kind="file"``: ``path`` to a ``.jsonl``, ``.json`` (array) or ``.parquet`` file.
     ``kind="hub"``: ``datasets.load_dataset(hub_id, config_name, split=split)``.
     ``kind="synthetic"``: ``n`` arithmetic problems of ``split`` (train/eval) drawn with ``seed``.
+    ``kind="collatz"``: the same for the long-horizon task (``data.long_task``; ``task`` holds
+    its ``CollatzTaskConfig`` settings).
 
     Field names may be dotted paths (``reward_model.ground_truth``; list items by index). A field
     holding a chat message list gives its last user message. With ``answer_field`` /
@@ -65,13 +68,26 @@ class SourceSpec:
     answer_transform: str = "none"
     limit: int | None = None
     dedup: bool = False
-    task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    task: ArithmeticTaskConfig | long_task.CollatzTaskConfig = field(
+        default_factory=ArithmeticTaskConfig
+    )
     n: int = 10_000
     seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.task, Mapping):  # plain values from Hydra
-            object.__setattr__(self, "task", ArithmeticTaskConfig(**self.task))
+            task_type = (
+                long_task.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
+            )
+            object.__setattr__(self, "task", task_type(**self.task))
+        task_type = long_task.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
+        if self.kind == "collatz" and self.task == ArithmeticTaskConfig():  # the unset default
+            object.__setattr__(self, "task", long_task.CollatzTaskConfig())
+        if self.kind in ("synthetic", "collatz") and not isinstance(self.task, task_type):
+            raise ValueError(
+                f"data.source.kind={self.kind} needs data.source.task settings of a "
+                f"{task_type.__name__}, got a {type(self.task).__name__}"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"data source kind must be one of {KINDS}, got {self.kind!r}")
         if self.answer_transform not in ANSWER_TRANSFORMS:
@@ -83,7 +99,7 @@ class SourceSpec:
             raise ValueError("a file data source needs data.source.path")
         if self.kind == "hub" and not self.hub_id:
             raise ValueError("a hub data source needs data.source.hub_id")
-        if self.kind == "synthetic" and self.dedup:
+        if self.kind in ("synthetic", "collatz") and self.dedup:
             raise ValueError(
                 "data.source.dedup applies to file and hub sources; the synthetic train split "
                 "draws problems with repeats by design: set data.source.dedup=false"
@@ -102,7 +118,9 @@ class SourceSpec:
         """A short name for row ids and messages."""
         if self.kind == "file":
             return Path(str(self.path)).stem
-        return f"synthetic-{self.split}" if self.kind == "synthetic" else str(self.hub_id)
+        if self.kind in ("synthetic", "collatz"):
+            return f"{self.kind}-{self.split}"
+        return str(self.hub_id)
 
 
 def as_source_spec(spec: SourceSpec | Mapping[str, Any]) -> SourceSpec:
@@ -202,6 +220,11 @@ def _row(spec: SourceSpec, record: Any, place: str, index: int, stats: LoadStats
 
 def _synthetic_rows(spec: SourceSpec) -> list[Row]:
     n = spec.n if spec.limit is None else min(spec.n, spec.limit)
+    if spec.kind == "collatz":
+        drawn = long_task.problems_for_split(spec.split, n, spec.seed, spec.task)
+        return [
+            Row(f"{spec.name}:{i}", p.problem, p.answer, p.solution) for i, p in enumerate(drawn)
+        ]
     problems = problems_for_split(spec.split, n, spec.seed, spec.task)
     return [
         Row(f"{spec.name}:{i}", p.problem, p.answer, solution_text(p))
@@ -213,7 +236,7 @@ def load_rows(spec: SourceSpec | Mapping[str, Any]) -> tuple[list[Row], LoadStat
     """The rows of a source and what was skipped on the way (with ``dedup``, repeats count as
     ``duplicate`` skips)."""
     spec = as_source_spec(spec)
-    if spec.kind == "synthetic":
+    if spec.kind in ("synthetic", "collatz"):
         rows = _synthetic_rows(spec)
         return rows, LoadStats(spec.name, n_read=len(rows))
     if spec.kind == "file":

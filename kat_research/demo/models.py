@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
+from kat_research.demo import testbed
+from kat_research.demo.testbed import TaskSetup
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.lit import SFTModule, warmup_cosine
 from kat_research.lit.eval_callback import EvalCallback
@@ -31,7 +33,6 @@ log = logging.getLogger(__name__)
 META_FILE = "demo_model.json"
 # Part of the cache key: bump it when the demo tokenizer changes (alphabet, chat template).
 TOKENIZER_VERSION = "char-compact-1"
-ACCURACY = "synthetic/accuracy"
 
 
 def _plain(value: Any) -> Any:
@@ -43,18 +44,36 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def train_sft_model(
-    path: Path, *, architecture: dict[str, Any], sft: dict[str, Any], task: dict[str, Any]
-) -> dict[str, Any]:
-    """SFT a fresh tiny Qwen3 on worked solutions of the synthetic task; save it at ``path``.
+def _fit(module: SFTModule, data: L.LightningDataModule, steps: int, callbacks: list) -> L.Trainer:
+    """Train ``module`` for ``steps`` AdamW steps on ``data`` (no logger, no checkpoints)."""
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
 
-    Held-out greedy accuracy is measured every ``sft.eval_every`` steps (0: at the end only);
-    with ``sft.target_accuracy`` set, training stops at the first check that reaches it.
-    """
-    start = time.perf_counter()
-    L.seed_everything(sft["seed"], workers=True)
-    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
-    model = build_tiny_qwen3(tokenizer, **architecture, seed=sft["seed"])
+
+def _sft_module(model: Any, tokenizer: Any, sft: dict[str, Any]) -> SFTModule:
+    return SFTModule(
+        model,
+        optimizer=functools.partial(torch.optim.AdamW, lr=sft["lr"], weight_decay=0.0),
+        scheduler=functools.partial(
+            warmup_cosine, warmup_steps=sft["warmup_steps"], min_lr_ratio=sft["min_lr_ratio"]
+        ),
+        tokenizer=tokenizer,
+    )
+
+
+def _arithmetic_setup(tokenizer: Any, sft: dict[str, Any], task: dict[str, Any]) -> TaskSetup:
     data = PromptDataModule(
         source=SourceSpec(
             kind="synthetic",
@@ -70,43 +89,71 @@ def train_sft_model(
         seed=sft["seed"],
     )
     data.attach_tokenizer(tokenizer)
-    module = SFTModule(
-        model,
-        optimizer=functools.partial(torch.optim.AdamW, lr=sft["lr"], weight_decay=0.0),
-        scheduler=functools.partial(
-            warmup_cosine, warmup_steps=sft["warmup_steps"], min_lr_ratio=sft["min_lr_ratio"]
-        ),
-        tokenizer=tokenizer,
-    )
+    return TaskSetup(data, SyntheticEvaluator(n_problems=256, task=task), None)
+
+
+TASK_SETUPS = {"synthetic": _arithmetic_setup, "collatz": testbed.collatz_setup}
+
+
+def train_sft_model(
+    path: Path,
+    *,
+    architecture: dict[str, Any],
+    sft: dict[str, Any],
+    task: dict[str, Any],
+    kind: str = "synthetic",
+) -> dict[str, Any]:
+    """SFT a fresh tiny Qwen3 on worked solutions of a built-in task; save it at ``path``.
+
+    ``kind`` names the task (``data.source.kind``: ``synthetic`` arithmetic or the long
+    ``collatz`` task, whose models are first pre-trained on copy-rich documents for
+    ``sft.pretrain_steps`` steps; see ``demo.testbed``). Held-out greedy accuracy is measured
+    every ``sft.eval_every`` steps (0: at the end only); with ``sft.target_accuracy`` set,
+    training stops at the first check that reaches it. With ``sft.init_from`` (optional) the
+    weights start from that saved model instead of a random init.
+    """
+    if kind not in TASK_SETUPS:
+        raise ValueError(
+            f"no built-in models for data.source.kind={kind!r}: one of {list(TASK_SETUPS)}"
+        )
+    start = time.perf_counter()
+    L.seed_everything(sft["seed"], workers=True)
+    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
+    init_from = sft.get("init_from")  # a saved model to continue from (same architecture)
+    if init_from:
+        model = load_causal_lm(str(init_from), trainable=True).model
+    else:
+        model = build_tiny_qwen3(tokenizer, **architecture, seed=sft["seed"])
+    setup = TASK_SETUPS[kind](tokenizer, sft, task)
+    pretrain_seconds = 0.0
+    if setup.pretrain is not None:
+        _fit(
+            _sft_module(model, tokenizer, sft),
+            setup.pretrain,
+            sft["pretrain_steps"],
+            [StepLog(f"pretrain {path.name}", every_n_steps=250, metrics=("sft/loss",))],
+        )
+        pretrain_seconds = time.perf_counter() - start
+    metric = f"{setup.evaluator.name}/accuracy"
     target = sft["target_accuracy"]
     accuracy_check = EvalCallback(
-        SyntheticEvaluator(n_problems=256, task=task),
+        setup.evaluator,
         every_n_steps=sft["eval_every"],
         at_start=False,
-        stop_when={ACCURACY: target} if target is not None else None,
+        stop_when={metric: target} if target is not None else None,
     )
-    trainer = L.Trainer(
-        max_steps=sft["steps"],
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        callbacks=[
-            StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",)),
-            accuracy_check,
-        ],
+    trainer = _fit(
+        _sft_module(model, tokenizer, sft),
+        setup.data,
+        sft["steps"],
+        [StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",)), accuracy_check],
     )
-    trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     accuracy = accuracy_check.results[trainer.global_step]
     log.info(
         "sft %s: held-out accuracy by step %s",
         path.name,
-        {step: round(m[ACCURACY], 3) for step, m in sorted(accuracy_check.results.items())},
+        {step: round(m[metric], 3) for step, m in sorted(accuracy_check.results.items())},
     )
     meta = {
         "sft_seconds": seconds,
@@ -115,6 +162,8 @@ def train_sft_model(
         "architecture": architecture,
         "sft": sft,
     }
+    if setup.pretrain is not None:
+        meta["pretrain_seconds"] = pretrain_seconds
     with publish_folder(path) as tmp:  # a half-written model is never mistaken for a cached one
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -129,20 +178,25 @@ def demo_model(
     sft: dict[str, Any] | DictConfig,
     task: dict[str, Any] | DictConfig,
     trainable: bool = True,
+    kind: str = "synthetic",
 ) -> LoadedModel:
-    """Load the demo ``role`` model (teacher/student), training and caching it on first use."""
+    """Load the demo ``role`` model (teacher/student), training and caching it on first use.
+
+    ``kind``: the built-in task it is trained on (``data.source.kind``)."""
     settings = {"architecture": _plain(architecture), "sft": _plain(sft), "task": _plain(task)}
-    key = settings_key({**settings, "tokenizer": TOKENIZER_VERSION})
+    # the arithmetic models keep the cache key they had before other kinds existed
+    extra = {} if kind == "synthetic" else {"kind": kind}
+    key = settings_key({**settings, "tokenizer": TOKENIZER_VERSION, **extra})
     path = Path(cache_dir) / "demo" / f"{role}-{key}"
     if not (path / "config.json").exists():
         log.info("training the demo %s (first run; cached at %s)", role, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = train_sft_model(path, **settings)
+        meta = train_sft_model(path, **settings, kind=kind)
         log.info(
             "demo %s: %.0f s of SFT, held-out accuracy %.1f%%",
             role,
             meta["sft_seconds"],
-            100 * meta[ACCURACY],
+            100 * meta[f"{kind}/accuracy"],  # evaluators are named after their task
         )
     return load_causal_lm(str(path), trainable=trainable)
 

@@ -1,0 +1,393 @@
+"""The testbed's trap check (issue 14): whether KAT's cuts on the long-horizon task hit derailed
+rollouts or correct ones.
+
+Three measurements, all on the student's own uncut rollouts (nothing is planted):
+
+1. the forced-loop probe of the teacher (:func:`forced_loop_accuracy`): ``k`` correct lines,
+   then the last of them repeated; the teacher's top-1 accuracy on each repeated copy must rise
+   with the copy index if it copies in context;
+2. the KL after derailment (:func:`kl_after_derailment`) against correct rollouts' KL at the
+   same token positions;
+3. KAT's offline cut rate (:func:`offline_kat_cuts`, the threshold a quantile of the rollouts'
+   window minima as in KAT's buffer) on derailed against correct rollouts, with Fisher's exact
+   test (:func:`fisher_exact`).
+
+Rollouts are classified by :func:`classify`: ``correct`` (the verifier accepts it),
+``degenerate`` (the repetition rule ``long_task.repetition_onset``: some line text or step
+result value occurs a third time), ``capped`` (not degenerate, ran to the token cap) and
+``wrong`` (stopped by itself, rejected). The derailment onset is the first token of the first
+line the verifier rejects; the KL "after" it starts at the next line, so the error line itself
+(where KL spikes) is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kat_research.data.long_task import (
+    N_FORMS,
+    CollatzTaskConfig,
+    is_valid_step,
+    next_value,
+    parse_step,
+    repetition_onset,
+    step_line,
+    trajectory,
+    verify,
+)
+from kat_research.data.prompts import format_prompt
+from kat_research.termination.kat import kat_cut, kat_window_minimum
+
+CATEGORIES = ("correct", "wrong", "degenerate", "capped")
+
+
+@dataclass(frozen=True)
+class RolloutVerdict:
+    """A rollout's category and where it derails (token index; None for correct ones)."""
+
+    category: str
+    onset: int | None  # first token of the first rejected line
+    after: int | None  # first token of the line after it (where "after derailment" starts)
+    loop_onset: int | None  # first token of the line where the repetition rule fires
+
+
+def _line_start(text: str, line: int) -> int:
+    """Character index where line ``line`` (0-based) of ``text`` starts (len(text) if past)."""
+    pos = 0
+    for _ in range(line):
+        nl = text.find("\n", pos)
+        if nl < 0:
+            return len(text)
+        pos = nl + 1
+    return pos
+
+
+def classify(
+    start: int | str, completion: str, stop_reason: str, cfg: CollatzTaskConfig
+) -> RolloutVerdict:
+    """The category and derailment positions of one rollout; positions are character indices,
+    which are token indices for the character-level testbed tokenizer."""
+    verdict = verify(start, completion, cfg)
+    loop_line = repetition_onset(completion, cfg)
+    loop = None if loop_line is None else _line_start(completion, loop_line)
+    if verdict.correct:
+        return RolloutVerdict("correct", None, None, None)
+    error = verdict.first_error if verdict.first_error is not None else verdict.n_valid
+    onset, after = _line_start(completion, error), _line_start(completion, error + 1)
+    if loop is not None:
+        category = "degenerate"
+    elif stop_reason == "max_tokens":
+        category = "capped"
+    else:
+        category = "wrong"
+    return RolloutVerdict(category, onset, after, loop)
+
+
+@torch.no_grad()
+def forced_loop_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    starts: Sequence[int],
+    cfg: CollatzTaskConfig,
+    *,
+    k: int = 4,
+    copies: int = 6,
+    seed: int = 0,
+) -> list[float]:
+    """Top-1 accuracy of ``model`` on the tokens of each repeated copy (index 1..``copies``,
+    the line's newline included) after ``k`` correct lines, the ``k``-th then repeated.
+    Index 0 is the ``k``-th line itself (computed, not copied). Mean over ``starts``."""
+    rng = random.Random(seed)
+    hits = [[0, 0] for _ in range(copies + 1)]
+    for start in starts:
+        values = trajectory(start, cfg)
+        if values is None or len(values) <= k:
+            continue
+        lines = [step_line(x, rng.randrange(N_FORMS), cfg) for x in values[: k - 1]]
+        lines.append(step_line(values[k - 1], rng.randrange(N_FORMS), cfg))
+        prompt = format_prompt(tokenizer, str(start), "")
+        prefix_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        prefix_ids += tokenizer("\n".join(lines[:-1]) + "\n", add_special_tokens=False).input_ids
+        spans, ids = [], list(prefix_ids)
+        for _ in range(copies + 1):
+            line_ids = tokenizer(lines[-1] + "\n", add_special_tokens=False).input_ids
+            spans.append((len(ids), len(ids) + len(line_ids)))
+            ids += line_ids
+        x = torch.tensor([ids], device=model.device)
+        predicted = model(input_ids=x).logits[0].argmax(-1)
+        for j, (lo, hi) in enumerate(spans):
+            ok = predicted[lo - 1 : hi - 1] == x[0, lo:hi]
+            hits[j][0] += int(ok.sum())
+            hits[j][1] += hi - lo
+    return [h / max(1, n) for h, n in hits]
+
+
+def _token_kl(student: PreTrainedModel, teacher: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    """KL(student || teacher) over the full vocabulary at each position of ``ids`` (the
+    distribution predicting token i+1 sits at i), as the rollout engine computes d_t."""
+    x = torch.tensor([ids], device=teacher.device)
+    log_p = torch.log_softmax(student(input_ids=x.to(student.device)).logits[0].float(), -1)
+    log_q = torch.log_softmax(teacher(input_ids=x).logits[0].float(), -1).to(log_p.device)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).cpu()
+
+
+@torch.no_grad()
+def forced_loop_kl(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    starts: Sequence[int],
+    cfg: CollatzTaskConfig,
+    *,
+    k: int = 4,
+    copies: int = 6,
+    seed: int = 0,
+) -> tuple[list[float], list[float]]:
+    """Per copy index 1..``copies``: the mean KL(student || teacher) on the tokens of the
+    ``k``-th line repeated verbatim (a forced loop), and on the correct ``k+j``-th line of the
+    same problem (the control: the lines a correct rollout writes there). Starts whose
+    trajectory is shorter than ``k + copies`` lines are skipped."""
+    rng = random.Random(seed)
+    loop = [[] for _ in range(copies)]
+    control = [[] for _ in range(copies)]
+    for start in starts:
+        values = trajectory(start, cfg)
+        if values is None or len(values) - 1 < k + copies:
+            continue
+        lines = [step_line(x, rng.randrange(N_FORMS), cfg) for x in values[: k + copies]]
+        prompt = tokenizer(format_prompt(tokenizer, str(start), ""), add_special_tokens=False)
+        prefix = (
+            prompt.input_ids
+            + tokenizer("\n".join(lines[:k]) + "\n", add_special_tokens=False).input_ids
+        )
+        for target, continuation in ((loop, [lines[k - 1]] * copies), (control, lines[k:])):
+            ids, spans = list(prefix), []
+            for line in continuation:
+                line_ids = tokenizer(line + "\n", add_special_tokens=False).input_ids
+                spans.append((len(ids), len(ids) + len(line_ids)))
+                ids += line_ids
+            kl = _token_kl(student, teacher, ids)
+            for j, (lo, hi) in enumerate(spans):
+                target[j].append(float(kl[lo - 1 : hi - 1].mean()))
+    return [mean(v) for v in loop], [mean(v) for v in control]
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean, NaN for no values."""
+    return statistics.fmean(values) if values else math.nan
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values."""
+    return statistics.median(values) if values else math.nan
+
+
+@dataclass(frozen=True)
+class AfterDerailment:
+    """KL after derailment against correct rollouts at the same positions.
+
+    ``derailed`` and ``control`` are per-derailed-rollout means over ``[after, after+horizon)``;
+    a control is the mean over the correct rollouts long enough to cover that span (rollouts
+    with no such control are left out, counted in ``n_without_control``)."""
+
+    horizon: int
+    derailed: list[float]
+    control: list[float]
+    n_without_control: int
+
+    @property
+    def share_below_control(self) -> float:
+        pairs = list(zip(self.derailed, self.control, strict=True))
+        return sum(d < c for d, c in pairs) / len(pairs) if pairs else math.nan
+
+    @property
+    def sign_test_p(self) -> float:
+        """Two-sided sign test of derailed vs control (ties dropped)."""
+        below = sum(d < c for d, c in zip(self.derailed, self.control, strict=True))
+        above = sum(d > c for d, c in zip(self.derailed, self.control, strict=True))
+        return binomial_two_sided(below, below + above)
+
+
+def kl_after_derailment(
+    kls: Sequence[torch.Tensor],
+    verdicts: Sequence[RolloutVerdict],
+    *,
+    horizon: int,
+    use_loop_onset: bool = False,
+) -> AfterDerailment:
+    """Per derailed rollout (``kls[i]`` its per-token KL, generated tokens only), the mean KL
+    over ``horizon`` tokens from the line after its first error (or from its loop onset),
+    against the mean of correct rollouts over the same positions."""
+    correct = [kl for kl, v in zip(kls, verdicts, strict=True) if v.category == "correct"]
+    derailed, control, missing = [], [], 0
+    for kl, v in zip(kls, verdicts, strict=True):
+        begin = v.loop_onset if use_loop_onset else v.after
+        if v.category == "correct" or begin is None or begin + horizon > kl.numel():
+            continue
+        same = [
+            float(c[begin : begin + horizon].mean())
+            for c in correct
+            if c.numel() >= begin + horizon
+        ]
+        if not same:
+            missing += 1
+            continue
+        derailed.append(float(kl[begin : begin + horizon].mean()))
+        control.append(mean(same))
+    return AfterDerailment(horizon, derailed, control, missing)
+
+
+@dataclass(frozen=True)
+class OfflineCuts:
+    """KAT applied offline to uncut rollouts at one threshold."""
+
+    threshold: float
+    cut: list[int | None]  # tokens kept per rollout, None when the rule never fires
+
+
+def offline_kat_cuts(
+    kls: Sequence[torch.Tensor],
+    *,
+    window: int,
+    stride: int,
+    patience: int,
+    quantile: float,
+    exempt: int = 0,
+) -> OfflineCuts:
+    """The threshold is ``quantile`` of the rollouts' window minima (what KAT's buffer holds,
+    computed with ``torch.quantile`` as the online rule does); then ``kat_cut`` per rollout."""
+    minima = [kat_window_minimum(kl, window=window, stride=stride, exempt=exempt) for kl in kls]
+    finite = torch.tensor([m for m in minima if m is not None], dtype=torch.float64)
+    if not finite.numel():
+        raise ValueError(f"no rollout is long enough for one window of {window} tokens")
+    threshold = float(torch.quantile(finite, quantile))
+    cuts = [
+        kat_cut(
+            kl, threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt
+        )
+        for kl in kls
+    ]
+    return OfflineCuts(threshold, cuts)
+
+
+def binomial_two_sided(k: int, n: int) -> float:
+    """Two-sided exact binomial test of ``k`` successes in ``n`` at p=1/2."""
+    if n == 0:
+        return math.nan
+    probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    return min(1.0, sum(p for p in probs if p <= probs[k] * (1 + 1e-9)))
+
+
+def fisher_exact(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided Fisher's exact test of the 2x2 table [[a, b], [c, d]]: the probability, under
+    fixed margins, of tables at most as likely as the observed one."""
+    row1, col1, n = a + b, a + c, a + b + c + d
+
+    def prob(x: int) -> float:
+        return math.comb(col1, x) * math.comb(n - col1, row1 - x) / math.comb(n, row1)
+
+    observed = prob(a)
+    low, high = max(0, row1 - (n - col1)), min(row1, col1)
+    return min(1.0, sum(p for x in range(low, high + 1) if (p := prob(x)) <= observed * (1 + 1e-9)))
+
+
+def cut_rate_table(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> dict[str, float]:
+    """Cut counts and rates of derailed (any category but correct) vs correct rollouts, the
+    Fisher p-value, and per category its rate and its Fisher p-value against correct."""
+    derailed = [
+        c is not None for c, v in zip(cuts.cut, verdicts, strict=True) if v.category != "correct"
+    ]
+    correct = [
+        c is not None for c, v in zip(cuts.cut, verdicts, strict=True) if v.category == "correct"
+    ]
+    a, b = sum(derailed), len(derailed) - sum(derailed)
+    c, d = sum(correct), len(correct) - sum(correct)
+    out = {
+        "threshold": cuts.threshold,
+        "n_derailed": len(derailed),
+        "n_correct": len(correct),
+        "cut_derailed": a,
+        "cut_correct": c,
+        "rate_derailed": a / len(derailed) if derailed else math.nan,
+        "rate_correct": c / len(correct) if correct else math.nan,
+        "fisher_p": fisher_exact(a, b, c, d),
+    }
+    for category in CATEGORIES:
+        flags = [
+            x is not None for x, v in zip(cuts.cut, verdicts, strict=True) if v.category == category
+        ]
+        out[f"rate_{category}"] = sum(flags) / len(flags) if flags else math.nan
+        out[f"n_{category}"] = len(flags)
+        if category != "correct":  # this category against the correct rollouts
+            hit = sum(flags)
+            out[f"fisher_p_{category}"] = fisher_exact(hit, len(flags) - hit, c, d)
+    return out
+
+
+def cut_after_onset_share(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> float:
+    """Among cut derailed rollouts, the share whose cut falls at or after the derailment
+    onset (a cut before the onset discards the error along with the tokens before it)."""
+    pairs = [
+        (c, v.onset)
+        for c, v in zip(cuts.cut, verdicts, strict=True)
+        if c is not None and v.category != "correct" and v.onset is not None
+    ]
+    return sum(c >= onset for c, onset in pairs) / len(pairs) if pairs else math.nan
+
+
+def carried_forward_share(
+    completion: str, first_error: int, cfg: CollatzTaskConfig
+) -> float | None:
+    """Among the step lines after line ``first_error``, the share that are a valid step from the
+    previous line's own result (the wrong value carried forward); None if there are none."""
+    lines = completion.split("\n")
+    previous = parse_step(lines[first_error], cfg) if first_error < len(lines) else None
+    ok = total = 0
+    for line in lines[first_error + 1 :]:
+        step = parse_step(line, cfg)
+        if previous is not None and step is not None:
+            total += 1
+            ok += step[0] == previous[1] and is_valid_step(line, step[0], cfg)
+        previous = step
+    return ok / total if total else None
+
+
+def continuation_kind(line: str, wrong: int, right: int, cfg: CollatzTaskConfig) -> str:
+    """What a next line does after an error line whose result is ``wrong`` (the correct result
+    was ``right``): ``carried`` (a valid step from ``wrong``), ``reverted`` (a valid step from
+    ``right``) or ``other``."""
+    if is_valid_step(line, wrong, cfg):
+        return "carried"
+    if is_valid_step(line, right, cfg):
+        return "reverted"
+    return "other"
+
+
+def error_prefixes(
+    start: int | str, completion: str, cfg: CollatzTaskConfig
+) -> tuple[str, int, int] | None:
+    """(the completion up to and including its first error line and a newline, the wrong
+    result written there, the correct one) when the first rejected line is a parsable step
+    from the right input with a wrong result; None otherwise."""
+    verdict = verify(start, completion, cfg)
+    if verdict.first_error is None:
+        return None
+    lines = completion.split("\n")
+    if verdict.first_error >= len(lines) - 1:  # nothing after it in the rollout
+        return None
+    x = int(start)
+    for _ in range(verdict.first_error):
+        x = next_value(x, cfg)
+    step = parse_step(lines[verdict.first_error], cfg)
+    if step is None or step[0] != x or step[1] == next_value(x, cfg):
+        return None
+    prefix = "\n".join(lines[: verdict.first_error + 1]) + "\n"
+    return prefix, step[1], next_value(x, cfg)

@@ -1,0 +1,66 @@
+"""How the long-horizon testbed's teacher and students come about, like real base and instruct
+models: pre-training on copy-rich documents (``data.long_task.pretraining_documents``), then
+SFT on worked solutions with a share of those documents kept in the mixture.
+
+``collatz_setup`` gives ``demo.models.train_sft_model`` the data of both phases and the
+held-out evaluator; the ``sft`` settings it reads beyond the arithmetic models' are
+``pretrain_steps``, ``n_documents``, ``copy_fraction``, ``eval_problems`` and the optional
+``form_weights`` (the model's phrasing style: odds of the three forms in its training text;
+teacher and student may differ, as real model pairs differ in style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+
+from kat_research.data.long_task import CollatzTaskConfig, pretraining_documents
+from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.data.token_mixture import (
+    ExampleDataModule,
+    document_examples,
+    mix,
+    sft_examples,
+)
+from kat_research.eval.long_task import CollatzEvaluator
+
+# Longest training sequence: a document of max_chars plus eos, or a prompt plus a solution.
+_MARGIN = 32
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """The SFT data, the held-out evaluator and the pre-training data (None: no pre-training)."""
+
+    data: L.LightningDataModule
+    evaluator: Any
+    pretrain: L.LightningDataModule | None
+
+
+def collatz_setup(tokenizer: Any, sft: dict[str, Any], task: dict[str, Any]) -> TaskSetup:
+    """Pre-training on ``n_documents`` copy-rich documents; SFT on a mixture drawing a
+    document with probability ``copy_fraction`` and a worked solution otherwise."""
+    cfg = CollatzTaskConfig(**{**task, "form_weights": sft.get("form_weights", (1, 1, 1))})
+    seed, batch = sft["seed"], sft["batch_size"]
+    max_length = cfg.max_chars + _MARGIN
+    documents = document_examples(tokenizer, pretraining_documents(sft["n_documents"], seed, cfg))
+    rows, _ = load_rows(SourceSpec(kind="collatz", n=sft["n_problems"], seed=seed, task=cfg))
+    solutions = sft_examples(tokenizer, rows)
+    mixture = mix(
+        [(solutions, 1 - sft["copy_fraction"]), (documents, sft["copy_fraction"])],
+        n=sft["steps"] * batch,
+        seed=seed,
+    )
+    pad = tokenizer.pad_token_id
+    pretrain = (
+        ExampleDataModule(documents, pad, batch, max_length, seed)
+        if sft["pretrain_steps"] > 0
+        else None
+    )
+    return TaskSetup(
+        ExampleDataModule(mixture, pad, batch, max_length, seed),
+        CollatzEvaluator(n_problems=sft["eval_problems"], task=cfg),
+        pretrain,
+    )
