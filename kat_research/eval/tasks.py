@@ -8,9 +8,14 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.data.prompts import format_prompt
-from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.data.sources import Row, SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig, exact_integer_match
-from kat_research.eval.runner import SampleRecord, generate_completions, grade_completions
+from kat_research.eval.runner import (
+    Completion,
+    SampleRecord,
+    generate_completions,
+    grade_completions,
+)
 from kat_research.rollout import SamplingConfig
 from kat_research.text.answers import last_boxed
 
@@ -33,7 +38,53 @@ def accuracy_metrics(name: str, records: list[SampleRecord]) -> dict[str, float]
     }
 
 
-class SyntheticEvaluator:
+class HeldOutEvaluator:
+    """Accuracy on the held-out rows of a task generated in code: generate ``n_samples``
+    completions per row (greedy by default), grade them with :meth:`grade`, report
+    :func:`accuracy_metrics`. Subclasses load their rows and define the grading."""
+
+    name = ""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        *,
+        instruction: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        n_samples: int,
+        batch_size: int,
+        seed: int,
+    ):
+        self.rows = rows
+        self.instruction = instruction
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
+
+    def grade(self, completions: list[Completion]) -> list[SampleRecord]:
+        """The graded records of ``completions`` (``n_samples`` per row, in row order)."""
+        raise NotImplementedError
+
+    def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> EvalResult:
+        prompts = [format_prompt(tokenizer, r.problem, self.instruction) for r in self.rows]
+        sampling = SamplingConfig(
+            self.temperature, self.top_p, self.max_new_tokens, (tokenizer.eos_token_id,)
+        )
+        completions = generate_completions(
+            model,
+            tokenizer,
+            prompts,
+            sampling=sampling,
+            n_samples=self.n_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        records = self.grade(completions)
+        return EvalResult(accuracy_metrics(self.name, records), records)
+
+
+class SyntheticEvaluator(HeldOutEvaluator):
     """Accuracy on the held-out split of the built-in arithmetic task (greedy by default).
 
     A completion is correct when its last box holds exactly the gold integer
@@ -60,26 +111,19 @@ class SyntheticEvaluator:
         rows, _ = load_rows(
             SourceSpec(kind="synthetic", split="eval", n=n_problems, seed=seed, task=task_cfg)
         )
-        self.rows = rows
-        self.instruction = instruction
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
+        super().__init__(
+            rows,
+            instruction=instruction,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+        )
 
-    def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> EvalResult:
-        prompts = [format_prompt(tokenizer, r.problem, self.instruction) for r in self.rows]
-        sampling = SamplingConfig(
-            self.temperature, self.top_p, self.max_new_tokens, (tokenizer.eos_token_id,)
-        )
-        completions = generate_completions(
-            model,
-            tokenizer,
-            prompts,
-            sampling=sampling,
-            n_samples=self.n_samples,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
-        records = grade_completions(
+    def grade(self, completions: list[Completion]) -> list[SampleRecord]:
+        return grade_completions(
             self.name,
             [r.problem_id for r in self.rows],
             [r.answer for r in self.rows],
@@ -87,4 +131,3 @@ class SyntheticEvaluator:
             extract=last_boxed,
             grade_many=lambda pairs: [exact_integer_match(a, g) for a, g in pairs],
         )
-        return EvalResult(accuracy_metrics(self.name, records), records)
