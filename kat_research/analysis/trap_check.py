@@ -44,6 +44,7 @@ from kat_research.data.long_task import (
     verify,
 )
 from kat_research.data.prompts import format_prompt
+from kat_research.losses import per_token_reverse_kl
 from kat_research.termination.kat import kat_cut, kat_window_minimum
 
 CATEGORIES = ("correct", "wrong", "degenerate", "capped")
@@ -134,9 +135,9 @@ def _token_kl(student: PreTrainedModel, teacher: PreTrainedModel, ids: list[int]
     """KL(student || teacher) over the full vocabulary at each position of ``ids`` (the
     distribution predicting token i+1 sits at i), as the rollout engine computes d_t."""
     x = torch.tensor([ids], device=teacher.device)
-    log_p = torch.log_softmax(student(input_ids=x.to(student.device)).logits[0].float(), -1)
-    log_q = torch.log_softmax(teacher(input_ids=x).logits[0].float(), -1).to(log_p.device)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).cpu()
+    student_logits = student(input_ids=x.to(student.device)).logits[0]
+    teacher_logits = teacher(input_ids=x).logits[0].to(student_logits.device)
+    return per_token_reverse_kl(student_logits, teacher_logits, kind="full").cpu()
 
 
 @torch.no_grad()
