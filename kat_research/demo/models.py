@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
 from kat_research.demo import testbed
-from kat_research.demo.testbed import TaskSetup
+from kat_research.demo.testbed import META_FILE, TaskSetup
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.lit import SFTModule, warmup_cosine
 from kat_research.lit.eval_callback import EvalCallback
@@ -30,7 +30,6 @@ from kat_research.models.cache import publish_folder
 from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
-META_FILE = "demo_model.json"
 # Part of the cache key: bump it when the demo tokenizer changes (alphabet, chat template).
 TOKENIZER_VERSION = "char-compact-1"
 

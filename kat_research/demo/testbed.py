@@ -12,6 +12,7 @@ teacher and student may differ, as real model pairs differ in style).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,6 +26,9 @@ from kat_research.data.token_mixture import (
     sft_examples,
 )
 from kat_research.eval.long_task import CollatzEvaluator
+from kat_research.models import LoadedModel, load_causal_lm
+
+META_FILE = "demo_model.json"  # how a saved testbed or demo model was trained
 
 # Longest training sequence: a document of max_chars plus eos, or a prompt plus a solution.
 _MARGIN = 32
@@ -64,3 +68,19 @@ def collatz_setup(tokenizer: Any, sft: dict[str, Any], task: dict[str, Any]) -> 
         CollatzEvaluator(n_problems=sft["eval_problems"], task=cfg),
         pretrain,
     )
+
+
+def shipped_model(path: str, trainable: bool = True) -> LoadedModel:
+    """Load one of the testbed's shipped models (``assets/testbed/<name>``).
+
+    They are committed so that the demo and the tiny-scale tables start at once; their
+    ``demo_model.json`` records how each was trained and ``make testbed-models`` rebuilds them
+    (``conf/testbed_models.yaml``)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not (folder / META_FILE).is_file():
+        raise FileNotFoundError(
+            f"no testbed model at {folder}: run from the repository root (paths.root_dir), set "
+            "KAT_ASSETS_DIR / paths.assets_dir to the folder holding testbed/, or rebuild the "
+            "models with `make testbed-models`"
+        )
+    return load_causal_lm(str(folder), trainable=trainable)

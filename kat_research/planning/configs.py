@@ -73,6 +73,10 @@ def _demo(node: DictConfig) -> PretrainedConfig:
     return demo_model_config(OmegaConf.to_container(node.architecture, resolve=True))
 
 
+def _shipped(node: DictConfig) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(node.path)
+
+
 def _smollm2(node: DictConfig) -> PretrainedConfig:
     return smollm2_config(node.cache_dir, node.get("num_layers"))
 
@@ -82,6 +86,7 @@ def _smollm2(node: DictConfig) -> PretrainedConfig:
 FACTORY_CONFIGS: dict[str, Callable[[DictConfig], PretrainedConfig]] = {
     "kat_research.models.tiny.tiny_random_model": _tiny_random,
     "kat_research.demo.models.demo_model": _demo,
+    "kat_research.demo.testbed.shipped_model": _shipped,
     "kat_research.models.smollm2.smollm2_model": _smollm2,
 }
 

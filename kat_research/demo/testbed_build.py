@@ -1,0 +1,84 @@
+"""Rebuild the testbed's committed models from their stage chain (``conf/testbed_models.yaml``).
+
+Each stage is a cached ``demo_model`` (pre-training and SFT on the collatz task); a stage with
+``from`` continues its parent's weights. ``install`` copies the shipped stages into
+``<assets_dir>/testbed/<name>``, the folders the ``model/*/testbed*`` presets load.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kat_research.demo.models import demo_model, demo_model_info
+from kat_research.models.cache import publish_folder
+
+log = logging.getLogger(__name__)
+
+
+def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Each stage's role, architecture, parent and full SFT settings, checked for order."""
+    base = OmegaConf.to_container(cfg.sft, resolve=True)
+    stages: dict[str, dict[str, Any]] = {}
+    for name, stage in cfg.stages.items():
+        parent = stage.get("from")
+        if parent is not None and parent not in stages:
+            raise ValueError(
+                f"testbed_models.stages.{name}.from={parent!r}: the parent must be a stage "
+                f"listed before it (listed so far: {list(stages)})"
+            )
+        if stage.architecture not in cfg.architectures:
+            raise ValueError(
+                f"testbed_models.stages.{name}.architecture={stage.architecture!r}: one of "
+                f"{list(cfg.architectures)}"
+            )
+        overrides = OmegaConf.to_container(stage.get("sft") or {}, resolve=True)
+        unknown = sorted(set(overrides) - set(base))
+        if unknown:
+            raise ValueError(f"testbed_models.stages.{name}.sft: unknown keys {unknown}")
+        stages[name] = {
+            "role": stage.role,
+            "architecture": OmegaConf.to_container(cfg.architectures[stage.architecture]),
+            "from": parent,
+            "sft": {**base, **overrides},
+        }
+    missing = sorted(set(cfg.shipped.values()) - set(stages))
+    if missing:
+        raise ValueError(f"testbed_models.shipped names stages that do not exist: {missing}")
+    return stages
+
+
+def build_chain(cfg: DictConfig) -> dict[str, Path]:
+    """Train (or load from the cache) every stage in order; return each stage's folder."""
+    task = OmegaConf.to_container(cfg.data.source.task, resolve=True)
+    folders: dict[str, Path] = {}
+    for name, stage in stage_settings(cfg).items():
+        parent = stage["from"]
+        sft = {**stage["sft"], "init_from": str(folders[parent]) if parent else None}
+        model = demo_model(
+            stage["role"],
+            cfg.paths.cache_dir,
+            architecture=stage["architecture"],
+            sft=sft,
+            task=task,
+            kind="collatz",
+        )
+        folders[name] = Path(model.name)
+        accuracy = demo_model_info(model.name)["collatz/accuracy"]
+        log.info("stage %s: held-out greedy accuracy %.3f (%s)", name, accuracy, model.name)
+    return folders
+
+
+def install(folders: dict[str, Path], shipped: dict[str, str], assets_dir: str | Path) -> None:
+    """Copy each shipped stage to ``<assets_dir>/testbed/<name>``, replacing what is there."""
+    for name, stage in shipped.items():
+        target = Path(assets_dir) / "testbed" / name
+        if target.exists():
+            shutil.rmtree(target)
+        with publish_folder(target) as tmp:
+            shutil.copytree(folders[stage], tmp, dirs_exist_ok=True)
+        log.info("installed %s <- stage %s", target, stage)
