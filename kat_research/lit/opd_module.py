@@ -25,6 +25,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
 from kat_research.lit.divergence import divergence_error, global_grad_norm, grad_scaler_active
+from kat_research.lit.length_buckets import bucketed_hidden
 from kat_research.lit.schedule import optimizers_config
 from kat_research.losses import (
     DEFAULT_K,
@@ -43,7 +44,6 @@ from kat_research.rollout import (
     RolloutEngine,
     SamplingConfig,
     build_backend,
-    prompt_positions,
 )
 from kat_research.rollout.sampling import NonFiniteLogitsError
 from kat_research.termination import NoTermination
@@ -60,6 +60,7 @@ class LossSettings:
     aggregation: str = "token_mean"
     discount: float = 0.0
     chunk_size: int = 128
+    length_buckets: int = 1  # the training forward's row groups by kept length (length_buckets.py)
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -255,12 +256,15 @@ class OPDModule(L.LightningModule):
     def distillation_loss(self, rollout: Rollout) -> LossOutput:
         """The configured loss on the kept tokens of ``rollout`` (student forward with grad)."""
         s = self.loss_settings
-        prompt_width, width = rollout.prompt_ids.shape[1], rollout.tokens.shape[1]
-        mask = rollout.attention_mask
-        hidden = self.final_hidden(rollout.input_ids, mask, prompt_positions(mask))
-        # position prompt_width-1+t predicts generated token t
-        hidden = hidden[:, prompt_width - 1 : prompt_width - 1 + width]
         keep = rollout.loss_mask
+        hidden = bucketed_hidden(  # [B, width, H]: position t predicts generated token t
+            self.final_hidden,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.prompt_ids.shape[1],
+            keep,
+            s.length_buckets,
+        )
         rows = torch.arange(rollout.batch_size, device=keep.device)[:, None].expand_as(keep)
         teacher = TeacherTargets(
             hidden=None if rollout.teacher_hidden is None else rollout.teacher_hidden[keep],
