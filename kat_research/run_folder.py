@@ -37,6 +37,7 @@ from kat_research.layout import (
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"  # the resolved config of the run's first attempt
 # Keys that may change between attempts of one run: where it writes, how it resumes, how long
 # it trains (extending a finished run is resuming it) and how many threads it uses.
 RESUMABLE_CHANGES = (
@@ -48,7 +49,15 @@ RESUMABLE_CHANGES = (
     "trainer.max_epochs",
 )
 AUTO, NEVER = "auto", "never"
-LAUNCHER_FILES = {".hydra", RUN_FILE, JOB_FILE, STATUS_FILE, ".submitit", "submitit.json"}
+LAUNCHER_FILES = {
+    ".hydra",
+    RUN_FILE,
+    CONFIG_FILE,
+    JOB_FILE,
+    STATUS_FILE,
+    ".submitit",
+    "submitit.json",
+}
 
 
 class RunFolderError(RuntimeError):
@@ -93,7 +102,7 @@ def claim(folder: Path, cfg: DictConfig, resume: str) -> bool:
     if record is not None and record["fingerprint"] != mine:
         raise RunFolderError(
             f"{folder} belongs to another run (its config differs from this one beyond "
-            f"{', '.join(RESUMABLE_CHANGES)}; see {folder / '.hydra' / 'config.yaml'}): choose "
+            f"{', '.join(RESUMABLE_CHANGES)}; see {folder / CONFIG_FILE}): choose "
             "another run_dir, or run that folder's own config to resume it"
         )
     if record is not None and resume == NEVER:
@@ -105,6 +114,8 @@ def claim(folder: Path, cfg: DictConfig, resume: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     info = {"fingerprint": mine, "attempts": attempts, "pid": os.getpid()}
     write_atomic(folder / RUN_FILE, json.dumps(info, indent=2))
+    if record is None:  # also when not launched by Hydra (no .hydra/config.yaml)
+        write_atomic(folder / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     return record is not None
 
 

@@ -97,13 +97,14 @@ def test_scale_decides_models_and_sizes():
     assert paper.model.teacher.name_or_path == "Qwen/Qwen3-8B"
     assert paper.trainer.max_epochs == 2 and paper.data.source.hub_id.endswith("DAPO-Math-17k")
     tiny = config_of("table1", "tiny", student="large", method="kat")
-    assert tiny.model.student.architecture.hidden_size == 128 and tiny.eval.evaluator.n_samples == 4
+    assert tiny.model.student.path.endswith("assets/testbed/student_large")
+    assert tiny.data.source.kind == "collatz" and tiny.eval.evaluator.n_samples == 8
     prefix = config_of("ablation_prefix", "paper", termination__fixed_prefix__budget="4096")
     assert prefix.method.name == "fixed_prefix" and prefix.termination.fixed_prefix.budget == 4096
     stagewise = config_of("ablation_stagewise", "tiny", method__supervise="pre+agreement")
     rule = instantiate(stagewise.method.terminator)
     assert isinstance(rule, KATPhaseMarker) and rule.supervise == "pre+agreement"
-    assert rule.window == stagewise.termination.kat.window == 8
+    assert rule.window == stagewise.termination.kat.window == 16
 
 
 # A reduced Table 1: smoke scale (tiny random models, one seed, 2 steps), one student, shorter.

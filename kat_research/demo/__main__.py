@@ -1,17 +1,19 @@
-"""`python -m kat_research.demo` (what `make demo` runs): the offline end-to-end demo.
+"""`python -m kat_research.demo` (what `make demo` runs): the offline end-to-end demo on the
+long-horizon testbed.
 
-On first run it trains and caches the tiny teacher and student (SFT on the synthetic task),
-then runs each method (default: standard OPD and KAT-OPD) through the same training entry
-point as any experiment (`experiment=demo`), and prints the comparison table plus what the
-per-token KL does after a student's first mistake (the agreement trap).
+The committed testbed teacher and smaller student (assets/testbed) are distilled with standard
+OPD and KAT-OPD side by side (so that their wall times share the machine's load), then with
+RandomTerm at KAT's mean generated length, each through the same training entry point as any
+experiment (`experiment=demo`). Beside RandomTerm, the student's own rollouts before OPD are
+checked for the agreement trap. It prints the comparison table, KAT's realised compute saving
+and the trap statistics.
 
-    python -m kat_research.demo [--methods opd kat] [--jobs 2] [--output-dir outputs/demo]
-                                [override ...]
+    python -m kat_research.demo [--methods opd kat] [--no-random-term] [--trap-rollouts 128]
+                                [--jobs 2] [--output-dir outputs/demo] [override ...]
 
-Extra arguments are Hydra overrides applied to every method (e.g. trainer.max_steps=300).
-On a small CPU the jobs are tiny-matrix bound, so they run side by side (`--jobs`, default:
-one per core, each with cores/jobs threads): the teacher and student SFT in parallel, then
-the methods in parallel.
+Extra arguments are Hydra overrides applied to every job (e.g. trainer.max_steps=200). On a
+small CPU the jobs are matrix-overhead bound, so they run side by side (`--jobs`, default: one
+per core, each with cores/jobs threads).
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from kat_research.console import quiet
-from kat_research.data.sources import load_rows
-from kat_research.demo.jobs import demo_config, run_job
+from kat_research.demo.jobs import demo_config, run_method, run_trap
 from kat_research.demo.models import demo_model_info
-from kat_research.demo.trap import agreement_trap_stats
+
+
+def accuracy(metrics: dict[str, float]) -> float:
+    """The ``<task>/accuracy`` value of an evaluation's metrics."""
+    (value,) = [v for k, v in metrics.items() if k.endswith("/accuracy")]
+    return value
 
 
 def format_table(teacher_accuracy: float, summaries: list[dict[str, Any]]) -> str:
@@ -45,35 +50,59 @@ def format_table(teacher_accuracy: float, summaries: list[dict[str, Any]]) -> st
         f"| teacher | {100 * teacher_accuracy:.1f}% | | | | | |",
     ]
     for s in summaries:
-        before = s["eval_before"]["synthetic/accuracy"]
-        after = s["eval_after"]["synthetic/accuracy"]
         lines.append(
-            f"| {s['method']} | {100 * before:.1f}% | {100 * after:.1f}% "
+            f"| {s['method']} | {100 * accuracy(s['eval_before']):.1f}% "
+            f"| {100 * accuracy(s['eval_after']):.1f}% "
             f"| {s['mean_generated_length']:.1f} | {s['mean_kept_length']:.1f} "
             f"| {s['tokens_generated']:,} | {s['fit_time_s']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def trap_report(cfg: DictConfig) -> dict[str, float]:
-    """Agreement-trap statistics of the demo student before distillation."""
-    student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
-    n_problems = cfg.eval.evaluator.n_problems
-    rows, _ = load_rows({**cfg.data.source, "split": "eval", "n": n_problems})
-    stats = agreement_trap_stats(
-        student.model.eval(),
-        teacher.model,
-        student.tokenizer,
-        rows,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=cfg.seed,
+def realised_saving(opd: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    """Wall-time saving against token saving of ``other`` relative to OPD: 1 when time falls
+    as fast as generated tokens do."""
+    wall = 1 - other["fit_time_s"] / opd["fit_time_s"]
+    tokens = 1 - other["tokens_generated"] / opd["tokens_generated"]
+    return {
+        "wall_saving": wall,
+        "token_saving": tokens,
+        "realised": wall / tokens if tokens else float("nan"),
+    }
+
+
+def trap_text(trap: dict[str, Any]) -> str:
+    """The trap statistics in words, claiming only what they show."""
+    counts = ", ".join(f"{n} {c}" for c, n in trap["categories"].items())
+    after, control = trap["kl_after_derailment"], trap["kl_correct_same_positions"]
+    relation = "below" if after < control else "above"
+    prefer = (
+        "derailed rollouts more often than correct ones"
+        if trap["recall"] > trap["cut_correct"]
+        else "correct rollouts at least as often as derailed ones"
     )
-    return stats.to_dict()
+    return (
+        f"Agreement trap, student before OPD ({trap['n_rollouts']} uncut rollouts on training "
+        f"prompts: {counts}):\n"
+        f"- KL over the {trap['horizon']} tokens after derailment: median {after:.3f}, "
+        f"{relation} correct rollouts at the same positions ({control:.3f}; "
+        f"n={trap['n_compared']}, sign test p={trap['sign_test_p']:.2g}).\n"
+        f"- KAT offline (q={trap['quantile']} of these rollouts' window minima, threshold "
+        f"{trap['threshold']:.3f}) would cut {100 * trap['recall']:.0f}% of derailed and "
+        f"{100 * trap['cut_correct']:.0f}% of correct rollouts (Fisher p={trap['fisher_p']:.2g}; "
+        f"precision {100 * trap['precision']:.0f}%): it cuts {prefer}."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["opd", "kat"])
+    parser.add_argument(
+        "--no-random-term",
+        action="store_true",
+        help="skip RandomTerm at KAT's mean length (needs kat in --methods)",
+    )
+    parser.add_argument("--trap-rollouts", type=int, default=128, help="0: no trap statistics")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument(
         "--output-dir",
@@ -82,61 +111,63 @@ def main(argv: list[str] | None = None) -> None:
         help="one folder per method, replaced by every demo run",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="library output too")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet(args.verbose)
     start = time.perf_counter()
     overrides = [f"verbose={args.verbose}", *args.overrides]
-    if args.jobs > 1:  # progress bars of parallel jobs would overwrite each other
-        overrides = [
-            "callbacks.progress_bar.refresh_rate=0",
-            "callbacks.step_log.every_n_steps=100",
-            *overrides,
-        ]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-
-    def run_all(names: list[str]) -> list[dict | None]:
-        if args.jobs == 1:
-            return [run_job(n, args.output_dir, overrides, threads) for n in names]
-        with ProcessPoolExecutor(
-            min(args.jobs, len(names)), mp_context=get_context("spawn")
-        ) as pool:
-            jobs = [pool.submit(run_job, n, args.output_dir, overrides, threads) for n in names]
-            return [job.result() for job in jobs]
-
-    run_all(["teacher", "student"])
-    summaries = run_all(args.methods)
-    cfg = demo_config(args.methods[-1], args.output_dir, overrides)
-    teacher = instantiate(cfg.model.teacher)
-    teacher_accuracy = demo_model_info(teacher.name)["synthetic/accuracy"]
-    trap = trap_report(cfg)
+    out = args.output_dir
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        first = [pool.submit(run_method, m, out, overrides, threads) for m in args.methods]
+        summaries = [job.result() for job in first]
+        by_method = {s["method"]: s for s in summaries}
+        second = []
+        if not args.no_random_term and "kat" in by_method:
+            length = max(1, round(by_method["kat"]["mean_generated_length"]))
+            rt_overrides = [*overrides, f"termination.random.mean_length={length}"]
+            second.append(pool.submit(run_method, "random_term", out, rt_overrides, threads))
+        trap_job = (
+            pool.submit(run_trap, args.trap_rollouts, out, overrides, threads)
+            if args.trap_rollouts
+            else None
+        )
+        summaries += [job.result() for job in second]
+        trap = trap_job.result() if trap_job else None
+    cfg = demo_config(args.methods[0], out, overrides)
+    teacher_accuracy = accuracy(demo_model_info(instantiate(cfg.model.teacher).name))
     table = format_table(teacher_accuracy, summaries)
+    savings = {  # only methods that ran side by side with OPD, under the same machine load
+        m: realised_saving(by_method["opd"], by_method[m])
+        for m in args.methods
+        if "opd" in by_method and m != "opd"
+    }
     seconds = time.perf_counter() - start
 
     print("\n" + table)
-    after, before = trap["kl_after_error"], trap["kl_before_error"]
-    verdict = (
-        "lower than before it: the teacher agrees with the derailed student (a low-KL trap)"
-        if after < before
-        else "higher than before it: no low-KL trap on this task (rollouts are too short for "
-        "a derailed student to settle into agreement)"
-    )
-    print(
-        f"\nAfter the student's first error ({trap['n_derailed']} of {trap['n_rollouts']} "
-        f"rollouts before OPD leave the reference solution): KL at the first wrong token "
-        f"{trap['kl_at_error']:.3f} (median); mean KL over the next {trap['horizon']} tokens "
-        f"{after:.3f} vs {before:.3f} before the error, {verdict}. The teacher's top token "
-        f"equals the student's on {100 * trap['teacher_agrees_after']:.0f}% of those tokens."
-    )
-    print(f"\nDemo wall time: {seconds:.0f} s. Results in {args.output_dir}/")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "demo_table.md").write_text(table + "\n")
-    (args.output_dir / "demo_results.json").write_text(
+    for method, saving in savings.items():
+        print(
+            f"\n{method} against OPD: {100 * saving['token_saving']:.0f}% fewer generated tokens, "
+            f"{100 * saving['wall_saving']:.0f}% less wall time: realised saving "
+            f"{saving['realised']:.2f} (1 = time falls as fast as tokens)"
+        )
+    if second:
+        print(
+            "\nrandom_term ran after them, beside the trap statistics, at KAT's mean generated "
+            "length: its wall time is not measured under the same load as theirs."
+        )
+    if trap is not None:
+        print("\n" + trap_text(trap))
+    print(f"\nDemo wall time: {seconds:.0f} s. Results in {out}/")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_table.md").write_text(table + "\n")
+    (out / "demo_results.json").write_text(
         json.dumps(
             {
                 "teacher_accuracy": teacher_accuracy,
                 "runs": summaries,
+                "realised_saving": savings,
                 "trap": trap,
                 "wall_time_s": seconds,
             },

@@ -8,18 +8,23 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config import compose
 from kat_research.console import quiet
+from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.demo.trap import trap_stats
 from kat_research.training import train
 
 
-def demo_config(method: str, output_dir: Path, overrides: list[str]) -> DictConfig:
-    """The training config of one demo job."""
+def demo_config(
+    method: str, output_dir: Path, overrides: list[str], experiment: str = "demo"
+) -> DictConfig:
+    """The training config of one demo job (``experiment``: a conf/experiment file)."""
     return compose(
         [
-            "experiment=demo",
+            f"experiment={experiment}",
             f"method={method}",
             f"paths.output_dir={output_dir / method}",
             *overrides,
@@ -27,18 +32,47 @@ def demo_config(method: str, output_dir: Path, overrides: list[str]) -> DictConf
     )
 
 
-def run_job(name: str, output_dir: Path, overrides: list[str], threads: int) -> dict | None:
-    """One demo job: ``teacher``/``student`` prepares (trains, caches) that model; a method
-    name runs its training job and returns the summary."""
+def _start(threads: int, verbose: bool) -> None:
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # spawned workers start bare
-    cfg = demo_config("opd", output_dir, overrides)
-    quiet(cfg.verbose)
-    if name in ("teacher", "student"):
-        instantiate(cfg.model[name])
-        return None
+    quiet(verbose)
+
+
+def run_method(
+    name: str, output_dir: Path, overrides: list[str], threads: int, experiment: str = "demo"
+) -> dict:
+    """One method's training job (its folder from an earlier demo is replaced); its summary."""
+    cfg = demo_config(name, output_dir, overrides, experiment)
+    _start(threads, cfg.verbose)
     print(f"=== demo: {name} ===", flush=True)
     folder = output_dir / name
     if folder.exists():  # the demo's own output from an earlier `make demo`: replaced
         shutil.rmtree(folder)
-    return train(demo_config(name, output_dir, overrides))
+    return train(cfg)
+
+
+def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: int) -> dict:
+    """The trap statistics of the student before OPD: ``n_rollouts`` uncut rollouts on
+    training prompts, sampled as the demo's OPD samples them, KAT applied offline with the
+    demo's KAT settings."""
+    cfg = demo_config("kat", output_dir, overrides)
+    _start(threads, cfg.verbose)
+    print("=== demo: trap statistics ===", flush=True)
+    student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
+    task = CollatzTaskConfig(**OmegaConf.to_container(cfg.data.source.task, resolve=True))
+    rows, _ = load_rows(
+        SourceSpec(kind="collatz", split="train", n=n_rollouts, seed=cfg.seed + 1, task=task)
+    )
+    kat = OmegaConf.to_container(cfg.termination.kat, resolve=True)
+    stats = trap_stats(
+        student.model.eval(),
+        teacher.model,
+        student.tokenizer,
+        rows,
+        task,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        top_p=cfg.rollout.top_p,
+        kat=kat,
+        seed=cfg.seed,
+    )
+    return stats.to_dict()

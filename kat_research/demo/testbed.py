@@ -79,8 +79,7 @@ def shipped_model(path: str, trainable: bool = True) -> LoadedModel:
     folder = Path(path)
     if not (folder / "config.json").is_file() or not (folder / META_FILE).is_file():
         raise FileNotFoundError(
-            f"no testbed model at {folder}: run from the repository root (paths.root_dir), set "
-            "KAT_ASSETS_DIR / paths.assets_dir to the folder holding testbed/, or rebuild the "
-            "models with `make testbed-models`"
+            f"no testbed model at {folder}: set KAT_ASSETS_DIR / paths.assets_dir to the folder "
+            "holding testbed/, or rebuild the models with `make testbed-models`"
         )
     return load_causal_lm(str(folder), trainable=trainable)

@@ -1,99 +1,92 @@
-"""The agreement trap on the synthetic task: what the per-token KL does after a student's first
-mistake. Character-level tokens make "first mistake" exact: the first character where the
-rollout leaves the reference worked solution."""
+"""The agreement trap on the testbed, measured on the student's own rollouts before OPD: do
+derailed rollouts settle into agreement with the teacher, and would KAT cut them rather than
+the correct ones? (``analysis.trap_check`` defines the categories and the offline rule.)"""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
+from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kat_research.data.prompts import format_prompt
+from kat_research.analysis import trap_check as tc
+from kat_research.data.long_task import CollatzTaskConfig
 from kat_research.data.sources import Row
-from kat_research.rollout import RolloutEngine, SamplingConfig
 
 
 @dataclass(frozen=True)
 class TrapStats:
-    """Summary over the rollouts that leave the reference solution."""
+    """What the demo prints about the trap (rates are shares of rollouts)."""
 
     n_rollouts: int
-    n_derailed: int  # rollouts that leave the reference solution
-    kl_at_error: float  # median d_t at the first wrong token
-    kl_after_error: float  # median over rollouts of mean d_t on the next `horizon` tokens
-    kl_before_error: float  # median over rollouts of mean d_t before the error
-    teacher_agrees_after: float  # share of the next `horizon` tokens where teacher top-1 == token
-    horizon: int
+    categories: dict[str, int]  # correct / wrong / degenerate / capped
+    horizon: int  # tokens after derailment compared
+    n_compared: int  # derailed rollouts with correct ones covering the same positions
+    kl_after_derailment: float  # median over derailed rollouts of their mean KL after it
+    kl_correct_same_positions: float  # median of the correct rollouts' mean KL there
+    sign_test_p: float
+    quantile: float  # KAT's threshold quantile of the rollouts' window minima
+    threshold: float
+    recall: float  # share of the derailed rollouts KAT would cut
+    cut_correct: float  # share of the correct rollouts KAT would cut
+    fisher_p: float  # Fisher's exact test of those two shares
+    precision: float  # share of the cut rollouts that are derailed
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def first_divergence(completion: str, reference: str) -> int | None:
-    """Index of the first character where ``completion`` leaves ``reference`` (None if never)."""
-    for i, (a, b) in enumerate(zip(completion, reference, strict=False)):
-        if a != b:
-            return i
-    return None if len(completion) <= len(reference) else len(reference)
-
-
-@torch.no_grad()
-def agreement_trap_stats(
+def trap_stats(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[Row],
+    task: CollatzTaskConfig,
     *,
-    max_new_tokens: int = 48,
-    horizon: int = 8,
+    max_new_tokens: int,
+    top_p: float,
+    kat: dict[str, Any],
+    horizon: int = 32,
     seed: int = 0,
 ) -> TrapStats:
-    """Sample one rollout per row (temperature 1) with the teacher scoring, and measure the
-    KL at and after each rollout's first departure from the reference solution."""
-    engine = RolloutEngine(
+    """Sample one uncut rollout per row (temperature 1), classify it, compare the KL after
+    derailment with correct rollouts at the same positions, and apply KAT (``kat``: window,
+    stride, patience, quantile, exempt) offline."""
+    scored = tc.sample_scored_rollouts(
         student,
         teacher,
-        sampling=SamplingConfig(1.0, 1.0, max_new_tokens, (tokenizer.eos_token_id,)),
-        pad_token_id=tokenizer.pad_token_id,
-        teacher_keep="topk",
-        teacher_topk=1,
+        tokenizer,
+        rows,
+        task,
+        max_new_tokens=max_new_tokens,
+        top_p=top_p,
+        seed=seed,
     )
-    enc = tokenizer(
-        [format_prompt(tokenizer, r.problem, "") for r in rows],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
+    kls, verdicts = [r.kl for r in scored], [r.verdict for r in scored]
+    after = tc.kl_after_derailment(kls, verdicts, horizon=horizon)
+    cuts = tc.offline_kat_cuts(
+        kls,
+        window=kat["window"],
+        stride=kat["stride"] or kat["window"],
+        patience=kat["patience"],
+        quantile=kat["quantile"],
+        exempt=kat.get("exempt", 0),
     )
-    rollout = engine.generate(
-        enc.input_ids, enc.attention_mask, torch.Generator().manual_seed(seed)
-    )
-    at, after, before, agree = [], [], [], []
-    for b, row in enumerate(rows):
-        length = int(rollout.lengths[b])
-        chars = [tokenizer.decode([t]) for t in rollout.tokens[b, :length].tolist()]
-        if any(len(c) != 1 for c in chars[:-1]):  # not character-level: no exact alignment
-            continue
-        error = first_divergence("".join(chars), row.solution or "")
-        if error is None or error + 1 >= length:
-            continue
-        kl = rollout.kl[b, :length]
-        window = slice(error + 1, min(length, error + 1 + horizon))
-        at.append(float(kl[error]))
-        after.append(float(kl[window].mean()))
-        if error > 0:
-            before.append(float(kl[:error].mean()))
-        top1 = rollout.teacher_topk_ids[b, window, 0]
-        agree.append(float((top1 == rollout.tokens[b, window]).float().mean()))
-    nan = float("nan")
+    rates = tc.cut_rate_table(cuts, verdicts)
+    n_cut = rates["cut_derailed"] + rates["cut_correct"]
     return TrapStats(
-        n_rollouts=len(rows),
-        n_derailed=len(at),
-        kl_at_error=statistics.median(at) if at else nan,
-        kl_after_error=statistics.median(after) if after else nan,
-        kl_before_error=statistics.median(before) if before else nan,
-        teacher_agrees_after=statistics.mean(agree) if agree else nan,
+        n_rollouts=len(scored),
+        categories={c: sum(v.category == c for v in verdicts) for c in tc.CATEGORIES},
         horizon=horizon,
+        n_compared=len(after.derailed),
+        kl_after_derailment=tc.median(after.derailed),
+        kl_correct_same_positions=tc.median(after.control),
+        sign_test_p=after.sign_test_p,
+        quantile=kat["quantile"],
+        threshold=cuts.threshold,
+        recall=rates["rate_derailed"],
+        cut_correct=rates["rate_correct"],
+        fisher_p=rates["fisher_p"],
+        precision=rates["cut_derailed"] / n_cut if n_cut else float("nan"),
     )

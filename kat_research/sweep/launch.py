@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kat_research.sweep.job import run_job
@@ -50,21 +51,33 @@ def check_launcher(launcher: str) -> None:
 
 
 def launch_all(
-    jobs: list[tuple[Job, Path]], launcher: str, launcher_overrides: Sequence[str] = ()
+    jobs: list[tuple[Job, Path]],
+    launcher: str,
+    launcher_overrides: Sequence[str] = (),
+    parallel: int = 1,
 ) -> bool:
     """Prepare the folder of each (job, folder) and run or hand over the job; False if one
     failed (or its submission did). ``launcher_overrides`` (``key=value``) change a launcher
-    file's settings."""
+    file's settings; ``parallel`` subprocess jobs run at once (``subprocess`` only)."""
     check_launcher(launcher)
+    if parallel < 1 or (parallel > 1 and launcher != SUBPROCESS):
+        raise ValueError(
+            f"--parallel {parallel}: a positive number, above 1 only with --launcher subprocess"
+        )
     path = None if launcher in (LOCAL, SUBPROCESS) else launcher_file(launcher)
     if path is not None:
         return launch_submitit(jobs, path, launcher_overrides)
-    ok = True
-    for n, (job, folder) in enumerate(jobs, 1):
+
+    def start(n: int, job: Job, folder: Path) -> bool:
         print(f"[{n}/{len(jobs)}] {job.experiment}/{job.name}", flush=True)
         prepare_folder(folder, job)
-        ok &= launch(folder, launcher)
-    return ok
+        return launch(folder, launcher)
+
+    if parallel == 1:
+        return all([start(n, job, folder) for n, (job, folder) in enumerate(jobs, 1)])
+    with ThreadPoolExecutor(parallel) as pool:  # each job is its own process
+        done = [pool.submit(start, n, job, folder) for n, (job, folder) in enumerate(jobs, 1)]
+        return all([d.result() for d in done])
 
 
 def launch(folder: Path, launcher: str) -> bool:
