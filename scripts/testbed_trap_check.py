@@ -35,15 +35,7 @@ from kat_research.demo.models import demo_model_info
 from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
 
-PRESETS = ["data=collatz", "model/teacher=testbed", "model/student=testbed"]
-
-
-def token_text(tokenizer, ids: list[int]) -> str:
-    """The text of ``ids`` with one character per token (the testbed tokenizer is
-    character-level); a special token (e.g. a stray ``<|im_start|>``) becomes U+FFFD, so
-    character and token positions stay equal."""
-    pieces = [tokenizer.decode([t]) for t in ids]
-    return "".join(p if len(p) == 1 else "\ufffd" for p in pieces)
+PRESETS = ["data=collatz", "model/teacher=testbed", "model/student=testbed_large"]
 
 
 @torch.no_grad()
@@ -232,33 +224,22 @@ def main() -> None:
     rows, _ = load_rows(
         SourceSpec(kind="collatz", split="train", n=args.rollouts, seed=1000 + args.seed, task=task)
     )
-    engine = RolloutEngine(
+    t0 = time.perf_counter()
+    scored = tc.sample_scored_rollouts(
         student.model,
         teacher.model,
-        sampling=SamplingConfig(1.0, 1.0, args.max_new_tokens, (tokenizer.eos_token_id,)),
-        pad_token_id=tokenizer.pad_token_id,
+        tokenizer,
+        rows,
+        task,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
-    generator = torch.Generator().manual_seed(args.seed)
-    kls, verdicts, records = [], [], []
-    t0 = time.perf_counter()
-    for lo in range(0, len(rows), args.batch_size):
-        batch = rows[lo : lo + args.batch_size]
-        enc = tokenizer(
-            [format_prompt(tokenizer, r.problem, "") for r in batch],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        rollout = engine.generate(enc.input_ids, enc.attention_mask, generator)
-        for b, row in enumerate(batch):
-            length = int(rollout.lengths[b])
-            ids = rollout.tokens[b, :length].tolist()
-            stop = rollout.stop_reason[b]
-            text = token_text(tokenizer, ids[: length - (stop == "eos")])
-            verdict = tc.classify(row.problem, text, stop, task)
-            kls.append(rollout.kl[b, :length].double().cpu())
-            verdicts.append(verdict)
-            records.append({"start": row.problem, "length": length, "stop": stop, "text": text})
+    kls = [r.kl for r in scored]
+    verdicts = [r.verdict for r in scored]
+    records = [
+        {"start": r.start, "length": r.kl.numel(), "stop": r.stop, "text": r.text} for r in scored
+    ]
     summary["rollout_s"] = time.perf_counter() - t0
 
     summary["carry_forward"] = carry_forward(teacher, tokenizer, rows, records, verdicts, task)

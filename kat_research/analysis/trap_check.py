@@ -44,7 +44,9 @@ from kat_research.data.long_task import (
     verify,
 )
 from kat_research.data.prompts import format_prompt
+from kat_research.data.sources import Row
 from kat_research.losses import per_token_reverse_kl
+from kat_research.rollout import RolloutEngine, SamplingConfig
 from kat_research.termination.kat import kat_cut, kat_window_minimum
 
 CATEGORIES = ("correct", "wrong", "degenerate", "capped")
@@ -58,6 +60,70 @@ class RolloutVerdict:
     onset: int | None  # first token of the first rejected line
     after: int | None  # first token of the line after it (where "after derailment" starts)
     loop_onset: int | None  # first token of the line where the repetition rule fires
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    """One uncut student rollout with the teacher's per-token KL and its verdict."""
+
+    start: str  # the problem (the start value)
+    text: str  # generated text, one character per token, the end token left out
+    stop: str  # eos | max_tokens
+    kl: torch.Tensor  # per generated token, float64 on the CPU
+    verdict: RolloutVerdict
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """The text of ``ids`` with one character per token (the testbed tokenizer is
+    character-level); a special token (e.g. a stray ``<|im_start|>``) becomes U+FFFD, so
+    character and token positions stay equal."""
+    pieces = [tokenizer.decode([t]) for t in ids]
+    return "".join(p if len(p) == 1 else "\ufffd" for p in pieces)
+
+
+@torch.no_grad()
+def sample_scored_rollouts(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Row],
+    cfg: CollatzTaskConfig,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[ScoredRollout]:
+    """One uncut rollout per row, sampled by the student as OPD samples it, the teacher scoring
+    every token (full reverse KL), each classified by :func:`classify`."""
+    engine = RolloutEngine(
+        student,
+        teacher,
+        sampling=SamplingConfig(temperature, top_p, max_new_tokens, (tokenizer.eos_token_id,)),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        batch = rows[lo : lo + batch_size]
+        enc = tokenizer(
+            [format_prompt(tokenizer, r.problem, "") for r in batch],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        rollout = engine.generate(enc.input_ids, enc.attention_mask, generator)
+        for b, row in enumerate(batch):
+            length = int(rollout.lengths[b])
+            stop = rollout.stop_reason[b]
+            ids = rollout.tokens[b, :length].tolist()
+            text = token_text(tokenizer, ids[: length - (stop == "eos")])
+            kl = rollout.kl[b, :length].double().cpu()
+            out.append(
+                ScoredRollout(row.problem, text, stop, kl, classify(row.problem, text, stop, cfg))
+            )
+    return out
 
 
 def _line_start(text: str, line: int) -> int:
