@@ -288,3 +288,17 @@ def test_submitit_slurm_launcher_submits_one_array_and_returns(tmp_path, monkeyp
 def test_unknown_launcher_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="submitit_slurm"):
         run(tmp_path, "table1", "--launcher=slurm_cluster")
+
+
+def test_parallel_subprocess_jobs_all_finish(tmp_path, capsys):
+    """--parallel 2: the subprocess launcher runs two jobs at a time; every job finishes in its
+    own folder, and --parallel above 1 without subprocess is refused."""
+    args = ["ablation_quantile", "scale.quantiles=[0.5,0.9]"]
+    assert run(tmp_path, *args, "--launcher=subprocess", "--parallel=2") == 0
+    runs = tmp_path / "runs" / "smoke" / "ablation_quantile"
+    done = sorted(p.parent.name for p in runs.glob("*/summary.json"))
+    assert len(done) == 2  # one per quantile (smoke: one student, one seed)
+    for folder in runs.iterdir():
+        assert json.loads((folder / "status.json").read_text())["state"] == "done"
+    with pytest.raises(ValueError, match="--parallel 2: .* only with --launcher subprocess"):
+        run(tmp_path, *args, "--parallel=2")
