@@ -25,6 +25,7 @@ from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.eval.suite import BenchmarkEvaluator, SuiteResult
 from kat_research.layout import write_samples, write_summary
 from kat_research.models import load_causal_lm, pick_device
+from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    warn_if_oversubscribed(set_torch_threads(cfg.threads, key="threads"), key="threads")
     if "evaluator" not in cfg.eval:
         raise ConfigError("this eval option has no evaluator: choose eval=math_suite or eval=quick")
     evaluator = instantiate(cfg.eval.evaluator)  # loads the problems before the model

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from kat_research.config import ConfigError
@@ -302,3 +303,18 @@ def test_parallel_subprocess_jobs_all_finish(tmp_path, capsys):
         assert json.loads((folder / "status.json").read_text())["state"] == "done"
     with pytest.raises(ValueError, match="--parallel 2: .* only with --launcher subprocess"):
         run(tmp_path, *args, "--parallel=2")
+
+
+def test_evaluation_jobs_use_the_configured_threads(debug_config, tmp_path):
+    """An evaluation-only job (Table 1's teacher row) sets torch's threads like a training job;
+    torch's default would oversubscribe cores shared with the sweep's other jobs."""
+    from kat_research.sweep.evaluate_model import evaluate_model
+
+    before = torch.get_num_threads()
+    try:
+        cfg = debug_config(tmp_path, "eval=synthetic", "eval.evaluator.n_problems=2", "threads=1")
+        torch.set_num_threads(2)
+        summary = evaluate_model(cfg, "teacher")
+        assert torch.get_num_threads() == 1 and summary["kind"] == "evaluate"
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from kat_research.config import ConfigError
 from kat_research.layout import eval_file, write_samples, write_summary
 from kat_research.models import pick_device
+from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
 
 
 def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
@@ -24,6 +25,7 @@ def evaluate_model(cfg: DictConfig, role: str) -> dict[str, Any]:
         raise ConfigError("evaluation jobs need an evaluator: choose an eval option, not none")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    warn_if_oversubscribed(set_torch_threads(cfg.threads, key="threads"), key="threads")
     L.seed_everything(cfg.seed, workers=True)
     evaluator = instantiate(cfg.eval.evaluator)
     loaded = instantiate(cfg.model[role])
