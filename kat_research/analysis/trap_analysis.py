@@ -296,7 +296,11 @@ def plot(results: Results) -> Figure:
         part = cuts[cuts.stage == stage]
         for ax, metrics in ((ax_pr, ("precision", "recall")), (ax_rate, ("cut_rate_correct",))):
             for metric, style in zip(metrics, ("-o", "--s"), strict=False):
-                yerr = [part[metric] - part[f"{metric}_lo"], part[f"{metric}_hi"] - part[metric]]
+                yerr = np.clip(  # rounding can put a bound a hair past the value
+                    [part[metric] - part[f"{metric}_lo"], part[f"{metric}_hi"] - part[metric]],
+                    0,
+                    None,
+                )
                 ax.errorbar(
                     part["quantile"],
                     part[metric],
@@ -405,9 +409,9 @@ def write_results(
     results.crosstab.to_csv(out / "crosstab.csv", index=False)
     results.onsets.to_csv(out / "onsets.csv", index=False)
     results.cuts.to_csv(out / "cuts.csv", index=False)
-    save_figure(plot(results), out / "trap_analysis.png")
     text = markdown(results, header, verifier, detector)
     (out / "summary.md").write_text(text)
+    save_figure(plot(results), out / "trap_analysis.png")
     return text
 
 

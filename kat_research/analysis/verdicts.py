@@ -161,7 +161,8 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the bounds are exactly 0 at k = 0 and 1 at k = n; rounding would miss them by a hair
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def share(k: int, n: int, name: str) -> dict[str, float]:
