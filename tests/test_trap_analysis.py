@@ -185,23 +185,20 @@ def test_entry_end_to_end_on_a_tiny_run(tiny_kat_run, tmp_path, capsys):
             "analysis.rollouts.n=8",
             "analysis.rollouts.batch_size=4",
             "device=cpu",
-            "checkpoints.early=init",  # no KAT buffer before training: rollout minima
         ],
         config_name="analysis_trap_analysis",
     )
     results = trap_analysis.run(cfg, command="pytest")
     rollouts = pd.read_csv(out / "rollouts.csv")
-    assert len(rollouts) == 16 and list(dict.fromkeys(rollouts.checkpoint)) == ["step0", "step3"]
+    assert len(rollouts) == 16 and list(dict.fromkeys(rollouts.checkpoint)) == ["step0", "last"]
     assert rollouts.length.le(16).all()
     # at the run's threshold the low-KL segment and KAT's cut are the same thing
     assert (rollouts.has_segment == rollouts.cut_run.notna()).all()
     assert (rollouts.onset.dropna() == rollouts.cut_run.dropna()).all()
     cuts = pd.read_csv(out / "cuts.csv").set_index(["stage", "threshold_label"])
-    assert cuts.loc[("early", "run"), "threshold_source"] == "rollout minima"
+    assert cuts.loc[("early", "run"), "threshold_source"] == "rollout minima"  # untrained
     assert cuts.loc[("late", "run"), "threshold_source"] == "checkpoint buffer"
-    buffer = kat_buffer(
-        read_checkpoint(tiny_kat_run / "checkpoints" / "step000003.ckpt")["terminator"]
-    )
+    buffer = kat_buffer(read_checkpoint(tiny_kat_run / "checkpoints" / "last.ckpt")["terminator"])
     assert cuts.loc[("late", "q0.9"), "threshold"] == pytest.approx(
         float(torch.quantile(buffer, 0.9))
     )

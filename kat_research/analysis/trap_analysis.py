@@ -1,10 +1,11 @@
 """The phenomenon, measured (issue 14, item 2): do KAT's cuts hit derailed rollouts or correct
 ones?
 
-For the early and late checkpoint of a training run (any method; OPD is the main case), N uncut
-rollouts (no termination rule; the run's sampling settings and cap; the teacher scoring every
-token), each judged by the task's verifier (``analysis.verdicts``: correct / wrong /
-degenerate / capped), and per checkpoint:
+For the early and late checkpoint of a training run (any method; OPD is the main case; by
+default the student before training and after its last step), N uncut rollouts (no
+termination rule; the run's sampling settings and cap; the teacher scoring every token), each
+judged by the task's verifier (``analysis.verdicts``: correct / wrong / degenerate / capped),
+and per checkpoint:
 
 - the share with a persistent low-KL segment (``termination.phases``, KAT's own detector at
   the run's KAT settings) and where it starts (the onset = KAT's cut);
@@ -26,6 +27,7 @@ Writes ``rollouts.csv``, ``crosstab.csv``, ``onsets.csv``, ``cuts.csv``, ``summa
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
 import subprocess
@@ -61,6 +63,7 @@ from kat_research.models import LoadedModel, pick_device
 from kat_research.plotting import new_figure, save_figure
 from kat_research.termination.kat import kat_cut
 
+log = logging.getLogger(__name__)
 STAGES = ("early", "late")
 Verifier = CollatzVerifier | MathVerifier
 
@@ -120,6 +123,7 @@ def sample_stage(
                 batch["problem_ids"], rollout.stop_reason, ids, texts, strict=True
             )
         ]
+        log.info("%s (%s): %d/%d rollouts", name, checkpoint, len(records), spec.n)
     return StageRollouts(name, checkpoint, traces, verdicts, records, buffer)
 
 
