@@ -68,6 +68,7 @@ PAPER_SCALE = {
     "gradient_projection": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
     "teacher_tokens": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
     "trap_benchmark": ["analysis/benchmark=length_4096"],
+    "trap_analysis": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
 }
 
 

@@ -36,12 +36,12 @@ class AnalysisContext:
     detector: Detector
     spec: RolloutSpec
     batches: list[dict]
-    threshold_from: float | str
+    threshold_from: float | str | None  # None: the analysis picks buffers itself
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> AnalysisContext:
-        """Keys used: ``run_dir``, ``device``, ``threshold_from``, ``analysis.detector``,
-        ``analysis.rollouts``."""
+        """Keys used: ``run_dir``, ``device``, ``threshold_from`` (optional),
+        ``analysis.detector``, ``analysis.rollouts``."""
         run = load_run(cfg.run_dir)
         module = build_module(run.cfg, pick_device(cfg.device))
         spec = RolloutSpec(**OmegaConf.to_container(cfg.analysis.rollouts, resolve=True))
@@ -56,7 +56,7 @@ class AnalysisContext:
             detector=detector,
             spec=spec,
             batches=prompt_batches(run.cfg, module, spec),
-            threshold_from=cfg.threshold_from,
+            threshold_from=cfg.get("threshold_from"),
         )
 
     def use(self, spec: float | str) -> str:
@@ -79,9 +79,16 @@ class AnalysisContext:
     ) -> tuple[Detector, str]:
         """The detector with its threshold: fixed, else the quantile of the KAT buffer of
         checkpoint ``threshold_from``, else of the minima of ``traces()`` (called only then)."""
-        _, path = self.run.checkpoint(self.threshold_from)
-        buffer = None if path is None else kat_buffer(read_checkpoint(path).get("terminator"))
-        return resolve_threshold(self.detector, buffer, traces)
+        if self.threshold_from is None:
+            raise ValueError(
+                "set threshold_from: the checkpoint whose KAT buffer sets the threshold"
+            )
+        return resolve_threshold(self.detector, self.kat_buffer(self.threshold_from), traces)
+
+    def kat_buffer(self, spec: float | str) -> torch.Tensor | None:
+        """The KAT buffer saved in checkpoint ``spec`` (None: ``init``, or a run without KAT)."""
+        _, path = self.run.checkpoint(spec)
+        return None if path is None else kat_buffer(read_checkpoint(path).get("terminator"))
 
 
 def kl_traces(rollout: Rollout) -> list[torch.Tensor]:
