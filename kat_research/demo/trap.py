@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.analysis import trap_check as tc
+from kat_research.analysis.verdicts import score_cuts
 from kat_research.data.long_task import CollatzTaskConfig
 from kat_research.data.sources import Row
 
@@ -30,7 +31,7 @@ class TrapStats:
     threshold: float
     recall: float  # share of the derailed rollouts KAT would cut
     cut_correct: float  # share of the correct rollouts KAT would cut
-    fisher_p: float  # Fisher's exact test of those two shares
+    fisher_p: float  # Fisher's exact test of cut x derailed
     precision: float  # share of the cut rollouts that are derailed
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,8 +74,7 @@ def trap_stats(
         quantile=kat["quantile"],
         exempt=kat.get("exempt", 0),
     )
-    rates = tc.cut_rate_table(cuts, verdicts)
-    n_cut = rates["cut_derailed"] + rates["cut_correct"]
+    scores = score_cuts([c is not None for c in cuts.cut], [v.category for v in verdicts])
     return TrapStats(
         n_rollouts=len(scored),
         categories={c: sum(v.category == c for v in verdicts) for c in tc.CATEGORIES},
@@ -85,8 +85,8 @@ def trap_stats(
         sign_test_p=after.sign_test_p,
         quantile=kat["quantile"],
         threshold=cuts.threshold,
-        recall=rates["rate_derailed"],
-        cut_correct=rates["rate_correct"],
-        fisher_p=rates["fisher_p"],
-        precision=rates["cut_derailed"] / n_cut if n_cut else float("nan"),
+        recall=scores["recall"],
+        cut_correct=scores["cut_rate_correct"],
+        fisher_p=scores["fisher_p"],
+        precision=scores["precision"],
     )
