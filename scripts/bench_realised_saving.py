@@ -91,6 +91,9 @@ def main() -> None:
         "eval.evaluator.temperature=0.0",
         *args.overrides,
     ]
+    commit = subprocess.run(  # the code the runs use, read before they start
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     with ProcessPoolExecutor(len(args.methods), mp_context=get_context("spawn")) as pool:
         jobs = [pool.submit(run_method, m, args.runs, overrides, 1, "table1") for m in args.methods]
         summaries = [job.result() for job in jobs]
@@ -105,9 +108,6 @@ def main() -> None:
         tokens = 1 - row["tokens_generated"] / opd["tokens_generated"]
         row["wall_saving"], row["token_saving"] = wall, tokens
         row["realised"] = wall / tokens if method != "opd" and tokens else float("nan")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     header = (
         "| method | s/step | sampling | teacher | rest | tokens generated | tokens trained "
         "| wall saving | token saving | realised | final acc. | wall to OPD's final acc. (s) |"
