@@ -67,6 +67,14 @@ bench: install
 	$(PY) scripts/bench_loss_memory.py
 	$(PY) scripts/bench_grading.py
 
+# Realised compute saving of early termination on the testbed: OPD, KAT-OPD and RandomTerm side
+# by side (one thread each), wall per step split into sampling / teacher / rest, the realised
+# saving against OPD and the wall time to OPD's final accuracy (~10 min on 2 cores). ARGS: script
+# flags and Hydra overrides, e.g. ARGS="--methods opd kat --steps 100".
+.PHONY: bench-saving
+bench-saving: install
+	$(PY) scripts/bench_realised_saving.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .cache
 
