@@ -109,13 +109,20 @@ RUN ?= outputs/demo/kat
 ARGS ?=
 CHECK_RUN = test -d "$(RUN)" || { echo "RUN=$(RUN) is not a training job folder (set RUN=...)"; exit 1; }
 
-.PHONY: figures figure-kl-dynamics figure-gradient-projection figure-teacher-tokens figure-trap-benchmark
+.PHONY: figures figure-kl-dynamics figure-gradient-projection figure-teacher-tokens figure-trap-benchmark \
+	trap-analysis
 
 figures: figure-kl-dynamics figure-gradient-projection figure-teacher-tokens figure-trap-benchmark
 
 figure-kl-dynamics: install
 	@$(CHECK_RUN)
 	$(PY) -m kat_research.analysis.kl_dynamics run_dir=$(RUN) $(ARGS)
+
+# Issue 14's item 2: uncut rollouts of RUN's first and last student judged by the task's verifier
+# against KAT's low-KL segments and offline cuts (precision, recall, correct-rollout cut rate).
+trap-analysis: install
+	@$(CHECK_RUN)
+	$(PY) -m kat_research.analysis.trap_analysis "run_dir='$(RUN)'" $(ARGS)
 
 figure-gradient-projection: install
 	@$(CHECK_RUN)
