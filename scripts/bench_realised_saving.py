@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kat_research.demo.jobs import run_method
+from kat_research.demo.jobs import realised_saving, run_method
 from kat_research.layout import EVAL_DIR
 
 
@@ -104,10 +104,7 @@ def main() -> None:
         row["wall_to_opd_final_s"] = wall_to_reach(
             step_table(folder), accuracy_curve(folder), opd["final_accuracy"]
         )
-        wall = 1 - row["fit_time_s"] / opd["fit_time_s"]
-        tokens = 1 - row["tokens_generated"] / opd["tokens_generated"]
-        row["wall_saving"], row["token_saving"] = wall, tokens
-        row["realised"] = wall / tokens if method != "opd" and tokens else float("nan")
+        row.update(realised_saving(opd, row))
     header = (
         "| method | s/step | sampling | teacher | rest | tokens generated | tokens trained "
         "| wall saving | token saving | realised | final acc. | wall to OPD's final acc. (s) |"

@@ -4,12 +4,14 @@ statistics, table) and the SFT that builds demo models."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from kat_research.demo.__main__ import main
+from kat_research.demo.jobs import realised_saving
 from kat_research.demo.models import train_sft_model
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.layout import eval_file
@@ -91,3 +93,13 @@ def test_sft_stops_at_the_first_check_reaching_the_target(tmp_path):
         tmp_path / "n", architecture=architecture, sft={**sft, "target_accuracy": None}, task={}
     )
     assert meta["sft_steps"] == 6
+
+
+def test_realised_saving_by_hand():
+    opd = {"fit_time_s": 100.0, "tokens_generated": 1000}
+    kat = {"fit_time_s": 80.0, "tokens_generated": 600}
+    saving = realised_saving(opd, kat)
+    assert saving["wall_saving"] == pytest.approx(0.2)
+    assert saving["token_saving"] == pytest.approx(0.4)
+    assert saving["realised"] == pytest.approx(0.5)  # time fell half as fast as tokens
+    assert math.isnan(realised_saving(opd, opd)["realised"])  # no token saving: undefined

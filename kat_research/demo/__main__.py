@@ -31,7 +31,7 @@ from typing import Any
 from hydra.utils import instantiate
 
 from kat_research.console import quiet
-from kat_research.demo.jobs import demo_config, run_method, run_trap
+from kat_research.demo.jobs import demo_config, realised_saving, run_method, run_trap
 from kat_research.demo.models import demo_model_info
 
 
@@ -57,18 +57,6 @@ def format_table(teacher_accuracy: float, summaries: list[dict[str, Any]]) -> st
             f"| {s['tokens_generated']:,} | {s['fit_time_s']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def realised_saving(opd: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
-    """Wall-time saving against token saving of ``other`` relative to OPD: 1 when time falls
-    as fast as generated tokens do."""
-    wall = 1 - other["fit_time_s"] / opd["fit_time_s"]
-    tokens = 1 - other["tokens_generated"] / opd["tokens_generated"]
-    return {
-        "wall_saving": wall,
-        "token_saving": tokens,
-        "realised": wall / tokens if tokens else float("nan"),
-    }
 
 
 def trap_text(trap: dict[str, Any]) -> str:
