@@ -20,6 +20,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.provenance import PACKAGE_ROOT
+
 if TYPE_CHECKING:
     from kat_research.lit import OPDModule
     from kat_research.models import LoadedModel
@@ -39,7 +41,6 @@ OmegaConf.register_new_resolver(
 )
 # ${package_root:}: the folder holding the kat_research package (the repository of a source
 # install), for files that ship with the code wherever a run is launched from.
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 OmegaConf.register_new_resolver("package_root", lambda: str(PACKAGE_ROOT), replace=True)
 
 

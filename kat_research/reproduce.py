@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -100,9 +101,15 @@ def column_titles(records: pd.DataFrame, table: TableSpec) -> dict[str, str]:
 
 
 def write_results(
-    spec: ExperimentSpec, jobs: list[Job], scale: str, runs_dir: Path, results_dir: Path
+    spec: ExperimentSpec,
+    jobs: list[Job],
+    scale: str,
+    runs_dir: Path,
+    results_dir: Path,
+    command: str = "(called from Python)",
 ) -> str:
-    """Aggregate ``jobs`` into the spec's table (and figure) files; return the Markdown."""
+    """Aggregate ``jobs`` into the spec's table (and figure) files; return the Markdown, whose
+    notes name ``command`` and the commits the jobs ran at."""
     records = job_records(jobs, runs_dir)
     table = TableSpec.from_dict(spec.table)
     tidy = aggregate(records, table, spec.reference.get("values"))
@@ -113,6 +120,8 @@ def write_results(
         f"scale `{scale}`: {Counter(records['status'])[DONE]} of {len(records)} jobs done "
         f"(folders under `{runs_dir / scale}`); mean ± std over seeds",
         f"paper numbers: {spec.reference.get('source', 'none')}",
+        f"command: `{command}`; code: "
+        + ", ".join(f"commit {c} ({n} jobs)" for c, n in Counter(records["commit"]).items()),
     ]
     text = write_table(tidy, table, stem, title=spec.title, notes=notes)
     records.to_csv(stem.with_suffix(".jobs.csv"), index=False)
@@ -152,7 +161,10 @@ def reproduce(name: str, args: argparse.Namespace, extra: list[str]) -> bool:
     else:
         chosen_jobs = [(jobs[i], folders[i]) for i in chosen]
         ok = launch_all(chosen_jobs, args.launcher, args.launcher_overrides, args.parallel)
-    print(write_results(spec, jobs, args.scale, Path(args.runs_dir), Path(args.results_dir)))
+    command = "python -m kat_research.reproduce " + shlex.join(args.argv)
+    print(
+        write_results(spec, jobs, args.scale, Path(args.runs_dir), Path(args.results_dir), command)
+    )
     return ok
 
 
@@ -204,6 +216,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # named in the tables' notes
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     ok = all([reproduce(name, args, extra) for name in args.targets])
     return 0 if ok else 1

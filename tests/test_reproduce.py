@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 
 from kat_research.config import ConfigError
+from kat_research.provenance import code_commit
 from kat_research.reproduce import main as reproduce
 from kat_research.reproduce import validate
 from kat_research.sweep.job import job_config
@@ -143,6 +144,10 @@ def test_reduced_table1_end_to_end_and_resume(tmp_path, capsys):
     assert lengths["mean"].between(1, 8).all()
     for suffix in (".md", ".tex", ".png", ".jobs.csv"):
         assert (tmp_path / "results" / f"table1{suffix}").exists()
+    # the table names its command and the code its jobs ran (recorded in each status.json)
+    notes = (tmp_path / "results" / "table1.md").read_text()
+    assert f"code: commit {code_commit()} (6 jobs)" in notes
+    assert "command: `python -m kat_research.reproduce table1 --scale=smoke" in notes
 
     runs = tmp_path / "runs" / "smoke" / "table1"
     kat = runs / "student=small,method=kat,seed=0"

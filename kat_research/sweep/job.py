@@ -28,6 +28,7 @@ from kat_research.config import compose
 from kat_research.layout import JOB_FILE, read_json
 from kat_research.planning.configs import model_config
 from kat_research.planning.params import count_params
+from kat_research.provenance import code_commit
 from kat_research.sweep.evaluate_model import evaluate_model
 from kat_research.sweep.hparams import write_hparams
 from kat_research.sweep.spec import EVALUATE, ROLES, Job
@@ -90,6 +91,7 @@ def run_job(folder: str | Path) -> dict[str, Any]:
             pid=os.getpid(),
             host=socket.gethostname(),
             started=time.strftime("%Y-%m-%d %H:%M:%S"),
+            commit=code_commit(),
         )
     with log_to(folder / "job.log"):
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kat_research.layout import JOB_FILE, read_json
+from kat_research.layout import JOB_FILE, STATUS_FILE, read_json
 from kat_research.sweep.spec import Job
 from kat_research.sweep.state import DONE, job_folder, job_state
 from kat_research.tables.aggregate import ID_COLUMNS
@@ -30,6 +30,8 @@ def job_record(folder: Path, job: Job, state: str) -> dict:
         "role": job.role,
         "status": state,
         "folder": str(folder),
+        # the code the job ran (recorded when it started; older jobs did not record it)
+        "commit": (read_json(folder / STATUS_FILE) or {}).get("commit", "unknown"),
         **job.axes,
     }
     for axis, title in job.titles.items():
