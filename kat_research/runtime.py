@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -15,6 +16,39 @@ log = logging.getLogger(__name__)
 # How far the busy threads (other processes' load + this job's) may exceed the usable cores
 # before warning: an idle machine's background load (~0.1-0.3) must not count as contention.
 LOAD_SLACK = 0.5
+
+
+# The machine's load is sampled over this long (/proc/stat): the 1-minute load average lags by
+# about a minute, so it still counts jobs that just ended (e.g. a sweep's previous pair).
+LOAD_SAMPLE_S = 0.25
+
+
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine since boot, in clock ticks summed over its
+    cores, from /proc/stat; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [float(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_load() -> tuple[float | None, str]:
+    """Busy cores of the machine now, and how that was measured: /proc/stat sampled over
+    ``LOAD_SAMPLE_S``, else the 1-minute load average, else (None, "unknown")."""
+    before = cpu_times()
+    if before is not None:
+        time.sleep(LOAD_SAMPLE_S)
+        after = cpu_times()
+        if after is not None and after[1] > before[1]:
+            share = (after[0] - before[0]) / (after[1] - before[1])
+            return share * (os.cpu_count() or 1), f"load over the last {LOAD_SAMPLE_S} s"
+    try:
+        return os.getloadavg()[0], "1-minute load average"
+    except (AttributeError, OSError):  # no load average on this platform
+        return None, "unknown"
 
 
 def usable_cores() -> int:
@@ -46,13 +80,14 @@ def oversubscription(
     load: float | None,
     processes: int = 1,
     key: str = "torch_threads",
+    load_source: str = "1-minute load average",
 ) -> str | None:
     """Why ``processes`` x ``threads`` busy torch threads would oversubscribe this process's
     ``cores``, or None if they fit.
 
-    ``load`` is the machine's 1-minute load average (None: unknown) taken before the job's
-    threads start; the share falling on this process's cores is ``load * cores /
-    machine_cores`` (all of it when the process may use every core).
+    ``load`` is the machine's busy cores (None: unknown) measured before the job's threads
+    start, as ``load_source`` says; the share falling on this process's cores is ``load *
+    cores / machine_cores`` (all of it when the process may use every core).
     """
     wanted = threads * processes
     job = f"{wanted} torch threads" + (
@@ -72,7 +107,7 @@ def oversubscription(
     fix = f"set {key}={free}, or run fewer jobs at once" if free < threads else "run fewer jobs"
     return (
         f"the CPU cores are oversubscribed: other processes keep about {busy:.1f} of the "
-        f"{cores} usable cores busy (1-minute load average {load:.2f} on {machine_cores} "
+        f"{cores} usable cores busy ({load_source} {load:.2f} on {machine_cores} "
         f"cores), and this job adds {job}. Steps may run many times slower (measured: 25-40x "
         f"with 2 threads on 2 shared cores) and timings are unreliable: {fix}."
     )
@@ -83,10 +118,7 @@ def warn_if_oversubscribed(
 ) -> str | None:
     """Log (and return) a warning when ``processes`` x ``threads`` torch threads (default:
     torch's current count) and the machine's current load exceed this process's cores."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
-        load = None
+    load, source = machine_load()
     message = oversubscription(
         torch.get_num_threads() if threads is None else threads,
         cores=usable_cores(),
@@ -94,6 +126,7 @@ def warn_if_oversubscribed(
         load=load,
         processes=processes,
         key=key,
+        load_source=source,
     )
     if message is not None:
         log.warning(message)

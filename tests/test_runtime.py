@@ -67,6 +67,7 @@ def test_load_is_shared_over_the_machine_for_a_core_subset():
 
 
 def fake_machine(monkeypatch, *, cores: set[int], machine_cores: int, load: float | None):
+    monkeypatch.setattr(runtime, "cpu_times", lambda: None)  # no /proc/stat: the load average
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: machine_cores)
 
@@ -93,3 +94,23 @@ def test_no_warning_without_load_average_when_threads_fit(monkeypatch, caplog):
         assert warn_if_oversubscribed(threads=4) is None
         assert "5 torch threads" in warn_if_oversubscribed(threads=5)
     assert len(caplog.messages) == 1
+
+
+def test_load_is_sampled_from_proc_stat_when_there_is_one(monkeypatch):
+    """Busy share over the sample x cores: 3 of 4 ticks busy on a 2-core machine = 1.5 cores;
+    the lagging 1-minute load average is not read."""
+    samples = iter([(100.0, 1000.0), (103.0, 1004.0)])
+    monkeypatch.setattr(runtime, "cpu_times", lambda: next(samples))
+    monkeypatch.setattr(runtime, "LOAD_SAMPLE_S", 0.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: pytest.fail("load average read"))
+    load, source = runtime.machine_load()
+    assert load == pytest.approx(1.5) and source == "load over the last 0.0 s"
+
+
+def test_cpu_times_reads_this_machine():
+    times = runtime.cpu_times()
+    if times is None:
+        pytest.skip("no /proc/stat on this platform")
+    busy, total = times
+    assert 0 <= busy <= total
