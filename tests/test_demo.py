@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from kat_research.config import ConfigError
 from kat_research.demo.__main__ import main
-from kat_research.demo.jobs import realised_saving
+from kat_research.demo.jobs import realised_saving, run_trap
 from kat_research.demo.models import train_sft_model
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.layout import eval_file
@@ -103,3 +104,8 @@ def test_realised_saving_by_hand():
     assert saving["token_saving"] == pytest.approx(0.4)
     assert saving["realised"] == pytest.approx(0.5)  # time fell half as fast as tokens
     assert math.isnan(realised_saving(opd, opd)["realised"])  # no token saving: undefined
+
+
+def test_trap_statistics_refuse_a_task_without_the_testbed_verifier(tmp_path):
+    with pytest.raises(ConfigError, match="data.source.kind='synthetic'"):
+        run_trap(8, tmp_path, ["data=synthetic"], threads=1)

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.config import compose
+from kat_research.config import ConfigError, compose
 from kat_research.console import quiet
 from kat_research.data.long_task import CollatzTaskConfig
 from kat_research.data.sources import SourceSpec, load_rows
@@ -58,6 +58,11 @@ def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: i
     training prompts, sampled as the demo's OPD samples them, KAT applied offline with the
     demo's KAT settings."""
     cfg = demo_config("kat", output_dir, overrides)
+    if cfg.data.source.kind != "collatz":
+        raise ConfigError(
+            f"the demo's trap statistics judge rollouts with the testbed's verifier, but "
+            f"data.source.kind={cfg.data.source.kind!r}: use data=collatz or --trap-rollouts 0"
+        )
     _start(threads, cfg.verbose)
     print("=== demo: trap statistics ===", flush=True)
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
