@@ -22,7 +22,8 @@ import pandas as pd
 
 from kat_research.tables.measures import MEASURES
 
-ID_COLUMNS = ("experiment", "scale", "job", "kind", "role", "status", "folder")  # of a record
+# of a record (commit: the code the job ran, sweep.records)
+ID_COLUMNS = ("experiment", "scale", "job", "kind", "role", "status", "folder", "commit")
 DONE = "done"  # the status of a finished job: its measures count
 MISSING_LABEL = "-"  # row-axis value of jobs that do not set that axis (e.g. KAT in a budget sweep)
 TIDY_COLUMNS = (
