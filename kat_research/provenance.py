@@ -9,8 +9,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def code_commit() -> str:
-    """The short commit of the package's checkout, with ``+dirty`` when tracked files differ
-    from it; ``unknown`` outside a git checkout (an installed wheel) or without git."""
+    """The short commit of the package's checkout, with ``+dirty`` when tracked files other
+    than ``results/`` (which the sweeps rewrite) differ from it; ``unknown`` outside a git
+    checkout (an installed wheel) or without git."""
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -21,7 +22,7 @@ def code_commit() -> str:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
             return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
     except OSError:
         return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
