@@ -46,6 +46,7 @@ from kat_research.analysis import trap_analysis
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches
 from kat_research.analysis.verdicts import make_verifier
 from kat_research.data import PromptDataModule, SourceSpec
+from kat_research.demo.models import fit_steps
 from kat_research.lit import SFTModule, warmup_cosine
 from kat_research.lit.step_log import StepLog
 from kat_research.models import load_causal_lm
@@ -136,21 +137,14 @@ def sft_student(cfg, args) -> Path:
         scheduler=functools.partial(warmup_cosine, warmup_steps=10, min_lr_ratio=0.1),
         tokenizer=student.tokenizer,
     )
-    trainer = L.Trainer(
-        max_steps=args.sft_steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        callbacks=[StepLog("sft", every_n_steps=10, metrics=("sft/loss",))],
-    )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer = fit_steps(
+        module,
+        data,
+        args.sft_steps,
+        [StepLog("sft", every_n_steps=10, metrics=("sft/loss",))],
+        accelerator="cpu",
+    )
     meta = {
         **settings,
         "sft_seconds": time.perf_counter() - start,

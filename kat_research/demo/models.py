@@ -43,9 +43,16 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _fit(module: SFTModule, data: L.LightningDataModule, steps: int, callbacks: list) -> L.Trainer:
+def fit_steps(
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    steps: int,
+    callbacks: list,
+    accelerator: str = "auto",
+) -> L.Trainer:
     """Train ``module`` for ``steps`` AdamW steps on ``data`` (no logger, no checkpoints)."""
     trainer = L.Trainer(
+        accelerator=accelerator,
         max_steps=steps,
         max_epochs=-1,
         logger=False,
@@ -126,7 +133,7 @@ def train_sft_model(
     setup = TASK_SETUPS[kind](tokenizer, sft, task)
     pretrain_seconds = 0.0
     if setup.pretrain is not None:
-        _fit(
+        fit_steps(
             _sft_module(model, tokenizer, sft),
             setup.pretrain,
             sft["pretrain_steps"],
@@ -141,7 +148,7 @@ def train_sft_model(
         at_start=False,
         stop_when={metric: target} if target is not None else None,
     )
-    trainer = _fit(
+    trainer = fit_steps(
         _sft_module(model, tokenizer, sft),
         setup.data,
         sft["steps"],
