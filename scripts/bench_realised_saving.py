@@ -7,9 +7,11 @@ Runs each method's Table-1 job (`experiment=table1`, scale=tiny: the testbed, sm
 default) side by side, one process and one torch thread each, so all see the same machine load;
 every --eval-every steps the student is evaluated greedily on the 39 held-out starts. Then
 prints, per method, the wall time per step and where it goes (sampling, teacher scoring, the
-rest: loss, backward, optimizer), the tokens generated and trained, the realised saving against
-OPD, (1 - wall/wall_OPD) / (1 - tokens/tokens_OPD), which is 1 when time falls as fast as the
-generated tokens, and the wall time at which the method first reaches OPD's final accuracy.
+rest: loss, backward, optimizer), how many decode steps a batch ran (its longest row) and the
+share of their row slots that held a live row, the tokens generated and trained, the realised
+saving against OPD, (1 - wall/wall_OPD) / (1 - tokens/tokens_OPD), which is 1 when time falls
+as fast as the generated tokens, and the wall time at which the method first reaches OPD's
+final accuracy.
 Writes `<out>/realised_saving.{md,json}`.
 """
 
@@ -31,9 +33,10 @@ from kat_research.layout import EVAL_DIR
 
 def step_table(folder: Path) -> pd.DataFrame:
     """Per optimizer step: wall time, sampling time (teacher scoring included), teacher time,
-    generated and kept tokens per rollout."""
+    generated and kept tokens per rollout, the longest row (decode steps) and occupancy."""
     metrics = pd.read_csv(folder / "csv" / "metrics.csv")
     cols = ["perf/step_time_s", "perf/rollout_s", "perf/teacher_s", "len/generated", "len/kept"]
+    cols += ["len/longest", "perf/occupancy"]
     return metrics.dropna(subset=["perf/step_time_s"])[["step", *cols]]
 
 
@@ -67,6 +70,8 @@ def measure(summary: dict, folder: Path) -> dict[str, float]:
         "sampling_s": rollout_s - teacher_s,
         "teacher_s": teacher_s,
         "rest_s": step_s - rollout_s,
+        "decode_steps": steps["len/longest"].mean(),
+        "occupancy": steps["perf/occupancy"].mean(),
         "tokens_generated": summary["tokens_generated"],
         "tokens_kept": summary["tokens_kept"],
         "final_accuracy": accuracy_curve(folder)[int(summary["steps"])],
@@ -106,8 +111,9 @@ def main() -> None:
         )
         row.update(realised_saving(opd, row))
     header = (
-        "| method | s/step | sampling | teacher | rest | tokens generated | tokens trained "
-        "| wall saving | token saving | realised | final acc. | wall to OPD's final acc. (s) |"
+        "| method | s/step | sampling | teacher | rest | decode steps / batch | occupancy "
+        "| tokens generated | tokens trained | wall saving | token saving | realised "
+        "| final acc. | wall to OPD's final acc. (s) |"
     )
     lines = [
         f"Command: `python scripts/bench_realised_saving.py {' '.join(sys.argv[1:])}` at commit "
@@ -120,7 +126,8 @@ def main() -> None:
     for method, r in rows.items():
         lines.append(
             f"| {method} | {r['step_s']:.2f} | {r['sampling_s']:.2f} | {r['teacher_s']:.2f} "
-            f"| {r['rest_s']:.2f} | {r['tokens_generated']:,} | {r['tokens_kept']:,} "
+            f"| {r['rest_s']:.2f} | {r['decode_steps']:.1f} | {r['occupancy']:.2f} "
+            f"| {r['tokens_generated']:,} | {r['tokens_kept']:,} "
             f"| {100 * r['wall_saving']:.0f}% | {100 * r['token_saving']:.0f}% "
             f"| {r['realised']:.2f} | {100 * r['final_accuracy']:.1f}% "
             f"| {r['wall_to_opd_final_s']:.0f} |"

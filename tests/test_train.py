@@ -37,6 +37,8 @@ def test_each_method_trains_two_steps(debug_config, tmp_path, method):
         "train/kl",
         "len/generated",
         "len/kept",
+        "len/longest",
+        "perf/occupancy",
         "stop/terminated",
         "perf/tokens_per_s",
         "perf/step_time_s",
@@ -46,6 +48,10 @@ def test_each_method_trains_two_steps(debug_config, tmp_path, method):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "last.ckpt").exists()
     assert (out / "student" / "config.json").exists()
+    logged = metrics.dropna(subset=["len/longest"])
+    occupancy = logged["len/generated"] / logged["len/longest"]  # one rank: generated/(n x max)
+    assert (logged["len/generated"] <= logged["len/longest"]).all()
+    assert logged["perf/occupancy"].to_numpy() == pytest.approx(occupancy.to_numpy())
     if method in ("fixed_prefix", "kat_fixed_prefix"):
         assert metrics["len/generated"].dropna().max() <= 6
     if method.startswith("kat"):

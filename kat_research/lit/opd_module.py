@@ -315,13 +315,21 @@ class OPDModule(L.LightningModule):
 
     def _log_rollout(self, rollout: Rollout, out: LossOutput) -> None:
         """Log the step's metrics over all ranks: counts and token totals are sums, rates
-        are global ratios, times are means over ranks (every rank logs the same values)."""
+        are global ratios, times are means over ranks (every rank logs the same values).
+
+        ``len/longest`` is the batch's longest generated row, which is how many decode steps
+        the batch ran (mean over ranks); ``perf/occupancy`` is the share of those steps' row
+        slots that held a live row, generated / (rollouts x longest): dropping stopped rows
+        saves the time of their slots only as far as a decode step's cost scales with its rows.
+        """
         seconds = rollout.timings.get("total", float("nan"))
         kl = rollout.kl[rollout.gen_mask] if rollout.kl is not None else torch.zeros(0)
         local = {
             "rollouts": rollout.batch_size,
             "generated": rollout.lengths.sum(),
             "kept": rollout.cut.sum(),
+            "longest": rollout.lengths.max(),
+            "row_slots": rollout.batch_size * rollout.lengths.max(),
             "loss": out.loss.detach(),
             "loss_tokens": out.n_tokens,
             "nonfinite": rollout.n_teacher_nonfinite + out.n_nonfinite,
@@ -351,6 +359,8 @@ class OPDModule(L.LightningModule):
             "train/teacher_nonfinite": g["nonfinite"],
             "len/generated": g["generated"] / g["rollouts"],
             "len/kept": g["kept"] / g["rollouts"],
+            "len/longest": g["longest"] / ranks,
+            "perf/occupancy": g["generated"] / g["row_slots"] if g["row_slots"] else math.nan,
             "perf/tokens_per_s": g["tokens_per_s"],
             "perf/rollout_s": g["rollout_s"] / ranks,
             "perf/teacher_s": g["teacher_s"] / ranks,
