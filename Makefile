@@ -69,10 +69,12 @@ bench: install
 
 # Realised compute saving of early termination on the testbed: OPD, KAT-OPD and RandomTerm side
 # by side (one thread each), wall per step split into sampling / teacher / rest, the realised
-# saving against OPD and the wall time to OPD's final accuracy (~10 min on 2 cores). ARGS: script
-# flags and Hydra overrides, e.g. ARGS="--methods opd kat --steps 100".
+# saving against OPD and the wall time to OPD's final accuracy (~10 min on 2 cores), after what
+# one decode step costs against its live rows (~1 min). ARGS: flags and Hydra overrides of the
+# realised-saving script, e.g. ARGS="--methods opd kat --steps 100".
 .PHONY: bench-saving
 bench-saving: install
+	$(PY) scripts/bench_decode_rows.py
 	$(PY) scripts/bench_realised_saving.py $(ARGS)
 
 clean:

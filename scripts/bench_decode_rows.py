@@ -75,7 +75,7 @@ def main() -> None:
     sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, 10_000, ())
     backend = HFBackend(student.model)
     print(
-        f"student {cfg.model.student.path}, "
+        f"student {cfg.model.student.get('path') or cfg.model.student._target_}, "
         f"{args.threads} thread(s); ms per decode step, median of {args.repeats} repeats of "
         f"{args.steps} steps, rows in shuffled order each repeat\n"
     )
