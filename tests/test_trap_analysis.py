@@ -4,6 +4,9 @@ values, then the entry end to end on a tiny debug=fast KAT run."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -26,6 +29,8 @@ from kat_research.analysis.verdicts import (
 from kat_research.config import compose
 from kat_research.data.long_task import CollatzTaskConfig, solution_text
 from kat_research.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ngram_rule_counts_non_overlapping_occurrences():
@@ -213,3 +218,8 @@ def test_entry_end_to_end_on_a_tiny_run(tiny_kat_run, tmp_path, capsys):
     assert "command: `pytest`" in text and "N = 8" in text and "commit:" in text
     assert set(results.rollouts.category) <= {"correct", "wrong", "degenerate", "capped"}
     assert "KAT's offline cuts" in capsys.readouterr().out
+    # the figure can be redrawn from the written tables alone (scripts/plot_trap_analysis.py)
+    (out / "trap_analysis.png").unlink()
+    cmd = [sys.executable, str(ROOT / "scripts" / "plot_trap_analysis.py"), str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert (out / "trap_analysis.png").stat().st_size > 1000
