@@ -192,6 +192,8 @@ def make_summary(
     """What a job reports: settings, compute spent, lengths, final metrics, evaluation.
 
     Token and rollout counts are totals over all ranks; times are wall-clock (per rank).
+    ``mean_decode_steps`` is a batch's longest generated row (the decode steps it ran), and
+    ``occupancy`` the share of those steps' row slots that held a live row.
     """
     totals = module.totals
     rollouts = max(1, totals["rollouts"])
@@ -212,6 +214,8 @@ def make_summary(
         "mean_generated_length": totals["tokens_generated"] / rollouts,
         "mean_kept_length": totals["tokens_kept"] / rollouts,
         "rollout_time_s": totals["rollout_s"],
+        "mean_decode_steps": totals["decode_steps"] / max(1, totals["batches"]),
+        "occupancy": totals["slot_tokens"] / max(1, totals["row_slots"]),
         "final_metrics": {
             k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)
         },

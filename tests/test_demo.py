@@ -56,6 +56,12 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
     wall = 1 - kat["fit_time_s"] / opd["fit_time_s"]
     tokens = 1 - kat["tokens_generated"] / opd["tokens_generated"]
     assert results["realised_saving"]["kat"]["realised"] == pytest.approx(wall / tokens)
+    for run in results["runs"]:  # longest row per batch, and live share of its row slots
+        assert 1 <= run["mean_decode_steps"] <= 64
+        slots = run["mean_decode_steps"] * run["rollouts"]  # one rank, equal batches
+        assert run["occupancy"] == pytest.approx(run["tokens_generated"] / slots)
+        assert 0 < run["occupancy"] <= 1
+    assert "fewer decode steps" in printed
     assert (out / "demo_table.md").read_text().startswith("| run |")
     trap = results["trap"]
     assert trap["n_rollouts"] == 8 and sum(trap["categories"].values()) == 8
@@ -97,12 +103,13 @@ def test_sft_stops_at_the_first_check_reaching_the_target(tmp_path):
 
 
 def test_realised_saving_by_hand():
-    opd = {"fit_time_s": 100.0, "tokens_generated": 1000}
-    kat = {"fit_time_s": 80.0, "tokens_generated": 600}
+    opd = {"fit_time_s": 100.0, "tokens_generated": 1000, "mean_decode_steps": 250.0}
+    kat = {"fit_time_s": 80.0, "tokens_generated": 600, "mean_decode_steps": 225.0}
     saving = realised_saving(opd, kat)
     assert saving["wall_saving"] == pytest.approx(0.2)
     assert saving["token_saving"] == pytest.approx(0.4)
     assert saving["realised"] == pytest.approx(0.5)  # time fell half as fast as tokens
+    assert saving["decode_step_saving"] == pytest.approx(0.1)
     assert math.isnan(realised_saving(opd, opd)["realised"])  # no token saving: undefined
 
 

@@ -172,6 +172,9 @@ class OPDModule(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self.totals = {"tokens_generated": 0, "tokens_kept": 0, "rollouts": 0, "rollout_s": 0.0}
+        # decode steps (each batch's longest row) and row slots, with the tokens of the same
+        # batches: a run resumed from a checkpoint without them counts them from the resume on
+        self.totals |= {"batches": 0, "decode_steps": 0.0, "row_slots": 0, "slot_tokens": 0}
         self._step_start = 0.0
         # the latest training rollout without its teacher targets, for callbacks (KL traces)
         self.last_rollout: Rollout | None = None
@@ -348,6 +351,10 @@ class OPDModule(L.LightningModule):
         self.totals["tokens_kept"] += int(g["kept"])
         self.totals["rollouts"] += int(g["rollouts"])
         self.totals["rollout_s"] += g["rollout_s"] / ranks
+        self.totals["batches"] += 1
+        self.totals["decode_steps"] += g["longest"] / ranks
+        self.totals["row_slots"] += int(g["row_slots"])
+        self.totals["slot_tokens"] += int(g["generated"])
         if rollout.kl is None:
             mean_kl = 0.0
         else:
