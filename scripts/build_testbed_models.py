@@ -4,7 +4,8 @@
 
 Trains every stage of conf/testbed_models.yaml in order (cached under paths.cache_dir, so a
 rerun continues where it stopped), then prints each shipped model's held-out greedy accuracy
-beside the committed one's (assets/testbed/<name>/demo_model.json). --install replaces the
+beside the committed one's (assets/testbed/<name>/demo_model.json) and how far their weights
+differ (0 when the rebuild is bitwise identical). --install replaces the
 committed folders with the rebuilt ones.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from kat_research.config import compose
 from kat_research.demo.models import demo_model_info
-from kat_research.demo.testbed_build import build_chain, install
+from kat_research.demo.testbed_build import build_chain, install, weight_difference
 
 
 def main() -> None:
@@ -30,16 +31,20 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = compose(args.overrides, config_name="testbed_models")
     folders = build_chain(cfg)
-    print("| model | stage | rebuilt accuracy | committed accuracy |\n|---|---|---|---|")
+    print(
+        "| model | stage | rebuilt accuracy | committed accuracy | weights: max abs difference |"
+        "\n|---|---|---|---|---|"
+    )
     for name, stage in cfg.shipped.items():
         rebuilt = demo_model_info(folders[stage])["collatz/accuracy"]
         committed_dir = Path(cfg.paths.assets_dir) / "testbed" / name
-        committed = (
-            f"{demo_model_info(committed_dir)['collatz/accuracy']:.3f}"
-            if committed_dir.is_dir()
-            else "none"
-        )
-        print(f"| {name} | {stage} | {rebuilt:.3f} | {committed} |")
+        if committed_dir.is_dir():
+            committed = f"{demo_model_info(committed_dir)['collatz/accuracy']:.3f}"
+            difference = weight_difference(folders[stage], committed_dir)
+            weights = "0 (bitwise equal)" if difference == 0 else f"{difference:.3g}"
+        else:
+            committed = weights = "none committed"
+        print(f"| {name} | {stage} | {rebuilt:.3f} | {committed} | {weights} |")
     if args.install:
         install(folders, dict(cfg.shipped), cfg.paths.assets_dir)
 

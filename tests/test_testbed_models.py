@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from kat_research.config import compose
 from kat_research.demo.models import demo_model_info
-from kat_research.demo.testbed_build import build_chain, stage_settings
+from kat_research.demo.testbed_build import build_chain, stage_settings, weight_difference
 
 SHIPPED = ("teacher", "student_large", "student_small")
 
@@ -63,6 +65,21 @@ def test_stage_chain_is_checked_before_training():
     bad_arch = OmegaConf.merge(cfg, {"stages": {"small": {"architecture": "huge"}}})
     with pytest.raises(ValueError, match="architecture='huge'"):
         stage_settings(bad_arch)
+
+
+def test_weight_difference_by_hand(tmp_path):
+    def folder(name: str, **tensors: torch.Tensor) -> Path:
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+        return tmp_path / name
+
+    w = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    a = folder("a", w=w, b=torch.zeros(2))
+    assert weight_difference(a, folder("same", w=w.clone(), b=torch.zeros(2))) == 0.0
+    moved = folder("moved", w=w + torch.tensor([[0.0, 0.25], [-0.5, 0.0]]), b=torch.zeros(2))
+    assert weight_difference(a, moved) == 0.5
+    assert weight_difference(a, folder("renamed", v=w, b=torch.zeros(2))) == float("inf")
+    assert weight_difference(a, folder("reshaped", w=w.flatten(), b=torch.zeros(2))) == float("inf")
 
 
 @pytest.mark.slow

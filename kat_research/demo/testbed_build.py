@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 
 from kat_research.demo.models import demo_model, demo_model_info
 from kat_research.models.cache import publish_folder
@@ -82,3 +83,12 @@ def install(folders: dict[str, Path], shipped: dict[str, str], assets_dir: str |
         with publish_folder(target) as tmp:
             shutil.copytree(folders[stage], tmp, dirs_exist_ok=True)
         log.info("installed %s <- stage %s", target, stage)
+
+
+def weight_difference(a: str | Path, b: str | Path) -> float:
+    """Largest absolute difference between two model folders' weights (``model.safetensors``);
+    0.0 when bitwise equal, inf when their tensor names or shapes differ."""
+    wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
+        return float("inf")
+    return max(((wa[k].double() - wb[k].double()).abs().max().item() for k in wa), default=0.0)
