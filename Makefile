@@ -148,8 +148,9 @@ testbed-trap-check: install
 	OMP_NUM_THREADS=1 $(PY) scripts/testbed_trap_check.py $(ARGS)
 
 # Rebuild the testbed's committed models (assets/testbed) from their stage chain
-# (conf/testbed_models.yaml; ~80 min on 2 cores, cached per stage so a rerun continues) and
-# print their held-out accuracy beside the committed ones'. ARGS="--install" replaces them.
+# (conf/testbed_models.yaml; ~42 min with one thread, cached per stage so a rerun continues) and
+# print their held-out accuracy and weights beside the committed ones'.
+# ARGS="--install" replaces them.
 .PHONY: testbed-models
 testbed-models: install
 	OMP_NUM_THREADS=1 $(PY) scripts/build_testbed_models.py $(ARGS)

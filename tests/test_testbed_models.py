@@ -84,7 +84,7 @@ def test_weight_difference_by_hand(tmp_path):
 
 @pytest.mark.slow
 def test_rebuilt_models_reach_the_committed_accuracy(tmp_path):
-    """`make testbed-models` from scratch (~80 min on 2 cores): each rebuilt model's held-out
+    """`make testbed-models` from scratch (~45 min, one thread): each rebuilt model's held-out
     greedy accuracy is within 2 of the 39 problems of the committed model's."""
     cfg = compose([f"paths.cache_dir={tmp_path}"], config_name="testbed_models")
     folders = build_chain(cfg)
