@@ -70,7 +70,7 @@ def measure(summary: dict, folder: Path) -> dict[str, float]:
         "sampling_s": rollout_s - teacher_s,
         "teacher_s": teacher_s,
         "rest_s": step_s - rollout_s,
-        "decode_steps": steps["len/longest"].mean(),
+        "mean_decode_steps": steps["len/longest"].mean(),
         "occupancy": steps["perf/occupancy"].mean(),
         "tokens_generated": summary["tokens_generated"],
         "tokens_kept": summary["tokens_kept"],
@@ -126,7 +126,7 @@ def main() -> None:
     for method, r in rows.items():
         lines.append(
             f"| {method} | {r['step_s']:.2f} | {r['sampling_s']:.2f} | {r['teacher_s']:.2f} "
-            f"| {r['rest_s']:.2f} | {r['decode_steps']:.1f} | {r['occupancy']:.2f} "
+            f"| {r['rest_s']:.2f} | {r['mean_decode_steps']:.1f} | {r['occupancy']:.2f} "
             f"| {r['tokens_generated']:,} | {r['tokens_kept']:,} "
             f"| {100 * r['wall_saving']:.0f}% | {100 * r['token_saving']:.0f}% "
             f"| {r['realised']:.2f} | {100 * r['final_accuracy']:.1f}% "

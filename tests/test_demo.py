@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
         slots = run["mean_decode_steps"] * run["rollouts"]  # one rank, equal batches
         assert run["occupancy"] == pytest.approx(run["tokens_generated"] / slots)
         assert 0 < run["occupancy"] <= 1
-    assert "fewer decode steps" in printed
+    assert re.search(r"batches ran \d+% (fewer|more) decode steps", printed)
     assert (out / "demo_table.md").read_text().startswith("| run |")
     trap = results["trap"]
     assert trap["n_rollouts"] == 8 and sum(trap["categories"].values()) == 8

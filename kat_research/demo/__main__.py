@@ -135,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\n" + table)
     for method, saving in savings.items():
+        fewer = saving["decode_step_saving"]
         print(
             f"\n{method} against OPD: {100 * saving['token_saving']:.0f}% fewer generated tokens, "
             f"{100 * saving['wall_saving']:.0f}% less wall time: realised saving "
             f"{saving['realised']:.2f} (1 = time falls as fast as tokens). A batch decodes "
-            f"until its longest row ends: {method}'s batches ran "
-            f"{100 * saving['decode_step_saving']:.0f}% fewer decode steps, with rows live in "
+            f"until its longest row ends: {method}'s batches ran {100 * abs(fewer):.0f}% "
+            f"{'fewer' if fewer >= 0 else 'more'} decode steps, with rows live in "
             f"{100 * by_method[method]['occupancy']:.0f}% of their slots against OPD's "
             f"{100 * by_method['opd']['occupancy']:.0f}%."
         )
