@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 
 from kat_research.config import compose
-from kat_research.data.prompts import format_prompt
+from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.rollout.backends import HFBackend
 from kat_research.rollout.types import SamplingConfig
@@ -66,12 +66,8 @@ def main() -> None:
     student.model.eval()
     tok = student.tokenizer
     rows, _ = load_rows(SourceSpec(**{**cfg.data.source, "n": max(args.rows), "seed": 5}))
-    prompts = tok(
-        [format_prompt(tok, r.problem, "") for r in rows],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    )
+    collate = PromptCollator(tok, cfg.data.max_prompt_tokens, cfg.data.instruction, cfg.data.system)
+    prompts = collate(rows)  # as training encodes them
     sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, 10_000, ())
     backend = HFBackend(student.model)
     print(

@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 
 from kat_research.config import compose
-from kat_research.data.prompts import format_prompt
+from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
@@ -45,6 +45,7 @@ def main() -> None:
     student = load_causal_lm(args.student, trainable=False)
     tok = student.tokenizer
     rows, _ = load_rows(SourceSpec(**{**cfg.data.source, "n": args.rollouts, "seed": 5}))
+    collate = PromptCollator(tok, cfg.data.max_prompt_tokens, cfg.data.instruction, cfg.data.system)
     kat = cfg.termination.kat
     sampling = SamplingConfig(
         cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, (tok.eos_token_id,)
@@ -74,15 +75,11 @@ def main() -> None:
         for seed in range(args.repeats):
             start, t_teacher, n_gen, n_kept = time.perf_counter(), 0.0, 0, 0
             for lo in range(0, len(rows), args.batch_size):
-                batch = rows[lo : lo + args.batch_size]
-                enc = tok(
-                    [format_prompt(tok, r.problem, "") for r in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=False,
-                )
+                batch = collate(rows[lo : lo + args.batch_size])
                 out = engine.generate(
-                    enc.input_ids, enc.attention_mask, torch.Generator().manual_seed(seed)
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    torch.Generator().manual_seed(seed),
                 )
                 n_gen, n_kept = n_gen + int(out.lengths.sum()), n_kept + int(out.cut.sum())
                 t_teacher += out.timings["teacher"]
