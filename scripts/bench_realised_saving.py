@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -29,6 +28,7 @@ import pandas as pd
 
 from kat_research.demo.jobs import realised_saving, run_method
 from kat_research.layout import EVAL_DIR
+from kat_research.provenance import code_commit
 
 
 def step_table(folder: Path) -> pd.DataFrame:
@@ -96,9 +96,7 @@ def main() -> None:
         "eval.evaluator.temperature=0.0",
         *args.overrides,
     ]
-    commit = subprocess.run(  # the code the runs use, read before they start
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = code_commit()  # the code the runs use, read before they start
     with ProcessPoolExecutor(len(args.methods), mp_context=get_context("spawn")) as pool:
         jobs = [pool.submit(run_method, m, args.runs, overrides, 1, "table1") for m in args.methods]
         summaries = [job.result() for job in jobs]

@@ -7,11 +7,11 @@ the presets read: does any carry DAPO-Math's accidental duplication?
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.eval.benchmarks import BENCHMARKS, load_benchmark
+from kat_research.provenance import code_commit
 
 FILES = {  # file under the data folder: (problem field, answer field, answer transform)
     "train/gsm8k_train.jsonl": ("question", "answer", "gsm8k"),
@@ -24,9 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="paths.data_dir")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = code_commit()
     print(f"`python scripts/count_duplicates.py --data-dir {args.data_dir}` at commit {commit}\n")
     print("| file | rows read | usable rows | unique problems | unique (problem, answer) |")
     print("|---|---|---|---|---|")

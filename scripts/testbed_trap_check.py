@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.models import demo_model_info
 from kat_research.models import load_causal_lm
+from kat_research.provenance import code_commit
 from kat_research.rollout import RolloutEngine, SamplingConfig
 
 PRESETS = ["data=collatz", "model/teacher=testbed", "model/student=testbed_large"]
@@ -202,9 +202,7 @@ def main() -> None:
         "teacher": {k: v for k, v in demo_model_info(teacher.name).items() if k != "sft"},
         "student": {k: v for k, v in demo_model_info(student.name).items() if k != "sft"},
         "models_ready_s": built_s,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "commit": code_commit(),
     }
 
     eval_starts = [

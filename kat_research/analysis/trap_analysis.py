@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +60,7 @@ from kat_research.config import CONFIG_DIR
 from kat_research.lit import OPDModule
 from kat_research.models import LoadedModel, pick_device
 from kat_research.plotting import new_figure, save_figure
+from kat_research.provenance import code_commit
 from kat_research.termination.kat import kat_cut
 
 log = logging.getLogger(__name__)
@@ -419,18 +419,6 @@ def write_results(
     return text
 
 
-def source_commit() -> str:
-    """The checked-out commit (short), ``-dirty`` when tracked files differ from it."""
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def sampling_text(module: OPDModule, spec: RolloutSpec) -> str:
     """The sampling settings the rollouts used (the spec's, else the run's)."""
     run = module.rollout_settings
@@ -472,7 +460,7 @@ def run(cfg: DictConfig, command: str = "(called from Python)") -> Results:
         "# Trap analysis: KAT's cuts against the verifier",
         "",
         f"- command: `{command}`",
-        f"- commit: {source_commit()}",
+        f"- commit: {code_commit()}",
         f"- run: {ctx.run.path} (method {ctx.run.cfg.method.name}); checkpoints "
         + ", ".join(f"{s.name} {s.checkpoint}" for s in stages),
         f"- N = {spec.n} uncut rollouts per checkpoint (the same training prompts for each, "
@@ -523,7 +511,7 @@ def measure_pair(
         "# Trap analysis: KAT's cuts against the verifier (a teacher/student pair)",
         "",
         f"- command: `{command}`",
-        f"- commit: {source_commit()}",
+        f"- commit: {code_commit()}",
         *[f"- {note}" for note in notes],
         f"- N = {n} uncut rollouts, one per prompt, prompt and sampling seed {seed}; "
         f"{sampling_text(module, spec)}; the teacher scores every token",
