@@ -6,7 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kat_research.termination.base import Terminator
+from kat_research.termination.drift import OverlapDriftTerminator, topk_overlap
+from kat_research.termination.horizon import ProgressiveHorizon
 from kat_research.termination.kat import KATTerminator, kat_cut, kat_window_minimum
+from kat_research.termination.repetition import RepetitionFilter, repetition_cut
 from kat_research.termination.rules import (
     CompositeTerminator,
     FixedPrefix,
@@ -46,10 +49,15 @@ __all__ = [
     "FixedPrefix",
     "KATTerminator",
     "NoTermination",
+    "OverlapDriftTerminator",
+    "ProgressiveHorizon",
     "RandomTermination",
+    "RepetitionFilter",
     "Terminator",
     "build_terminator",
     "kat_on_fixed_prefix",
     "kat_cut",
     "kat_window_minimum",
+    "repetition_cut",
+    "topk_overlap",
 ]
