@@ -109,3 +109,10 @@ def observe_rule(
     if not rule.signals:
         return rule.observe(rows, kl, lengths)
     return rule.observe(rows, kl, lengths, signals={name: signals[name] for name in rule.signals})
+
+
+def signal(rule: Terminator, signals: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+    """The ``name`` series of ``signals`` (what the engine passes to ``rule.observe``)."""
+    if signals is None or name not in signals:
+        raise ValueError(f"{type(rule).__name__}.observe needs signals[{name!r}]")
+    return signals[name]

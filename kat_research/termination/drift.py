@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from kat_research.termination.base import Terminator
-from kat_research.termination.kat import _check_rule, _scan, _ScanState
+from kat_research.termination.base import Terminator, signal
+from kat_research.termination.kat import _check_rule, _own_rank_only, _scan, _ScanState
 
 
 def topk_overlap(
@@ -34,10 +34,6 @@ def topk_overlap(
     s = student_logits.float().topk(k, dim=-1).indices
     t = teacher_logits.float().topk(k, dim=-1).indices
     return (s[:, :, None] == t[:, None, :]).any(-1).sum(-1).float() / k
-
-
-def _own_rank_only(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 class OverlapDriftTerminator(Terminator):
@@ -89,12 +85,10 @@ class OverlapDriftTerminator(Terminator):
         lengths: torch.Tensor,
         signals: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if signals is None or "topk_overlap" not in signals:
-            raise ValueError("OverlapDriftTerminator.observe needs signals['topk_overlap']")
         return _scan(
             self._current_batch(),
             rows,
-            signals["topk_overlap"],
+            signal(self, signals, "topk_overlap"),
             lengths,
             threshold=self.threshold,
             window=self.window,

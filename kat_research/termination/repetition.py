@@ -17,11 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from kat_research.termination.base import Terminator
-
-
-def _own_rank_only(x: torch.Tensor) -> torch.Tensor:
-    return x
+from kat_research.termination.base import Terminator, signal
+from kat_research.termination.kat import _own_rank_only
 
 
 class _RunState:
@@ -121,12 +118,10 @@ class RepetitionFilter(Terminator):
         lengths: torch.Tensor,
         signals: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if signals is None or "student_logprob" not in signals:
-            raise ValueError("RepetitionFilter.observe needs signals['student_logprob']")
         return _scan_runs(
             self._current_batch(),
             rows,
-            signals["student_logprob"],
+            signal(self, signals, "student_logprob"),
             lengths,
             log_threshold=self.log_threshold,
             window=self.window,
