@@ -34,6 +34,12 @@ from kat_research.analysis.topk_mass import (
 from kat_research.provenance import code_commit
 
 COVERAGES = (0.9, 0.99, 0.999)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shown(path: str) -> str:
+    """A model's path relative to the repository when it lies inside it."""
+    return str(Path(path).relative_to(ROOT)) if Path(path).is_relative_to(ROOT) else path
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -65,9 +71,9 @@ def main(argv: list[str] | None = None) -> str:
         [
             "# The teacher's probability mass outside its top-K on the student's rollouts",
             "",
-            f"{args.rollouts} rollouts of `{module.student.name_or_path}` scored by "
-            f"`{module.teacher.name_or_path}` (vocabulary {vocab}), {tail.shape[0]} generated "
-            "positions; mass outside the top-K per position:",
+            f"{args.rollouts} rollouts of `{shown(module.student.name_or_path)}` scored by "
+            f"`{shown(module.teacher.name_or_path)}` (vocabulary {vocab}), {tail.shape[0]} "
+            "generated positions; mass outside the top-K per position:",
             "",
             tail_table(tail, args.ks).to_markdown(floatfmt=".3g"),
             "",
