@@ -145,6 +145,17 @@ def test_repetition_filter_threshold_is_strict_and_nan_resets() -> None:
         RepetitionFilter(prob_threshold=1.5)
 
 
+def test_repetition_filter_across_inference_mode_boundaries() -> None:
+    rule = RepetitionFilter(window=2, prob_threshold=0.5)
+    with torch.inference_mode():  # state made in inference mode, updated outside it
+        rule.begin_batch(1, 4)
+    lp = torch.zeros(1, 4)  # p = 1 > 0.5 everywhere: the run reaches 2 at token 1
+    cut = rule.observe(
+        torch.zeros(1, dtype=torch.long), lp, torch.tensor([4]), {"student_logprob": lp}
+    )
+    assert cut.tolist() == [0]
+
+
 # ---------------------------------------------------------------- composition, engine
 def test_composite_collects_signals_and_checks_overlap_k() -> None:
     both = CompositeTerminator(

@@ -46,7 +46,7 @@ def _scan_runs(
     above ``log_threshold`` (strict; NaN never counts)."""
     rows, lengths = rows.cpu().long(), lengths.cpu().long()
     lp = logprobs.detach().to(torch.float64).cpu()
-    run, start = state.run[rows].clone(), state.run_start[rows].clone()
+    run, start = state.run[rows], state.run_start[rows]
     scanned, done = state.scanned[rows], state.cut[rows] >= 0
     cut = torch.full((rows.numel(),), -1, dtype=torch.long)
     lo = int(scanned.min()) if rows.numel() else 0
@@ -58,9 +58,11 @@ def _scan_runs(
         now = live & (run >= window)
         cut = torch.where(now, start if keep_prefix else torch.zeros_like(start), cut)
         done |= now
-    state.run[rows], state.run_start[rows] = run, start
-    state.scanned[rows] = torch.maximum(scanned, lengths)
-    state.cut[rows] = torch.where(cut >= 0, cut, state.cut[rows])
+    index = (rows,)  # state replaced out of place, as KAT's (safe across inference mode)
+    state.run = state.run.index_put(index, run)
+    state.run_start = state.run_start.index_put(index, start)
+    state.scanned = state.scanned.index_put(index, torch.maximum(scanned, lengths))
+    state.cut = state.cut.index_put(index, torch.where(cut >= 0, cut, state.cut[rows]))
     return cut
 
 
