@@ -125,7 +125,7 @@ class PromptDataModule(L.LightningDataModule):
                 continue
             rows, load_stats = load_rows(spec)
             if not rows:
-                raise ValueError(f"no usable {role} rows in {spec.name}: {load_stats}")
+                raise ValueError(f"no rows left for {role}: {load_stats}")
             self._sources[role] = rows, load_stats
 
     def _val_spec(
