@@ -21,9 +21,10 @@ from kat_research.training import train
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError)  # what the user can fix
 
 
-def fail(error: Exception) -> None:
+def fail(error: Exception, traceback_hint: bool = True) -> None:
     """End the command with ``error``'s message, without a traceback."""
-    print(f"error: {error}\n(verbose=true shows the traceback)", file=sys.stderr, flush=True)
+    hint = "\n(verbose=true shows the traceback)" if traceback_hint else ""
+    print(f"error: {error}{hint}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -44,7 +45,7 @@ def cli() -> None:
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as error:
-        fail(error)
+        fail(error, traceback_hint=False)  # before Hydra: there is no traceback to show
     main()
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -34,6 +34,9 @@ from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.models.vocab_check import check_finite_weights
 from kat_research.run_folder import Resume, claim, hold, resume_checkpoint, trim_metrics
 from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
+
+if TYPE_CHECKING:
+    from kat_research.termination.base import Terminator
 
 log = logging.getLogger(__name__)
 LOGGER_CALLBACKS = (LearningRateMonitor,)  # callbacks that fail without a logger
@@ -85,6 +88,11 @@ def build_callbacks(
     return callbacks, eval_cb
 
 
+def metrics_file(output_dir: Path) -> Path:
+    """The CSV logger's file (``logger.csv``), continued across resumes."""
+    return output_dir / "csv" / "metrics.csv"
+
+
 def prepare_folder(cfg: DictConfig, output_dir: Path) -> Resume:
     """Claim the run folder (rank 0) and pick the checkpoint to continue from, before any model
     is loaded; drop metrics a resumed run will log again."""
@@ -94,7 +102,7 @@ def prepare_folder(cfg: DictConfig, output_dir: Path) -> Resume:
     if start.path is not None:
         log.info("resuming from %s (optimizer step %d)", start.path, start.step)
         if rank_zero_only.rank == 0:
-            dropped = trim_metrics(output_dir / "csv" / "metrics.csv", start.step)
+            dropped = trim_metrics(metrics_file(output_dir), start.step)
             if dropped:
                 log.info(
                     "dropped %d metrics rows after step %d (logged again)", dropped, start.step
@@ -113,7 +121,11 @@ class InterruptNote(L.Callback):
     ) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
             saved = resume_checkpoint(self.output_dir, "auto")
-            where = f"its checkpoint of step {saved.step}" if saved.path else "the start"
+            where = (
+                f"its checkpoint of step {saved.step}"
+                if saved.path
+                else "the start (no checkpoint yet)"
+            )
             log.warning(
                 "interrupted at step %d: run the same command with run_dir=%s to continue from "
                 "%s (resume=auto)",
@@ -153,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train_in_folder(
-    cfg: DictConfig, output_dir: Path, terminator: Any, start: float
+    cfg: DictConfig, output_dir: Path, terminator: Terminator, start: float
 ) -> dict[str, Any]:
     resume = prepare_folder(cfg, output_dir)
     done = read_json(output_dir / SUMMARY_FILE)
@@ -202,7 +214,7 @@ def _train_in_folder(
     )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        if resume.path is None:  # a resumed run's metrics.csv already holds this row
+        if not metrics_file(output_dir).exists():  # a resumed run's file holds this row
             stats = {f"data/{k}": float(v) for k, v in datamodule.stats.items()}
             logger.log_metrics(stats, step=0)
 
