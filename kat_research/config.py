@@ -237,7 +237,7 @@ def _rule_keys(cfg: DictConfig) -> list[str]:
     return re.findall(r"\$\{(termination\.\w+)\}", raw) or ["method.terminator"]
 
 
-def build_terminator(cfg: DictConfig) -> Terminator:
+def configured_terminator(cfg: DictConfig) -> Terminator:
     """The termination rule of ``method.terminator``; a bad setting is a :class:`ConfigError`
     naming the key as the user writes it (``termination.kat.quantile=1.5``)."""
     try:
@@ -263,7 +263,7 @@ def check_runnable(cfg: DictConfig) -> Terminator:
 
     check_keys(cfg)  # resolves every interpolation first
     check_values(cfg)
-    terminator = build_terminator(cfg)
+    terminator = configured_terminator(cfg)
     cap = cfg.rollout.max_new_tokens
     kat = next((k for k in _rule_keys(cfg) if k.endswith(".kat")), "method.terminator")
     for rule in _rules(terminator):
