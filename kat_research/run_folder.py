@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"  # the resolved config of the run's first attempt
 # Keys that may change between attempts of one run: where it writes, how it resumes, how long
-# it trains (extending a finished run is resuming it) and how many threads it uses.
+# it trains (extending a finished run is resuming it), how many threads it uses and how it
+# reaches a served teacher (a restarted teacher server may listen elsewhere).
 RESUMABLE_CHANGES = (
     "paths",
     "resume",
@@ -47,6 +48,10 @@ RESUMABLE_CHANGES = (
     "threads",
     "trainer.max_steps",
     "trainer.max_epochs",
+    "teacher.vllm.url",
+    "teacher.vllm.timeout_s",
+    "teacher.vllm.retries",
+    "teacher.vllm.retry_wait_s",
 )
 AUTO, NEVER = "auto", "never"
 LAUNCHER_FILES = {

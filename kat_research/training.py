@@ -22,11 +22,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.config import build_module, check_runnable
+from kat_research.config import build_module, check_runnable, connect_teacher
 from kat_research.console import quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
 from kat_research.lit.eval_callback import EvalCallback
+from kat_research.lit.teacher_failure import TeacherFailureCheckpoint
 from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.models.vocab_check import check_finite_weights
 from kat_research.run_folder import Resume, claim, resume_checkpoint, trim_metrics
@@ -118,25 +119,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warn_if_oversubscribed(threads, processes=local_ranks(cfg), key="threads")
     L.seed_everything(cfg.seed, workers=True)
 
+    served = connect_teacher(cfg)  # a teacher server that is down fails here, before any model
     student = instantiate(cfg.model.student)
-    teacher = instantiate(cfg.model.teacher)
-    for loaded in (student, teacher):
-        check_finite_weights(loaded.name, loaded.model)
-    check_vocab_agreement(
-        student.name,
-        student.tokenizer,
-        student.model,
-        teacher.name,
-        teacher.tokenizer,
-        teacher.model,
-    )
+    if served is None:
+        teacher = instantiate(cfg.model.teacher)
+        for loaded in (student, teacher):
+            check_finite_weights(loaded.name, loaded.model)
+        check_vocab_agreement(
+            student.name,
+            student.tokenizer,
+            student.model,
+            teacher.name,
+            teacher.tokenizer,
+            teacher.model,
+        )
+    else:
+        check_finite_weights(student.name, student.model)
+        check_served_vocab(student, served.info()["vocab_size"])
     datamodule = instantiate(cfg.data)
     datamodule.attach_tokenizer(student.tokenizer)
     datamodule.setup("fit")
 
-    module = build_module(cfg, student, teacher, terminator)
+    module = build_module(cfg, student, teacher if served is None else served, terminator)
     loggers = build_loggers(cfg)
     callbacks, eval_cb = build_callbacks(cfg, output_dir, has_logger=bool(loggers))
+    if served is not None:
+        callbacks.append(TeacherFailureCheckpoint(output_dir / "checkpoints"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
     )
@@ -157,6 +165,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_summary(output_dir, summary)
         log.info(result_line(summary))
     return summary
+
+
+def check_served_vocab(student: LoadedModel, teacher_vocab: int) -> None:
+    """The served teacher's logits must index the student's vocabulary (the server knows no
+    tokenizer, so only the sizes can be compared)."""
+    size = student.model.get_output_embeddings().weight.shape[0]
+    if size != teacher_vocab:
+        raise ValueError(
+            f"the served teacher's vocabulary has {teacher_vocab} entries, the student's "
+            f"({student.name}) {size}: OPD needs teacher and student to share one tokenizer "
+            "(serve the matching teacher, teacher.vllm.url / teacher.vllm.engine.model)"
+        )
 
 
 def local_ranks(cfg: DictConfig) -> int:

@@ -1,0 +1,114 @@
+"""A vLLM engine scoring given sequences: top-k prompt log-probs of their newest positions,
+reading the earlier positions from its prefix cache (imports vLLM; the colocated teacher and
+the teacher server both use it).
+
+vLLM 0.32 skips the prefix cache for requests that ask for prompt log-probs (its
+``skip_reading_prefix_cache`` defaults to True for them: log-probs of cached positions are
+not computed). Asking for the cache anyway, the log-probs of positions after the cached ones
+are exact (measured: equal to an uncached request) and those of cached positions are garbage;
+so a request whose cache hit reaches its first asked position (``num_cached_tokens >=
+first``: the chunk started on a cache-block boundary) is sent again without the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm import LLM, SamplingParams
+
+from kat_research.rollout.teachers.served import RowTopK
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """``vllm.LLM`` arguments of a teacher engine (``teacher.vllm.engine`` in conf/train.yaml)."""
+
+    model: str
+    dtype: str | None = None  # None: the checkpoint's dtype
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = False
+    block_size: int | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VLLMTopKEngine:
+    """Scores sequences with a ``vllm.LLM`` (a :class:`~.served.TopKSource`)."""
+
+    def __init__(self, settings: EngineSettings):
+        s = settings
+        self.llm = LLM(
+            model=s.model,
+            skip_tokenizer_init=True,  # token ids only
+            generation_config="vllm",
+            dtype=s.dtype or "auto",
+            max_model_len=s.max_model_len,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
+            enforce_eager=s.enforce_eager,
+            enable_prefix_caching=True,
+            seed=s.seed,
+            **({"block_size": s.block_size} if s.block_size else {}),
+            **s.extra,
+        )
+        self.n_resent = 0  # requests sent again without the cache (see the module docstring)
+        self.n_cached = 0  # prompt tokens read from the prefix cache, over all requests
+
+    def info(self) -> dict[str, int]:
+        config = self.llm.llm_engine.vllm_config.model_config
+        return {"vocab_size": config.get_vocab_size(), "max_model_len": config.max_model_len}
+
+    def score(self, sequences: list[list[int]], first: list[int], k: int) -> list[RowTopK]:
+        limit = self.info()["max_model_len"]
+        for seq in sequences:
+            if len(seq) + 1 > limit:  # the request also decodes one token
+                raise ValueError(
+                    f"a sequence of {len(seq)} tokens exceeds the teacher engine's "
+                    f"max_model_len={limit}: raise it (teacher.vllm.engine.max_model_len, or "
+                    "the teacher server's --max-model-len)"
+                )
+        outputs = self._generate(sequences, k, cached=True)
+        self.n_cached += sum(out.num_cached_tokens or 0 for out in outputs)
+        resend = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) >= first[i]]
+        if resend:
+            self.n_resent += len(resend)
+            again = self._generate([sequences[i] for i in resend], k, cached=False)
+            for i, out in zip(resend, again, strict=True):
+                outputs[i] = out
+        return [
+            row_topk(out.prompt_logprobs, seq, start, k)
+            for out, seq, start in zip(outputs, sequences, first, strict=True)
+        ]
+
+    def _generate(self, sequences: list[list[int]], k: int, cached: bool) -> list[Any]:
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=k,
+            detokenize=False,
+            skip_reading_prefix_cache=not cached,
+        )
+        prompts = [{"prompt_token_ids": seq} for seq in sequences]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+
+def row_topk(prompt_logprobs: list[Any], sequence: list[int], first: int, k: int) -> RowTopK:
+    """vLLM's prompt log-probs of positions [first, len) as a :class:`RowTopK`. Each position's
+    entry holds the top-k tokens and the sequence's own token (k + 1 entries when it is not
+    among them); the k most probable are kept, most probable first."""
+    top_lp, top_ids, token_lp = [], [], []
+    for position in range(first, len(sequence)):
+        entry = prompt_logprobs[position]
+        best = sorted(entry.items(), key=lambda item: -item[1].logprob)[:k]
+        top_ids.append([token for token, _ in best])
+        top_lp.append([lp.logprob for _, lp in best])
+        token_lp.append(entry[sequence[position]].logprob)
+    return RowTopK(
+        topk_logprobs=torch.tensor(top_lp, dtype=torch.float32).view(-1, k),
+        topk_ids=torch.tensor(top_ids, dtype=torch.long).view(-1, k),
+        token_logprobs=torch.tensor(token_lp, dtype=torch.float32),
+    )
