@@ -2,7 +2,8 @@
 
 The engine works chunk by chunk: a student backend samples up to ``score_every`` tokens for
 every active row (HF: KV-cache decoding one token per forward; vLLM: one generation call per
-chunk), the teacher consumes the new chunk in one incremental forward with its own KV cache,
+chunk), the teacher consumes the new chunk in one incremental forward with its own KV cache
+(or a served teacher returns its top-k log-probs: :mod:`kat_research.rollout.teachers`),
 which yields the per-token reverse KL d_t = KL(p_t || q_t) of each token in the chunk, and
 the terminator acts at that chunk boundary. Rows that finish leave the active batch (their
 cache rows are dropped), so a stopped rollout stops costing compute.
