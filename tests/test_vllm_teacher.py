@@ -74,7 +74,7 @@ def test_chunks_scored_with_the_prefix_cache_match_the_hf_teacher(engine, teache
     full = [seq + torch.randint(4, 95, (120,), generator=g).tolist() for seq in sequences]
     k, worst = 16, 0.0
     engine.score(sequences, [1, 1, 1], k)  # the prompts: now in the prefix cache
-    resent_before, cached_before = engine.n_resent, engine.n_cached
+    resent, cached, filled = engine.n_resent, engine.n_cached, engine.n_filled
     for chunk in range(4):
         first = [len(seq) for seq in sequences]
         sequences = [f[: n + 23 + chunk * 3] for f, n in zip(full, first, strict=True)]
@@ -85,11 +85,20 @@ def test_chunks_scored_with_the_prefix_cache_match_the_hf_teacher(engine, teache
             worst = max(worst, float((row.topk_logprobs - top.values).abs().max()))
             torch.testing.assert_close(row.topk_logprobs, top.values, atol=ATOL, rtol=0)
             torch.testing.assert_close(row.token_logprobs, own, atol=ATOL, rtol=0)
-    print(
-        f"max |served - HF| top-k log-prob: {worst:.2e}; resent {engine.n_resent - resent_before}"
-    )
-    assert engine.n_resent > resent_before  # the third row starts at 32, a block edge
-    assert engine.n_cached - cached_before >= 4 * 32  # later chunks read whole blocks
+    print(f"max |served - HF| top-k log-prob: {worst:.2e}")
+    assert engine.n_cached - cached >= 4 * 32  # later chunks read whole blocks
+    # the third row's first chunk starts at 32, a block edge: filled from the decode step's
+    # top-k when its token is among them, else sent again without the cache
+    assert engine.n_filled + engine.n_resent > filled + resent
+    # with k = the vocabulary every token is among them: filled, nothing resent
+    resent, filled = engine.n_resent, engine.n_filled
+    fresh = torch.randint(4, 95, (80,), generator=g).tolist()
+    engine.score([fresh[:64]], [1], 100)
+    (row,) = engine.score([fresh], [64], 100)
+    assert (engine.n_resent, engine.n_filled) == (resent, filled + 1)
+    top, own = hf_topk(teacher, fresh, 64, 100)
+    torch.testing.assert_close(row.topk_logprobs, top.values, atol=ATOL, rtol=0)
+    torch.testing.assert_close(row.token_logprobs, own, atol=ATOL, rtol=0)
 
 
 def _rollout(student, teacher, threshold: float | None, prompts):

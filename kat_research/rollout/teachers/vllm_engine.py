@@ -5,13 +5,17 @@ the teacher server both use it).
 vLLM 0.32 skips the prefix cache for requests that ask for prompt log-probs (its
 ``skip_reading_prefix_cache`` defaults to True for them: log-probs of cached positions are
 not computed). Asking for the cache anyway, the log-probs of positions after the cached ones
-are exact (measured: equal to an uncached request) and those of cached positions are garbage;
-so a request whose cache hit reaches its first asked position (``num_cached_tokens >=
-first``: the chunk started on a cache-block boundary) is sent again without the cache.
+are exact (measured: equal to an uncached request) and those of cached positions are garbage.
+A request's cache hit reaches its first asked position when the chunk starts on a cache-block
+edge (``num_cached_tokens == first``; a fraction ~C/block of chunks). That position is the one
+the previous chunk's request decoded its one token at, whose top-k log-probs the engine keeps
+(keyed by the sequence, a bounded LRU): it is filled from there when the token there is among
+them; otherwise, or when the hit goes further, the request is sent again without the cache.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +23,8 @@ import torch
 from vllm import LLM, SamplingParams
 
 from kat_research.rollout.teachers.served import RowTopK
+
+NEXT_CACHE_SIZE = 65_536  # sequences whose next-position top-k is kept (~k floats each)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class VLLMTopKEngine:
         )
         self.n_resent = 0  # requests sent again without the cache (see the module docstring)
         self.n_cached = 0  # prompt tokens read from the prefix cache, over all requests
+        self.n_filled = 0  # chunks whose first position came from the previous request's decode
+        # top-k log-probs at the position after each recent sequence (its request's decode step)
+        self._next: OrderedDict[int, dict[int, Any]] = OrderedDict()
 
     def info(self) -> dict[str, int]:
         config = self.llm.llm_engine.vllm_config.model_config
@@ -73,21 +82,41 @@ class VLLMTopKEngine:
                 )
         outputs = self._generate(sequences, k, cached=True)
         self.n_cached += sum(out.num_cached_tokens or 0 for out in outputs)
-        resend = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) >= first[i]]
+        resend = []
+        for i, out in enumerate(outputs):
+            cached, seq, start = out.num_cached_tokens or 0, sequences[i], first[i]
+            if cached < start:
+                continue
+            known = self._next.get(hash(tuple(seq[:start])))
+            if cached == start and known is not None and seq[start] in known:
+                out.prompt_logprobs[start] = known
+                self.n_filled += 1
+            else:
+                resend.append(i)
         if resend:
             self.n_resent += len(resend)
             again = self._generate([sequences[i] for i in resend], k, cached=False)
             for i, out in zip(resend, again, strict=True):
                 outputs[i] = out
+        for seq, out in zip(sequences, outputs, strict=True):
+            self._remember(seq, out.outputs[0].logprobs[0])
         return [
             row_topk(out.prompt_logprobs, seq, start, k)
             for out, seq, start in zip(outputs, sequences, first, strict=True)
         ]
 
+    def _remember(self, sequence: list[int], entry: dict[int, Any]) -> None:
+        key = hash(tuple(sequence))
+        self._next[key] = entry
+        self._next.move_to_end(key)
+        while len(self._next) > NEXT_CACHE_SIZE:
+            self._next.popitem(last=False)
+
     def _generate(self, sequences: list[list[int]], k: int, cached: bool) -> list[Any]:
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
+            logprobs=k,  # of the decoded position: the next chunk's first (raw model log-probs)
             prompt_logprobs=k,
             detokenize=False,
             skip_reading_prefix_cache=not cached,
