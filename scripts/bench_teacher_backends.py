@@ -51,8 +51,11 @@ def workload(
     return ids * mask, mask, torch.randint(4, vocab, (batch, new_tokens), generator=g)
 
 
-def score_all(scorer, prompt_ids, prompt_mask, tokens, score_every: int) -> None:
-    """Feed every chunk of ``tokens`` to ``scorer`` as the rollout engine does."""
+def score_all(scorer, prompt_ids, prompt_mask, tokens, score_every: int, engine=None) -> None:
+    """Feed every chunk of ``tokens`` to ``scorer`` as the rollout engine does (a vLLM
+    ``engine`` first forgets the previous runs' prefixes: each run is a new rollout)."""
+    if engine is not None:
+        engine.reset()
     batch = scorer.begin(prompt_ids.to(device_of(scorer)), prompt_mask.to(device_of(scorer)))
     tokens = tokens.to(device_of(scorer))
     for start in range(0, tokens.shape[1], score_every):
@@ -104,7 +107,11 @@ def bench_teacher(
         "vllm-server": ServedTeacher(client, args.topk),
     }
     fns = {
-        label: (lambda s=s: score_all(s, prompt_ids, prompt_mask, tokens, args.score_every))
+        label: (
+            lambda s=s, e=(None if label == "hf" else engine): score_all(
+                s, prompt_ids, prompt_mask, tokens, args.score_every, e
+            )
+        )
         for label, s in scorers.items()
     }
     with torch.no_grad():
@@ -121,8 +128,8 @@ def bench_teacher(
     for label, rate in rates.items():
         print_fn(f"  {label:12s} {rate:9.0f} scored tokens/s   /hf {rate / rates['hf']:.2f}")
     print_fn(
-        f"  prefix cache: {engine.n_cached} prompt tokens read from it, {engine.n_resent} "
-        "requests resent without it (chunk on a block edge)"
+        f"  prefix cache, all runs: {engine.n_cached} prompt tokens read from it; chunks on a "
+        f"block edge: {engine.n_filled} filled from the decode step, {engine.n_resent} resent"
     )
     return rates
 

@@ -67,6 +67,12 @@ class VLLMTopKEngine:
         # top-k log-probs at the position after each recent sequence (its request's decode step)
         self._next: OrderedDict[int, dict[int, Any]] = OrderedDict()
 
+    def reset(self) -> None:
+        """Forget every cached prefix (benchmarks: repeated runs would otherwise hit whole
+        sequences, which no rollout does)."""
+        self.llm.reset_prefix_cache()
+        self._next.clear()
+
     def info(self) -> dict[str, int]:
         config = self.llm.llm_engine.vllm_config.model_config
         return {"vocab_size": config.get_vocab_size(), "max_model_len": config.max_model_len}
