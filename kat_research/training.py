@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.config import build_module, check_runnable, connect_teacher
+from kat_research.config import build_module, check_runnable, connect_teacher, served_topk
 from kat_research.console import quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
@@ -135,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     else:
         check_finite_weights(student.name, student.model)
-        check_served_vocab(student, served.info()["vocab_size"])
+        check_served_teacher(student, served.info(), served_topk(cfg))
     datamodule = instantiate(cfg.data)
     datamodule.attach_tokenizer(student.tokenizer)
     datamodule.setup("fit")
@@ -167,9 +167,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def check_served_vocab(student: LoadedModel, teacher_vocab: int) -> None:
+def check_served_teacher(student: LoadedModel, info: dict[str, int], topk: int) -> None:
     """The served teacher's logits must index the student's vocabulary (the server knows no
-    tokenizer, so only the sizes can be compared)."""
+    tokenizer, so only the sizes can be compared) and it must serve ``topk`` log-probs."""
+    if topk > info["max_logprobs"]:
+        raise ValueError(
+            f"the served teacher returns at most {info['max_logprobs']} log-probs per position, "
+            f"teacher.topk (or the loss's K) asks for {topk}: lower it, or raise the server's "
+            "--max-logprobs (colocated: teacher.vllm.engine.max_logprobs)"
+        )
+    teacher_vocab = info["vocab_size"]
     size = student.model.get_output_embeddings().weight.shape[0]
     if size != teacher_vocab:
         raise ValueError(

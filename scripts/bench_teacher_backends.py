@@ -79,7 +79,6 @@ def bench_teacher(
     name: str,
     teacher: PreTrainedModel,
     args: argparse.Namespace,
-    engine_extra: dict | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Scored tokens/s of each backend on ``teacher``; prints a table, returns the numbers."""
@@ -98,7 +97,6 @@ def bench_teacher(
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=True,
                 block_size=args.block_size,
-                extra={"max_logprobs": args.topk, **(engine_extra or {})},
             )
         )
         startup = time.perf_counter() - start

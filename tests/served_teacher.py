@@ -22,7 +22,11 @@ class HFTopKSource:
         self.calls = 0
 
     def info(self) -> dict[str, int]:
-        return {"vocab_size": self.model.config.vocab_size, "max_model_len": 4096}
+        return {
+            "vocab_size": self.model.config.vocab_size,
+            "max_model_len": 4096,
+            "max_logprobs": 256,
+        }
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], first: list[int], k: int) -> list[RowTopK]:

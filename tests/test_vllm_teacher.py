@@ -36,7 +36,6 @@ ENGINE = dict(
     enforce_eager=True,
     kv_cache_memory_bytes=2**26,
     block_size=32,
-    extra={"max_logprobs": 128},  # up to the whole 100-token vocabulary
 )
 # measured: served log-probs differ from the HF teacher's by at most ~1e-6 (float32)
 ATOL = 1e-4
@@ -222,7 +221,7 @@ def test_opd_trains_with_a_colocated_vllm_teacher_like_the_hf_teacher(debug_conf
         "model.teacher.num_heads=2",
         "model.teacher.num_kv_heads=1",
     ]
-    engine = [f"teacher.vllm.engine.{k}={v}" for k, v in ENGINE.items() if k != "extra"]
+    engine = [f"teacher.vllm.engine.{k}={v}" for k, v in ENGINE.items()]
     runs = {}
     for backend in ("hf", "vllm"):
         out = tmp_path / backend

@@ -34,7 +34,8 @@ class TopKSource(Protocol):
         ...
 
     def info(self) -> dict[str, int]:
-        """``vocab_size`` and ``max_model_len`` of the served teacher."""
+        """``vocab_size``, ``max_model_len`` and ``max_logprobs`` (the largest k) of the
+        served teacher."""
         ...
 
 

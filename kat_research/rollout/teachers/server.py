@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None, help="prefix-cache block size")
+    parser.add_argument("--max-logprobs", type=int, default=256, help="largest k served")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
         "--engine-args",
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             enforce_eager=args.enforce_eager,
             block_size=args.block_size,
+            max_logprobs=args.max_logprobs,
             extra=json.loads(args.engine_args),
         )
     )

@@ -38,6 +38,7 @@ class EngineSettings:
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
     block_size: int | None = None
+    max_logprobs: int = 256  # the largest k a request may ask for (vLLM's default: 20)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +58,7 @@ class VLLMTopKEngine:
             kv_cache_memory_bytes=s.kv_cache_memory_bytes,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=True,
+            max_logprobs=s.max_logprobs,
             seed=s.seed,
             **({"block_size": s.block_size} if s.block_size else {}),
             **s.extra,
@@ -75,10 +77,21 @@ class VLLMTopKEngine:
 
     def info(self) -> dict[str, int]:
         config = self.llm.llm_engine.vllm_config.model_config
-        return {"vocab_size": config.get_vocab_size(), "max_model_len": config.max_model_len}
+        return {
+            "vocab_size": config.get_vocab_size(),
+            "max_model_len": config.max_model_len,
+            "max_logprobs": config.max_logprobs,
+        }
 
     def score(self, sequences: list[list[int]], first: list[int], k: int) -> list[RowTopK]:
-        limit = self.info()["max_model_len"]
+        info = self.info()
+        if not 1 <= k <= info["max_logprobs"]:
+            raise ValueError(
+                f"k={k} log-probs per position: the teacher engine allows 1 to "
+                f"{info['max_logprobs']} (teacher.topk; raise teacher.vllm.engine.max_logprobs "
+                "or the teacher server's --max-logprobs)"
+            )
+        limit = info["max_model_len"]
         for seq in sequences:
             if len(seq) + 1 > limit:  # the request also decodes one token
                 raise ValueError(
