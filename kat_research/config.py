@@ -30,6 +30,7 @@ from kat_research.provenance import PACKAGE_ROOT
 if TYPE_CHECKING:
     from kat_research.lit import OPDModule
     from kat_research.models import LoadedModel
+    from kat_research.rollout.teachers import TopKSource
     from kat_research.termination.base import Terminator
 
 _ABSENT = object()
@@ -101,6 +102,11 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.top_p", _number(0, 1, low_open=True), "a number in (0, 1]"),
     ("rollout.backend", _one_of("hf", "vllm"), "hf or vllm"),
     ("rollout.teacher_keep", _one_of("auto", "hidden", "topk", "none"), "auto|hidden|topk|none"),
+    ("teacher.backend", _one_of("hf", "vllm"), "hf or vllm"),
+    ("teacher.topk", _optional(_integer(1)), "null or an integer >= 1"),
+    ("teacher.vllm.timeout_s", _number(0, low_open=True), "a number > 0 (seconds)"),
+    ("teacher.vllm.retries", _integer(0), "an integer >= 0 (0 = no retry)"),
+    ("teacher.vllm.retry_wait_s", _number(0), "a number >= 0 (seconds)"),
     ("loss.chunk_size", _integer(1), "an integer >= 1"),
     ("loss.length_buckets", _integer(1), "an integer >= 1 (1 = one padded training forward)"),
     ("loss.k", _optional(_integer(1)), "null or an integer >= 1"),
@@ -273,6 +279,7 @@ def check_runnable(cfg: DictConfig) -> Terminator:
                 f"rollout.max_new_tokens={cap}: no window could ever be evaluated. Lower "
                 f"{kat}.window or raise rollout.max_new_tokens."
             )
+    check_teacher_backend(cfg)
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():
         raise ConfigError(
@@ -281,6 +288,60 @@ def check_runnable(cfg: DictConfig) -> Terminator:
             "offline data copies (layout: tests/fixtures/data/README.md)"
         )
     return terminator
+
+
+def served_topk(cfg: DictConfig) -> int:
+    """Log-probs per position a served teacher returns: ``teacher.topk``, else the loss's K
+    (``loss.k``, else its kind's default; ``sampled_token``: ``topk_tail``'s default)."""
+    from kat_research.losses import DEFAULT_K
+
+    kind = cfg.loss.kind
+    return cfg.teacher.topk or cfg.loss.get("k") or DEFAULT_K.get(kind, DEFAULT_K["topk_tail"])
+
+
+def check_teacher_backend(cfg: DictConfig) -> None:
+    """A served teacher (``teacher.backend=vllm``) returns top-k log-probs only: the losses and
+    settings that need its full distribution are refused, naming what to use instead."""
+    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "vllm":
+        return
+    kind, support = cfg.loss.kind, cfg.loss.get("support")
+    if kind == "full":
+        raise ConfigError(
+            "loss=full needs the teacher's whole distribution, which a served teacher "
+            "(teacher.backend=vllm) does not return (only its top-k log-probs): use "
+            "loss=topk_tail loss.support=teacher, loss=topk_lsm or loss=sampled_token, or keep "
+            "the teacher on the training ranks (teacher.backend=hf)"
+        )
+    if kind == "topk_tail" and support != "teacher":
+        raise ConfigError(
+            f"loss=topk_tail with loss.support={support} needs the teacher's log-probs on the "
+            "student's top-k tokens, which a served teacher (teacher.backend=vllm) does not "
+            "return: set loss.support=teacher (its own top-k, plus one tail bucket)"
+        )
+    if cfg.rollout.teacher_keep == "hidden":
+        raise ConfigError(
+            "rollout.teacher_keep=hidden needs the teacher's hidden states, which a served "
+            "teacher (teacher.backend=vllm) does not return: use rollout.teacher_keep=auto"
+        )
+    k, topk = cfg.loss.get("k"), served_topk(cfg)
+    if kind in ("topk_tail", "topk_lsm") and k is not None and k > topk:
+        raise ConfigError(
+            f"loss.k={k} exceeds teacher.topk={topk}, the log-probs per position the served "
+            "teacher returns: raise teacher.topk or lower loss.k"
+        )
+
+
+def connect_teacher(cfg: DictConfig) -> TopKSource | None:
+    """The served teacher's top-k source (``teacher.backend=vllm``), else None. A teacher server
+    that does not answer raises ``TeacherServerUnavailable`` here, before any model loads."""
+    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "vllm":
+        return None
+    from kat_research.rollout.teachers import connect_source
+
+    def save_teacher(folder: str) -> None:
+        instantiate(cfg.model.teacher).model.save_pretrained(folder)
+
+    return connect_source(OmegaConf.to_container(cfg.teacher.vllm, resolve=True), save_teacher)
 
 
 def build_scheduler(cfg: DictConfig) -> Any:
@@ -293,21 +354,28 @@ def build_scheduler(cfg: DictConfig) -> Any:
 def build_module(
     cfg: DictConfig,
     student: LoadedModel,
-    teacher: LoadedModel,
+    teacher: LoadedModel | TopKSource,
     terminator: Terminator | None = None,
 ) -> OPDModule:
-    """The OPD LightningModule ``cfg`` describes, around already loaded models."""
+    """The OPD LightningModule ``cfg`` describes, around already loaded models (or a served
+    teacher's top-k source, :func:`connect_teacher`)."""
     from kat_research.data.first_error import first_error_task
     from kat_research.lit import OPDModule
+    from kat_research.models import LoadedModel
+    from kat_research.rollout.teachers import ServedTeacher
 
     options: dict[str, Any] = {}
     if terminator is not None:
         options["terminator"] = terminator
     if cfg.get("cut_verdicts", False):
         options["verdict_task"] = first_error_task(cfg.data.source)
+    if isinstance(teacher, LoadedModel):
+        scorer = teacher.model
+    else:
+        scorer = ServedTeacher(teacher, served_topk(cfg))
     return OPDModule(
         student.model,
-        teacher.model,
+        scorer,
         student.tokenizer,
         optimizer=instantiate(cfg.optimizer),
         scheduler=build_scheduler(cfg),

@@ -48,6 +48,7 @@ from kat_research.rollout import (
     build_backend,
 )
 from kat_research.rollout.sampling import NonFiniteLogitsError
+from kat_research.rollout.teachers import TeacherScorer
 from kat_research.termination import NoTermination
 from kat_research.termination.base import Terminator
 
@@ -128,7 +129,7 @@ class OPDModule(L.LightningModule):
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher: PreTrainedModel,
+        teacher: PreTrainedModel | TeacherScorer,
         tokenizer: PreTrainedTokenizerBase,
         *,
         optimizer: Callable[..., Optimizer],
@@ -141,7 +142,9 @@ class OPDModule(L.LightningModule):
     ):
         super().__init__()
         self.student = student.train()
-        self.__dict__["teacher"] = freeze(teacher)
+        # a served teacher (top-k log-probs, e.g. ServedTeacher) holds no weights here
+        held = isinstance(teacher, PreTrainedModel)
+        self.__dict__["teacher"] = freeze(teacher) if held else teacher
         self.__dict__["final_hidden"] = FinalHidden(student)
         self.tokenizer = tokenizer
         self.terminator = terminator or NoTermination()
@@ -151,6 +154,9 @@ class OPDModule(L.LightningModule):
         self.seed = seed
         self.verdict_task = verdict_task  # logs cut verdicts each step when set
         keep = self.rollout_settings.teacher_keep
+        if keep == "auto":
+            keep = TEACHER_KEEP[self.loss_settings.kind]
+            keep = "topk" if keep == "hidden" and not held else keep  # topk_tail from top-k
         self.engine = RolloutEngine(
             student,
             teacher,
@@ -158,7 +164,7 @@ class OPDModule(L.LightningModule):
             pad_token_id=tokenizer.pad_token_id,
             terminator=self.terminator,
             score_every=self.rollout_settings.score_every,
-            teacher_keep=TEACHER_KEEP[self.loss_settings.kind] if keep == "auto" else keep,
+            teacher_keep=keep,
             teacher_topk=self.loss_settings.k or DEFAULT_K.get(self.loss_settings.kind),
             masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
             backend=build_backend(
@@ -215,7 +221,8 @@ class OPDModule(L.LightningModule):
                 self.final_hidden.reshard()
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if isinstance(self.teacher, PreTrainedModel):
+            self.teacher.to(self.device)
 
     def rollout_generator(self) -> torch.Generator:
         """The sampling RNG, seeded per rank (seed + 1000 * rank, so that runs with
@@ -277,7 +284,9 @@ class OPDModule(L.LightningModule):
         rows = torch.arange(rollout.batch_size, device=keep.device)[:, None].expand_as(keep)
         teacher = TeacherTargets(
             hidden=None if rollout.teacher_hidden is None else rollout.teacher_hidden[keep],
-            lm_head=self.teacher.get_output_embeddings(),
+            lm_head=self.teacher.get_output_embeddings()
+            if isinstance(self.teacher, PreTrainedModel)
+            else None,
             topk_logprobs=None
             if rollout.teacher_topk_logprobs is None
             else rollout.teacher_topk_logprobs[keep],

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kat_research.losses import DEFAULT_K, TEACHER_KEEP
 from kat_research.planning.configs import ARCHITECTURES, model_config
@@ -129,6 +129,10 @@ def rank_memory(
     tokens = rows * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     keep = cfg.rollout.teacher_keep
     keep = TEACHER_KEEP[cfg.loss.kind] if keep == "auto" else keep
+    # a served teacher (teacher.backend=vllm) holds no weights or KV cache on the training
+    # ranks; the rollout keeps its top-k log-probs instead of hidden states
+    served = OmegaConf.select(cfg, "teacher.backend", default="hf") == "vllm"
+    keep = "topk" if served and keep == "hidden" else keep
     topk = cfg.loss.k or DEFAULT_K["topk_lsm"]
     state = training_state_bytes(student["params"]["total"], s_bytes, fp32_master(cfg, s_bytes))
     if shards_student_state(cfg.trainer):
@@ -136,10 +140,10 @@ def rank_memory(
         state = {k: v if k == "weights" else -(-v // ranks) for k, v in state.items()}
     s_act = compute_bytes(cfg, s_bytes)
     return {
-        "teacher_weights": teacher["params"]["total"] * t_bytes,
+        "teacher_weights": 0 if served else teacher["params"]["total"] * t_bytes,
         **{f"student_{k}": v for k, v in state.items()},
         "kv_cache_student": kv_cache_bytes(s_shape, tokens, s_act),
-        "kv_cache_teacher": kv_cache_bytes(t_shape, tokens, t_bytes),
+        "kv_cache_teacher": 0 if served else kv_cache_bytes(t_shape, tokens, t_bytes),
         "teacher_targets": teacher_target_bytes(
             keep,
             rows * cfg.rollout.max_new_tokens,
