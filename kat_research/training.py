@@ -186,6 +186,7 @@ def _train_in_folder(
     if rank_zero_only.rank == 0:
         warn_if_oversubscribed(threads, processes=local_ranks(cfg), key="threads")
     L.seed_everything(cfg.seed, workers=True)
+    served = connect_teacher(cfg)  # a teacher server that is down fails here, before any model
     datamodule = instantiate(cfg.data)
     try:  # a data file without usable rows fails here, before the models load
         datamodule.load_sources()
@@ -193,7 +194,6 @@ def _train_in_folder(
         source = cfg.data.source.get("path") or cfg.data.source.kind
         raise ConfigError(f"data ({source}): {error}") from error
 
-    served = connect_teacher(cfg)  # a teacher server that is down fails here, before any model
     student = instantiate(cfg.model.student)
     if served is None:
         teacher = instantiate(cfg.model.teacher)
