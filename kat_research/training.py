@@ -149,8 +149,8 @@ def plan_line(cfg: DictConfig) -> str:
     steps = cfg.trainer.max_steps
     line = (
         f"training {cfg.method.name} (seed {cfg.seed}) for {steps} optimizer steps of "
-        f"{cfg.data.batch_size} prompts x {cfg.rollout.group_size} rollouts of up to {cfg.rollout.max_new_tokens} "
-        f"tokens into {cfg.paths.output_dir}"
+        f"{cfg.data.batch_size} prompts x {cfg.rollout.group_size} rollouts of up to "
+        f"{cfg.rollout.max_new_tokens} tokens into {cfg.paths.output_dir}"
     )
     pace = OmegaConf.select(cfg, "scale.seconds_per_step")
     if pace and steps and steps > 0:
