@@ -9,7 +9,9 @@ runs N at a time; 0 = all at once), so all see the same machine load. Then print
 and mode (means over seeds): wall time per step, decoded tokens per second of rollout time,
 decode steps per step and row-slot occupancy, the partial/sync ratios of step time and
 tokens/s, KAT's realised saving against OPD in each mode, (1 - wall/wall_OPD) /
-(1 - decoded/decoded_OPD) (1 when time falls as fast as the decoded tokens), and the greedy
+(1 - decoded/decoded_OPD) (1 when time falls as fast as the decoded tokens), the same ratio in
+decode steps (what the saving is where a decode step costs the same whatever its live rows,
+as on a GPU, see kat_research/planning/decode_time.py), and the greedy
 held-out accuracy (avg@1) with the test: partial is within noise of sync when
 |mean_partial - mean_sync| <= 2 * sqrt(var_partial/n + var_sync/n) over the n seeds.
 Writes `<out>/partial_rollouts.{md,json}`.
@@ -82,6 +84,64 @@ def within_noise(a: list[float], b: list[float]) -> tuple[float, float, str]:
     return diff, two_se, "yes" if abs(diff) <= two_se else "no"
 
 
+def report(rows: list[dict], methods: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """The table and the accuracy test over the jobs' measurements; the summary per cell."""
+
+    def cell(method: str, mode: str, key: str) -> list[float]:
+        return [r[key] for r in rows if r["method"] == method and r["mode"] == mode]
+
+    header = (
+        "| method | mode | s/step | tokens/s | decode steps/step | occupancy | accuracy "
+        "| s/step partial/sync | tokens/s partial/sync | realised saving vs OPD "
+        "| decode-step saving / token saving vs OPD |"
+    )
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    summary: dict[str, dict] = {}
+    for method in methods:
+        for mode in MODES:
+            wall, decoded = mean(cell(method, mode, "wall_s")), mean(cell(method, mode, "decoded"))
+            opd_wall, opd_decoded = (
+                mean(cell("opd", mode, "wall_s")),
+                mean(cell("opd", mode, "decoded")),
+            )
+            token_saving = 1 - decoded / opd_decoded
+            realised = (1 - wall / opd_wall) / token_saving if token_saving else float("nan")
+            step_ratio = mean(cell(method, mode, "step_s")) / mean(cell(method, "sync", "step_s"))
+            rate_ratio = mean(cell(method, mode, "tokens_per_s")) / mean(
+                cell(method, "sync", "tokens_per_s")
+            )
+            entry = {
+                key: mean(cell(method, mode, key))
+                for key in ("step_s", "tokens_per_s", "decode_steps", "occupancy", "accuracy")
+            }
+            entry |= {"step_ratio": step_ratio, "rate_ratio": rate_ratio, "realised": realised}
+            entry["token_saving"], entry["wall_saving"] = token_saving, 1 - wall / opd_wall
+            # the saving where a decode step costs the same whatever its live rows (GPU decode)
+            steps_saving = 1 - entry["decode_steps"] / mean(cell("opd", mode, "decode_steps"))
+            entry["decode_step_realised"] = (
+                steps_saving / token_saving if token_saving else float("nan")
+            )
+            summary[f"{method}/{mode}"] = entry
+            lines.append(
+                f"| {method} | {mode} | {entry['step_s']:.2f} | {entry['tokens_per_s']:.0f} "
+                f"| {entry['decode_steps']:.1f} | {entry['occupancy']:.2f} "
+                f"| {100 * entry['accuracy']:.1f}% | {step_ratio:.2f} | {rate_ratio:.2f} "
+                + (
+                    f"| {realised:.2f} | {entry['decode_step_realised']:.2f} |"
+                    if method != "opd"
+                    else "| - | - |"
+                )
+            )
+    lines += ["", "Accuracy, partial - sync (within noise: |diff| <= 2 SE over seeds):", ""]
+    for method in methods:
+        diff, two_se, verdict = within_noise(
+            cell(method, "partial", "accuracy"), cell(method, "sync", "accuracy")
+        )
+        summary[f"{method}/accuracy_test"] = {"diff": diff, "two_se": two_se, "within": verdict}
+        lines.append(f"- {method}: {100 * diff:+.1f} points, 2 SE {100 * two_se:.1f}: {verdict}")
+    return lines, summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["opd", "kat"])
@@ -109,56 +169,13 @@ def main() -> None:
         jobs = [pool.submit(run_job, m, mode, s, args.runs, overrides) for m, mode, s in grid]
         rows = [job.result() for job in jobs]
 
-    def cell(method: str, mode: str, key: str) -> list[float]:
-        return [r[key] for r in rows if r["method"] == method and r["mode"] == mode]
-
-    header = (
-        "| method | mode | s/step | tokens/s | decode steps/step | occupancy | accuracy "
-        "| s/step partial/sync | tokens/s partial/sync | realised saving vs OPD |"
-    )
-    lines = [
+    first = (
         f"Command: `python scripts/bench_partial_rollouts.py {' '.join(sys.argv[1:])}` at commit "
         f"{commit}; {args.steps} steps, seeds {args.seeds}, {workers} jobs at a time, one "
-        "thread each. Means over seeds; accuracy: greedy, 39 held-out starts, last evaluation.",
-        "",
-        header,
-        "|---" * (header.count("|") - 1) + "|",
-    ]
-    summary: dict[str, dict] = {}
-    for method in args.methods:
-        for mode in MODES:
-            wall, decoded = mean(cell(method, mode, "wall_s")), mean(cell(method, mode, "decoded"))
-            opd_wall, opd_decoded = (
-                mean(cell("opd", mode, "wall_s")),
-                mean(cell("opd", mode, "decoded")),
-            )
-            token_saving = 1 - decoded / opd_decoded
-            realised = (1 - wall / opd_wall) / token_saving if token_saving else float("nan")
-            step_ratio = mean(cell(method, mode, "step_s")) / mean(cell(method, "sync", "step_s"))
-            rate_ratio = mean(cell(method, mode, "tokens_per_s")) / mean(
-                cell(method, "sync", "tokens_per_s")
-            )
-            entry = {
-                key: mean(cell(method, mode, key))
-                for key in ("step_s", "tokens_per_s", "decode_steps", "occupancy", "accuracy")
-            }
-            entry |= {"step_ratio": step_ratio, "rate_ratio": rate_ratio, "realised": realised}
-            entry["token_saving"], entry["wall_saving"] = token_saving, 1 - wall / opd_wall
-            summary[f"{method}/{mode}"] = entry
-            lines.append(
-                f"| {method} | {mode} | {entry['step_s']:.2f} | {entry['tokens_per_s']:.0f} "
-                f"| {entry['decode_steps']:.1f} | {entry['occupancy']:.2f} "
-                f"| {100 * entry['accuracy']:.1f}% | {step_ratio:.2f} | {rate_ratio:.2f} "
-                + (f"| {realised:.2f} |" if method != "opd" else "| - |")
-            )
-    lines += ["", "Accuracy, partial - sync (within noise: |diff| <= 2 SE over seeds):", ""]
-    for method in args.methods:
-        diff, two_se, verdict = within_noise(
-            cell(method, "partial", "accuracy"), cell(method, "sync", "accuracy")
-        )
-        summary[f"{method}/accuracy_test"] = {"diff": diff, "two_se": two_se, "within": verdict}
-        lines.append(f"- {method}: {100 * diff:+.1f} points, 2 SE {100 * two_se:.1f}: {verdict}")
-    text = "\n".join(lines)
+        "thread each. Means over seeds; accuracy: greedy, 39 held-out starts, last evaluation."
+    )
+    lines, summary = report(rows, args.methods)
+    text = "\n".join([first, "", *lines])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "partial_rollouts.md").write_text(text + "\n")
