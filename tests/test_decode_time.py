@@ -70,7 +70,8 @@ def test_paper_students_prediction():
         2_031_739_904,
         teacher,
         8_190_735_360,
-        element_bytes=2,
+        student_bytes=2,
+        teacher_bytes=2,
         score_every=64,
         bandwidth=3.35e12,
     )
@@ -80,3 +81,27 @@ def test_paper_students_prediction():
     out = predict({"kat": spread, "narrow": narrow}, 64, 256, costs)
     assert out["narrow"]["sync_over_partial"] == pytest.approx(1.0)
     assert out["kat"]["sync_over_partial"] > 1.5
+
+
+def test_the_planner_prints_the_prediction_from_a_lengths_file(tmp_path):
+    """`python -m kat_research.plan plan.decode.lengths=...` on the paper preset: the model's
+    numbers for the config's student, teacher, rows per rank and chunk."""
+    from hydra import compose, initialize_config_dir
+
+    from kat_research.config import CONFIG_DIR
+    from kat_research.plan import format_plan
+    from kat_research.planning.estimate import make_plan
+
+    path = tmp_path / "lengths.json"
+    path.write_text('{"opd": [3000, 4096, 2500, 4096], "kat": [600, 800, 4096, 700]}')
+    overrides = ["experiment=table1", "scale=paper", "model/student=0.7b", "trainer.devices=8"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("plan", overrides=[*overrides, f"plan.decode.lengths={path}"])
+    plan = make_plan(cfg)
+    decode = plan["decode_seconds_per_batch"]
+    assert set(decode) == {"opd", "kat"}
+    assert decode["kat"]["sync_over_partial"] > decode["opd"]["sync_over_partial"] >= 1
+    assert "decode s per batch" in format_plan({**plan, "problems": []})
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("plan", overrides=overrides)
+    assert make_plan(cfg)["decode_seconds_per_batch"] is None

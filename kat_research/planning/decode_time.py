@@ -57,13 +57,15 @@ class DecodeCosts:
         teacher: ModelShape,
         teacher_params: int,
         *,
-        element_bytes: int,
+        student_bytes: int,
+        teacher_bytes: int,
         score_every: int,
         bandwidth: float,
     ) -> DecodeCosts:
-        """Costs of a student decoding and a teacher scoring every ``score_every`` tokens."""
-        weights = (student_params + teacher_params / score_every) * element_bytes
-        kv = kv_cache_bytes(student, 1, element_bytes) + kv_cache_bytes(teacher, 1, element_bytes)
+        """Costs of a student decoding and a teacher scoring every ``score_every`` tokens
+        (``*_bytes``: bytes per weight and cache element of each model)."""
+        weights = student_params * student_bytes + teacher_params * teacher_bytes / score_every
+        kv = kv_cache_bytes(student, 1, student_bytes) + kv_cache_bytes(teacher, 1, teacher_bytes)
         return cls(float(weights), float(kv), float(bandwidth))
 
 
