@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from kat_research.losses.kl import per_token_reverse_kl
 from kat_research.models.vocab_check import check_finite_weights
 from kat_research.rollout.backends import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
+from kat_research.rollout.token_scores import score_tokens
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -293,12 +293,7 @@ class _RolloutRun:
     ) -> None:
         """Store d_t, log q(y_t), teacher finiteness and what the loss keeps, for valid tokens."""
         tokens = self.buf.tokens[rows, start:end]
-        flat_s, flat_t = s_logits[valid], t_logits[valid]
-        finite = torch.isfinite(flat_t).all(dim=-1)
-        kl = torch.full(finite.shape, float("nan"), device=self.device)
-        kl[finite] = per_token_reverse_kl(flat_s[finite], flat_t[finite], kind="full")
-        t_logprobs = torch.log_softmax(flat_t.float(), dim=-1)
-        lq = t_logprobs.gather(-1, tokens[valid][:, None]).squeeze(-1)
+        kl, lq, finite, _ = score_tokens(s_logits[valid], t_logits[valid], tokens[valid])
         for name, values in (("kl", kl), ("teacher_logprobs", lq), ("teacher_finite", finite)):
             block = getattr(self.buf, name)[rows, start:end]
             block[valid] = values

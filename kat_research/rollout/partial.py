@@ -36,11 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kat_research.losses.kl import per_token_reverse_kl
 from kat_research.rollout.backends.base import row_ends
 from kat_research.rollout.engine import RolloutEngine, check_head_reproduces_logits
 from kat_research.rollout.row_cache import RowCache
 from kat_research.rollout.sampling import sample_next_token
+from kat_research.rollout.token_scores import score_tokens
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -117,8 +117,7 @@ class PartialRollouts:
             name: torch.full(
                 (s, w), _fill(name, e.pad_token_id), dtype=dtypes.get(name), device=dev
             )
-            for name in ("tokens", "student_logprobs", "kl", "teacher_logprobs", "teacher_finite")
-            + ("policy_step",)
+            for name in (*dtypes, "student_logprobs", "kl", "teacher_logprobs")
         }
         self.prompt: list[torch.Tensor | None] = [None] * s
         self.length = torch.zeros(s, dtype=torch.long, device=dev)
@@ -249,13 +248,13 @@ class PartialRollouts:
         at_stop = torch.zeros(n, dtype=torch.bool, device=dev)
         chunk_logits: torch.Tensor | None = None
         live = torch.arange(n, device=dev)  # chunk rows the student still decodes
+        cfg = self.e.sampling
         for j in range(c):
             if self.pending is not None:
                 self._feed_pending()
             logits = self.student.head(self.student.next_hidden)
             if chunk_logits is None:
                 chunk_logits = logits.new_zeros((n, c, logits.shape[-1]))
-            cfg = self.e.sampling
             new = sample_next_token(
                 logits, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator
             )
@@ -309,12 +308,7 @@ class PartialRollouts:
         tokens = self.buf["tokens"][rows[:, None], cols]
         t_hidden = self.teacher.feed(tokens, valid)
         t_logits = self.teacher.head(t_hidden)
-        flat_s, flat_t = s_logits[valid], t_logits[valid]
-        finite = torch.isfinite(flat_t).all(dim=-1)
-        kl = torch.full(finite.shape, float("nan"), device=self.device)
-        kl[finite] = per_token_reverse_kl(flat_s[finite], flat_t[finite], kind="full")
-        t_logprobs = torch.log_softmax(flat_t.float(), dim=-1)
-        lq = t_logprobs.gather(-1, tokens[valid][:, None]).squeeze(-1)
+        kl, lq, finite, t_logprobs = score_tokens(s_logits[valid], t_logits[valid], tokens[valid])
         r, p = rows[:, None].expand_as(cols)[valid], cols[valid]
         self.buf["kl"][r, p], self.buf["teacher_logprobs"][r, p] = kl, lq
         self.buf["teacher_finite"][r, p] = finite

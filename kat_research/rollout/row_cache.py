@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from kat_research.rollout.cached_lm import cache_argument
+from kat_research.rollout.cached_lm import CachedLM
 
 
 def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
@@ -20,15 +20,13 @@ def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(x, (0, 0, columns, 0)) if columns else x
 
 
-class RowCache:
+class RowCache(CachedLM):
     """The body of a causal LM fed new tokens of its rows; rows join (``add``) and leave
     (``keep_rows``) between forwards. ``next_hidden`` [n, H] is, per row, the final hidden
     state predicting its next token."""
 
     def __init__(self, model: PreTrainedModel):
-        self.body = model.base_model
-        self.head = model.get_output_embeddings()
-        self.cache_arg = cache_argument(self.body)
+        super().__init__(model)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [n, L] 1 where a row attends
         self.next_pos = torch.zeros(0, dtype=torch.long)  # [n] position of each row's next token
@@ -37,18 +35,6 @@ class RowCache:
     @property
     def rows(self) -> int:
         return self.mask.shape[0]
-
-    def _forward(
-        self, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        out = self.body(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=True,
-            **{self.cache_arg: cache},
-        )
-        return out.last_hidden_state
 
     def add(self, sequences: list[torch.Tensor]) -> None:
         """Append rows whose contexts so far are ``sequences`` (1-D token ids, each >= 1 token):
@@ -61,7 +47,7 @@ class RowCache:
             ids[i, width - s.numel() :], mask[i, width - s.numel() :] = s, 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        hidden = self._forward(cache, ids, mask, pos)
+        hidden = self.forward(ids, mask, pos, cache)
         self._merge(cache, mask, mask.sum(-1), hidden[:, -1])
 
     def _merge(
@@ -91,7 +77,7 @@ class RowCache:
         valid = valid.long()
         self.mask = torch.cat([self.mask, valid], dim=1)
         pos = self.next_pos[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)
-        hidden = self._forward(self.cache, tokens, self.mask, pos)
+        hidden = self.forward(tokens, self.mask, pos)
         predicting = torch.cat([self.next_hidden[:, None], hidden[:, :-1]], dim=1)
         counts = valid.sum(-1)
         last = (counts - 1).clamp(min=0)
