@@ -101,6 +101,8 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.temperature", _number(0), "a number >= 0 (0 = greedy)"),
     ("rollout.top_p", _number(0, 1, low_open=True), "a number in (0, 1]"),
     ("rollout.backend", _one_of("hf", "vllm"), "hf or vllm"),
+    ("rollout.mode", _one_of("sync", "partial"), "sync or partial"),
+    ("rollout.max_staleness", _integer(0), "an integer >= 0 (optimizer steps)"),
     ("rollout.teacher_keep", _one_of("auto", "hidden", "topk", "none"), "auto|hidden|topk|none"),
     ("teacher.backend", _one_of("hf", "vllm"), "hf or vllm"),
     ("teacher.topk", _optional(_integer(1)), "null or an integer >= 1"),
@@ -280,6 +282,7 @@ def check_runnable(cfg: DictConfig) -> Terminator:
                 f"{kat}.window or raise rollout.max_new_tokens."
             )
     check_teacher_backend(cfg)
+    _check_partial(cfg, terminator)
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():
         raise ConfigError(
@@ -342,6 +345,34 @@ def connect_teacher(cfg: DictConfig) -> TopKSource | None:
         instantiate(cfg.model.teacher).model.save_pretrained(folder)
 
     return connect_source(OmegaConf.to_container(cfg.teacher.vllm, resolve=True), save_teacher)
+
+
+def _check_partial(cfg: DictConfig, terminator: Terminator) -> None:
+    """What ``rollout.mode=partial`` cannot run with, named before any model loads."""
+    if cfg.rollout.get("mode", "sync") != "partial":
+        return
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(
+            f"rollout.mode=partial runs on rollout.backend=hf only (got {cfg.rollout.backend}): "
+            "set rollout.backend=hf or rollout.mode=sync"
+        )
+    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "hf":
+        raise ConfigError(
+            "rollout.mode=partial keeps the teacher's KV cache of carried rows on the training "
+            "ranks, so it needs teacher.backend=hf: set teacher.backend=hf or rollout.mode=sync"
+        )
+    if cfg.loss.kind == "sampled_token":
+        raise ConfigError(
+            "loss.kind=sampled_token is refused with rollout.mode=partial: a carried row's "
+            "prefix was sampled by older weights and this loss has no importance weights for "
+            "it. Use loss=full, topk_tail or topk_lsm (recomputed by the current student), or "
+            "rollout.mode=sync"
+        )
+    if not terminator.supports_partial:
+        raise ConfigError(
+            f"method={cfg.method.name}: its rule {terminator!r} has no per-row state for "
+            "partial rollouts; use rollout.mode=sync"
+        )
 
 
 def build_scheduler(cfg: DictConfig) -> Any:

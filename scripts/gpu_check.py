@@ -431,6 +431,14 @@ def engine_parity(report: Report, entry: dict, device: str, scale: Scale) -> Non
 
 
 # --------------------------------------------------------------------------- (b)
+def metrics_column(folder: Path, name: str) -> list[float]:
+    """The logged values of one column of a run's ``csv/metrics.csv``."""
+    import csv
+
+    with open(folder / "csv" / "metrics.csv", newline="") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
 def metrics_losses(folder: Path) -> dict[int, float]:
     """``train/loss`` per optimizer step from a run's ``csv/metrics.csv``."""
     import csv
@@ -446,12 +454,13 @@ def metrics_losses(folder: Path) -> dict[int, float]:
 def training(
     report: Report, entry: dict, device: str, scale: Scale, cache: Path, work: Path
 ) -> None:
-    """Each method through the real training entry, then the KAT run resumed for one step."""
+    """Each method through the real training entry, the KAT run resumed for one step, then
+    KAT with partial rollouts (rollout.mode=partial) for the methods' steps."""
     from kat_research.config import compose
     from kat_research.run_folder import resume_checkpoint
     from kat_research.training import train
 
-    def config(method: str, folder: Path, steps: int):
+    def config(method: str, folder: Path, steps: int, *extra: str):
         return compose(
             [
                 "experiment=smollm2_gsm8k",
@@ -467,13 +476,14 @@ def training(
                 f"paths.data_dir={DATA_DIR}",
                 f"paths.cache_dir={cache}",
                 f"paths.output_dir={folder}",
+                *extra,
             ]
         )
 
-    def run(method: str, folder: Path, steps: int, label: str) -> dict[str, Any]:
+    def run(method: str, folder: Path, steps: int, label: str, *extra: str) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        summary = train(config(method, folder, steps))
+        summary = train(config(method, folder, steps, *extra))
         losses = metrics_losses(folder)
         result = {
             "steps": summary["steps"],
@@ -520,6 +530,24 @@ def training(
     report.log(
         f"[b] kat resumed from {result['checkpoint']} (step {start.step}) to "
         f"step {result['steps']}: losses {result['losses']}"
+    )
+    partial = run(
+        "kat", work / "kat_partial", scale.train_steps, "kat_partial", "rollout.mode=partial"
+    )
+    occupancy = metrics_column(work / "kat_partial", "partial/occupancy")
+    partial["occupancy"] = sum(occupancy) / max(len(occupancy), 1)
+    partial["staleness_max"] = max(metrics_column(work / "kat_partial", "partial/staleness_max"))
+    partial["sync_over_partial_fit_time"] = entry["runs"]["kat"]["fit_time_s"] / max(
+        partial["fit_time_s"], 1e-9
+    )
+    entry["runs"]["kat_partial"] = partial
+    entry["checks"]["kat_partial_trains"] = (
+        partial["losses_finite"] and partial["steps"] == scale.train_steps
+    )
+    report.log(
+        f"[b] kat partial: {partial['steps']} steps, losses {partial['losses']}, "
+        f"occupancy {partial['occupancy']:.2f}, sync/partial fit time "
+        f"{partial['sync_over_partial_fit_time']:.2f}"
     )
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat_research.losses import DEFAULT_K, TEACHER_KEEP
 from kat_research.planning.configs import ARCHITECTURES, model_config
+from kat_research.planning.decode_time import DecodeCosts, predict
 from kat_research.planning.flops import FlopsModel, opd_flops
 from kat_research.planning.memory import (
     GIB,
@@ -32,6 +33,7 @@ from kat_research.planning.memory import (
     training_state_bytes,
 )
 from kat_research.planning.params import ModelShape, count_params
+from kat_research.rollout.engine import DEFAULT_SCORE_EVERY
 
 
 def describe_model(node: DictConfig, architectures: Path | None) -> dict[str, Any]:
@@ -166,6 +168,34 @@ def flops_model(model: dict[str, Any], attention: bool) -> FlopsModel:
     return FlopsModel(model["params"]["total"], shape["layers"], shape["heads"] * shape["head_dim"])
 
 
+def decode_prediction(
+    cfg: DictConfig, student: dict[str, Any], teacher: dict[str, Any], rows: int, prompt: float
+) -> dict[str, dict[str, float]] | None:
+    """Sync against partial decode seconds per batch of ``rows`` rows for each method of the
+    lengths file ``plan.decode.lengths`` (None without one); see ``decode_time.py``."""
+    node = cfg.plan.get("decode")
+    if not node or not node.get("lengths"):
+        return None
+    path = Path(node.lengths)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"plan.decode.lengths={path} does not exist: give a JSON file mapping each method "
+            "to its rollouts' generated lengths, or null"
+        )
+    lengths = json.loads(path.read_text())
+    costs = DecodeCosts.of(
+        ModelShape(**student["shape"]),
+        student["params"]["total"],
+        ModelShape(**teacher["shape"]),
+        teacher["params"]["total"],
+        student_bytes=dtype_bytes(student["dtype"]),
+        teacher_bytes=dtype_bytes(teacher["dtype"]),
+        score_every=cfg.rollout.score_every or DEFAULT_SCORE_EVERY,
+        bandwidth=node.bandwidth_gbs * 1e9,
+    )
+    return predict(lengths, rows, round(prompt), costs)
+
+
 def make_plan(cfg: DictConfig) -> dict[str, Any]:
     """The whole plan of the training config ``cfg`` (with its ``plan`` knobs)."""
     architectures = Path(cfg.plan.architectures) if cfg.plan.architectures else ARCHITECTURES
@@ -204,4 +234,7 @@ def make_plan(cfg: DictConfig) -> dict[str, Any]:
         "fits": need <= have,
         "need_gib": need / GIB,
         "device_gib": float(cfg.plan.device_memory_gib),
+        "decode_seconds_per_batch": decode_prediction(
+            cfg, student, teacher, rows, lengths["prompt"]
+        ),
     }

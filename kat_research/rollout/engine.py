@@ -19,11 +19,12 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from kat_research.losses.kl import per_token_reverse_kl, teacher_topk_tail_kl
+from kat_research.losses.kl import teacher_topk_tail_kl
 from kat_research.models.vocab_check import check_finite_weights
 from kat_research.rollout.backends import ChunkSample, HFBackend, StudentBackend
 from kat_research.rollout.cached_lm import chunk_inputs
 from kat_research.rollout.teachers import HFTeacher, TeacherChunk, TeacherScorer
+from kat_research.rollout.token_scores import score_tokens
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -327,11 +328,7 @@ class _RolloutRun:
         flat_s, t_logits = s_logits[valid], chunk.logits
         if t_logits is not None:
             flat_t = t_logits[valid]
-            finite = torch.isfinite(flat_t).all(dim=-1)
-            kl = torch.full(finite.shape, float("nan"), device=self.device)
-            kl[finite] = per_token_reverse_kl(flat_s[finite], flat_t[finite], kind="full")
-            t_logprobs = torch.log_softmax(flat_t.float(), dim=-1)
-            lq = t_logprobs.gather(-1, tokens[valid][:, None]).squeeze(-1)
+            kl, lq, finite, _ = score_tokens(flat_s, flat_t, tokens[valid])
         else:
             top_lp, top_ids = chunk.topk_logprobs[valid], chunk.topk_ids[valid]
             lq = chunk.token_logprobs[valid]
