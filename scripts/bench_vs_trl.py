@@ -114,6 +114,7 @@ class TRLStep:
         self.model, _ = self.trainer._prepare_for_training(config.max_steps, None, None)
         self.trainer.current_gradient_accumulation_steps = 1
         self.generate_s: list[float] = []
+        self.generated: list[int] = []  # tokens sampled per step
         generate = self.trainer.generate_on_policy_outputs
 
         @functools.wraps(generate)
@@ -121,6 +122,7 @@ class TRLStep:
             start = time.perf_counter()
             out = generate(*a, **kw)
             self.generate_s.append(time.perf_counter() - start)
+            self.generated.append(int((out[2] != -100).sum()))  # labels: the completions
             return out
 
         self.trainer.generate_on_policy_outputs = timed_generate
@@ -146,6 +148,7 @@ class Interleave(L.Callback):
         self.project_s: list[float] = []
         self.rollout_s: list[float] = []
         self.trl_s: list[float] = []
+        self.generated: list[int] = []  # tokens sampled per step
 
     def _trl(self) -> None:
         start = time.perf_counter()
@@ -160,6 +163,7 @@ class Interleave(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.project_s.append(time.perf_counter() - self.start)
         self.rollout_s.append(module.last_rollout.timings["total"])
+        self.generated.append(int(module.last_rollout.lengths.sum()))
         if batch_idx % 2 == 0:
             self._trl()
 
@@ -237,6 +241,10 @@ def main() -> None:
         f"{statistics.median(trl):.4f} s; rollout {statistics.median(rollout):.4f} s "
         f"({statistics.median(r / p for r, p in zip(rollout, project, strict=True)):.0%} of the "
         f"project's step), TRL's generate {statistics.median(trl_gen):.4f} s"
+    )
+    print(
+        f"tokens sampled per step (median): project {statistics.median(timer.generated[w:]):.0f}, "
+        f"TRL {statistics.median(trl_step.generated[w:]):.0f}"
     )
     print(
         f"ratio project/TRL over {len(ratios)} pairs: median {statistics.median(ratios):.3f} "
