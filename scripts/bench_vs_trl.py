@@ -20,14 +20,20 @@ project/TRL with its range, and the share of the project's step spent in the rol
 
     make bench-trl ARGS="--pairs 7"
     .venv-trl/bin/python scripts/bench_vs_trl.py [--pairs 5] [--batch 8] [--new-tokens 64]
+        [--profile]
+
+--profile runs everything under cProfile (which inflates Python-heavy code, so its step times
+are not the benchmark's) and prints where each side's step goes, per call.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import functools
 import logging
+import pstats
 import random
 import statistics
 import tempfile
@@ -43,6 +49,34 @@ from kat_research.provenance import code_commit
 
 TEACHER = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2)
 STUDENT = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+
+# --profile: (file path suffix, function) -> what it is, in the order printed
+PROFILED = {
+    ("rollout/engine.py", "generate"): "project: rollout (RolloutEngine.generate)",
+    ("backends/hf.py", "sample"): "  student decode (HFSampler.sample)",
+    ("backends/hf.py", "_next_logits"): "    one student forward",
+    ("rollout/sampling.py", "sample_next_token"): "    one sample_next_token",
+    ("rollout/cached_lm.py", "prefill"): "  teacher prefill",
+    ("rollout/engine.py", "_score_chunk"): "  teacher chunk forward + KL",
+    ("lit/opd_module.py", "distillation_loss"): "project: loss forward",
+    ("lit/opd_module.py", "_log_rollout"): "project: metrics (Lightning log_dict)",
+    ("gkd/gkd_trainer.py", "generate_on_policy_outputs"): "TRL: generate",
+    ("gkd/gkd_trainer.py", "compute_loss"): "TRL: compute_loss (student + teacher)",
+}
+
+
+def print_profile(profiler: cProfile.Profile) -> None:
+    """Cumulative seconds per call of the functions in PROFILED."""
+    found = {}
+    for (path, _, name), (_, calls, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        for (suffix, function), label in PROFILED.items():
+            if name == function and path.endswith(suffix):
+                found[label] = (cumulative / calls, calls)
+    print("cProfile, cumulative seconds per call (profiling inflates Python overhead):")
+    for label in PROFILED.values():
+        if label in found:
+            per_call, calls = found[label]
+            print(f"  {label:45s} {per_call:8.4f} s  ({calls} calls)")
 
 
 def corpus(n: int = 2000, seed: int = 0) -> list[str]:
@@ -181,6 +215,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile breakdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -227,7 +262,12 @@ def main() -> None:
             default_root_dir=folder,
         )
         loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
         trainer.fit(module, train_dataloaders=loader)
+        if profiler is not None:
+            profiler.disable()
 
     w = args.warmup
     project, trl, rollout = timer.project_s[w:], timer.trl_s[w:], timer.rollout_s[w:]
@@ -250,6 +290,8 @@ def main() -> None:
         f"ratio project/TRL over {len(ratios)} pairs: median {statistics.median(ratios):.3f} "
         f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
     )
+    if profiler is not None:
+        print_profile(profiler)
 
 
 if __name__ == "__main__":
