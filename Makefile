@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test test-slow lint demo bench clean install-vllm test-vllm bench-vllm \
-	gpu-wheels gpu-check
+	gpu-wheels gpu-check install-trl bench-trl
 
 # Creates .venv; installs the CPU torch wheel first (otherwise pip pulls a multi-GB CUDA
 # build), then the package with its dev extra. The stamp makes re-runs a no-op until
@@ -54,6 +54,22 @@ bench-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_eval_backends.py
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_teacher_backends.py
 
+# TRL lives in its own venv too, so that its pins never move .venv's: torch 2.13.0+cpu (the
+# local wheel) first, then trl 1.16 beside this package. scripts/bench_vs_trl.py runs there.
+VENV_TRL := .venv-trl
+PY_TRL   := $(VENV_TRL)/bin/python
+install-trl: $(VENV_TRL)/.installed
+$(VENV_TRL)/.installed: pyproject.toml
+	test -x $(PY_TRL) || $(PY_SYS) -m venv $(VENV_TRL)
+	$(PY_TRL) -c "import torch" 2>/dev/null || $(PY_TRL) -m pip install --quiet torch==2.13.0
+	$(PY_TRL) -m pip install --quiet "trl==1.16.*" -e ".[dev]"
+	touch $@
+
+# The project's OPD step against TRL's GKDTrainer step on the same tiny fixture (interleaved
+# pairs, one thread; prints each pair and the median ratio). ARGS: the script's flags.
+bench-trl: install-trl
+	$(PY_TRL) scripts/bench_vs_trl.py $(ARGS)
+
 test: install
 	$(PY) -m pytest -q
 
@@ -80,7 +96,7 @@ bench-saving: install
 	$(PY) scripts/bench_realised_saving.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) outputs multirun .cache
+	rm -rf $(VENV) $(VENV_VLLM) $(VENV_TRL) outputs multirun .cache
 
 # GPU validation kit (scripts/gpu_check.py): engine CUDA = CPU, bf16-mixed OPD/KAT/Top-K LSM steps
 # on SmolLM2 with a resume, loss memory at 16,384 x 151,936, engine tokens/s, in one command of

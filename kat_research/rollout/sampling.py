@@ -39,15 +39,17 @@ def sample_next_token(
     that cannot be sampled.
     """
     finite = torch.isfinite(logits)
-    invalid = (~finite & (logits != float("-inf"))).any(dim=-1) | ~finite.any(dim=-1)
-    if bool(invalid.any()):
-        raise NonFiniteLogitsError(
-            f"cannot sample the next token: the logits of {int(invalid.sum())} of "
-            f"{logits.shape[0]} rows hold NaN or inf, so the model's weights or activations "
-            "are not finite (a diverged training run, or a precision too narrow for the model)"
-        )
+    if not bool(finite.all()):  # the common case costs one check; -inf entries are legal
+        invalid = (~finite & (logits != float("-inf"))).any(dim=-1) | ~finite.any(dim=-1)
+        if bool(invalid.any()):
+            raise NonFiniteLogitsError(
+                f"cannot sample the next token: the logits of {int(invalid.sum())} of "
+                f"{logits.shape[0]} rows hold NaN or inf, so the model's weights or activations "
+                "are not finite (a diverged training run, or a precision too narrow for the model)"
+            )
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = top_p_filter(logits.float() / temperature, top_p)
+    scaled = logits.float() if temperature == 1 else logits.float() / temperature  # x / 1 == x
+    scaled = top_p_filter(scaled, top_p)
     probs = scaled.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

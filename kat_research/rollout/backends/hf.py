@@ -33,7 +33,12 @@ class HFBackend:
 
 class HFSampler:
     """KV-cache decoding of one batch. The token sampled last in a chunk is fed at the start
-    of the next chunk, so rows the terminator stops in between cost no forward."""
+    of the next chunk, so rows the terminator stops in between cost no forward.
+
+    Decoding runs under ``torch.inference_mode`` (nothing it makes is back-propagated; the
+    same kernels, less autograd bookkeeping per op), and a decode step does only what the
+    sampled tokens need: the attention mask is one buffer sliced per step, and the chunk's
+    outputs are written column by column until a row ends."""
 
     def __init__(
         self,
@@ -47,12 +52,18 @@ class HFSampler:
         self.cfg = sampling
         self.keep_logits = keep_logits
         self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
-        self.prompt_mask = prompt_mask
         self.prompt_len = prompt_mask.sum(-1)
-        hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
-        self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
+        self.width = prompt_mask.shape[1]
+        # the prompts' mask followed by every generated position: step t attends to [: P + t]
+        self.mask = torch.cat(
+            [prompt_mask, prompt_mask.new_ones(len(prompt_mask), sampling.max_new_tokens)], 1
+        )
+        with torch.inference_mode():
+            hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
+            self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
         self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
 
+    @torch.inference_mode()
     def sample(
         self,
         start: int,
@@ -64,11 +75,11 @@ class HFSampler:
         device = remaining.device
         tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
         logprobs = torch.full((n, n_steps), float("nan"), device=device)
-        counts = torch.zeros(n, dtype=torch.long, device=device)
+        counts = torch.full((n,), n_steps, dtype=torch.long, device=device)  # ended rows: less
         ended = torch.zeros(n, dtype=torch.bool, device=device)
         at_stop = torch.zeros(n, dtype=torch.bool, device=device)
         logits_out = None
-        live = torch.arange(n, device=device)  # chunk rows still decoding
+        live = slice(None)  # chunk rows still decoding: all of them until one ends, then indices
         for j in range(n_steps):
             logits = self._next_logits(start + j)
             if logits_out is None and self.keep_logits:
@@ -77,14 +88,18 @@ class HFSampler:
                 logits, temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=generator
             )
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[:, None]).squeeze(-1)
-            tokens[live, j], logprobs[live, j], counts[live] = new, lp, j + 1
+            tokens[live, j], logprobs[live, j] = new, lp
             if logits_out is not None:
                 logits_out[live, j] = logits
-            ends, stops = row_ends(new, j + 1, remaining[live], self.stop_ids)
-            ended[live], at_stop[live] = ends, stops
+            ends, stops = row_ends(new, j + 1, remaining, self.stop_ids)
+            self.pending = new
+            if not bool(ends.any()):
+                continue
+            rows = torch.arange(n, device=device)[live]
+            counts[rows[ends]], ended[rows], at_stop[rows] = j + 1, ends, stops
             keep = (~ends).nonzero().flatten()
-            self.pending, live = new[keep], live[keep]
-            self._select(keep)
+            live, remaining = rows[keep], remaining[keep]
+            self.keep_rows(keep)
             if live.numel() == 0:
                 break
         return ChunkSample(tokens, counts, logprobs, logits_out, ended, at_stop)
@@ -92,20 +107,16 @@ class HFSampler:
     def _next_logits(self, position: int) -> torch.Tensor:
         """Logits predicting generated token ``position`` of the live rows."""
         if self.pending is not None:  # feed generated token position-1
-            n = self.pending.numel()
-            ones = torch.ones(n, position, dtype=torch.long, device=self.pending.device)
-            mask = torch.cat([self.prompt_mask, ones], dim=1)
+            mask = self.mask[:, : self.width + position]
             pos = (self.prompt_len + position - 1)[:, None]
             hidden = self.lm.forward(self.pending[:, None], mask, pos)
             self.logits, self.pending = self.lm.head(hidden[:, -1]), None
         return self.logits
 
-    def _select(self, index: torch.Tensor) -> None:
-        if index.numel() == self.prompt_mask.shape[0]:
-            return
-        self.prompt_mask, self.prompt_len = self.prompt_mask[index], self.prompt_len[index]
-        self.lm.keep_rows(index)
-
     def keep_rows(self, index: torch.Tensor) -> None:
-        self.pending = self.pending[index]
-        self._select(index)
+        if self.pending is not None:
+            self.pending = self.pending[index]
+        if index.numel() == self.mask.shape[0]:
+            return
+        self.mask, self.prompt_len = self.mask[index], self.prompt_len[index]
+        self.lm.keep_rows(index)
