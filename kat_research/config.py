@@ -146,11 +146,11 @@ def check_runnable(cfg: DictConfig) -> Terminator:
         raise ConfigError(f"method.terminator ({cfg.method.name}): {cause}") from error
     cap = cfg.rollout.max_new_tokens
     for rule in _rules(terminator):
-        if isinstance(rule, KATTerminator) and rule.window + rule.exempt > cap:
+        if isinstance(rule, KATTerminator) and rule.rule.window + rule.rule.exempt > cap:
             raise ConfigError(
-                f"KAT window {rule.window} (+ exempt {rule.exempt}) exceeds "
+                f"KAT window {rule.rule.window} (+ exempt {rule.rule.exempt}) exceeds "
                 f"rollout.max_new_tokens={cap}: no window could ever be evaluated. Lower "
-                "method.terminator.window or raise rollout.max_new_tokens."
+                "termination.kat.window or raise rollout.max_new_tokens."
             )
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():

@@ -34,6 +34,7 @@ from kat_research.demo.models import demo_model_info
 from kat_research.models import load_causal_lm
 from kat_research.provenance import code_commit
 from kat_research.rollout import RolloutEngine, SamplingConfig
+from kat_research.termination import kat_rule
 
 PRESETS = ["data=collatz", "model/teacher=testbed", "model/student=testbed_large"]
 
@@ -269,9 +270,8 @@ def main() -> None:
     summary["kat"] = {}
     cuts_at = {}
     for q in args.quantiles:
-        cuts = tc.offline_kat_cuts(
-            kls, window=args.window, stride=args.stride, patience=args.patience, quantile=q
-        )
+        rule = kat_rule(window=args.window, stride=args.stride, patience=args.patience, quantile=q)
+        cuts = tc.offline_kat_cuts(kls, rule)
         cuts_at[q] = cuts
         summary["kat"][str(q)] = {
             **tc.cut_rate_table(cuts, verdicts),

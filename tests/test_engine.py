@@ -15,7 +15,7 @@ from kat_research.rollout import (
     check_head_reproduces_logits,
     prompt_positions,
 )
-from kat_research.termination import KATTerminator, kat_cut
+from kat_research.termination import KATTerminator, kat_cut, kat_rule
 from kat_research.termination.base import Terminator
 
 
@@ -268,7 +268,7 @@ def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_eve
     )
     threshold = float(probe.kl[probe.gen_mask].median())
     settings = dict(window=4, stride=2, patience=2, exempt=1)
-    rule = KATTerminator(**settings, threshold=threshold)
+    rule = KATTerminator(kat_rule(**settings, threshold=threshold))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=24)
     eng = engine(
         tiny_pair, backend=backend, sampling=sampling, terminator=rule, score_every=score_every
@@ -278,7 +278,7 @@ def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_eve
     n_cut = 0
     for row in range(r.batch_size):
         length = int(r.lengths[row])
-        offline = kat_cut(r.kl[row, :length], threshold=threshold, **settings)
+        offline = kat_cut(r.kl[row, :length], kat_rule(threshold=threshold, **settings))
         if offline is None:
             assert r.stop_reason[row] == STOP_MAX_TOKENS and int(r.cut[row]) == length
         else:

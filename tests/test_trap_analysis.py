@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from kat_research.analysis import trap_analysis
-from kat_research.analysis.detector import Detector
 from kat_research.analysis.runs import kat_buffer, read_checkpoint
 from kat_research.analysis.trap_analysis import StageRollouts, measure
 from kat_research.analysis.verdicts import (
@@ -28,6 +27,7 @@ from kat_research.analysis.verdicts import (
 )
 from kat_research.config import compose
 from kat_research.data.long_task import CollatzTaskConfig, solution_text
+from kat_research.termination import kat_rule
 from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def _stage(buffer=None) -> StageRollouts:
 
 
 def test_measure_segments_kl_and_cuts_by_hand():
-    detector = Detector(window=2, stride=2, patience=1, quantile=0.7, threshold=0.5)
+    detector = kat_rule(window=2, stride=2, patience=1, quantile=0.7, threshold=0.5)
     results = measure([_stage()], detector, quantiles=[0.5])
     a, b = results.rollouts.itertuples()
     assert a.has_segment and a.onset == 2 and not b.has_segment
@@ -156,7 +156,7 @@ def test_measure_segments_kl_and_cuts_by_hand():
 
 
 def test_measure_prefers_the_checkpoint_buffer():
-    detector = Detector(window=2, stride=2, patience=1, quantile=0.5)
+    detector = kat_rule(window=2, stride=2, patience=1, quantile=0.5)
     results = measure([_stage(buffer=torch.tensor([0.0, 2.0]))], detector, quantiles=[0.9])
     cuts = results.cuts.set_index("threshold_label")
     assert set(cuts.threshold_source) == {"checkpoint buffer"}

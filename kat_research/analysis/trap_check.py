@@ -47,7 +47,7 @@ from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import Row
 from kat_research.losses import per_token_reverse_kl
 from kat_research.rollout import RolloutEngine, SamplingConfig
-from kat_research.termination.kat import kat_cut, kat_window_minimum
+from kat_research.termination import KATRule, kat_calibrated, kat_cuts
 
 CATEGORIES = ("correct", "wrong", "degenerate", "capped")
 
@@ -320,29 +320,12 @@ class OfflineCuts:
     cut: list[int | None]  # tokens kept per rollout, None when the rule never fires
 
 
-def offline_kat_cuts(
-    kls: Sequence[torch.Tensor],
-    *,
-    window: int,
-    stride: int,
-    patience: int,
-    quantile: float,
-    exempt: int = 0,
-) -> OfflineCuts:
-    """The threshold is ``quantile`` of the rollouts' window minima (what KAT's buffer holds,
-    computed with ``torch.quantile`` as the online rule does); then ``kat_cut`` per rollout."""
-    minima = [kat_window_minimum(kl, window=window, stride=stride, exempt=exempt) for kl in kls]
-    finite = torch.tensor([m for m in minima if m is not None], dtype=torch.float64)
-    if not finite.numel():
-        raise ValueError(f"no rollout is long enough for one window of {window} tokens")
-    threshold = float(torch.quantile(finite, quantile))
-    cuts = [
-        kat_cut(
-            kl, threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt
-        )
-        for kl in kls
-    ]
-    return OfflineCuts(threshold, cuts)
+def offline_kat_cuts(kls: Sequence[torch.Tensor], rule: KATRule) -> OfflineCuts:
+    """KAT's cuts on uncut rollouts, its threshold (unless fixed) the rule's quantile of the
+    rollouts' window minima (what KAT's buffer holds; :func:`kat_calibrated`)."""
+    fixed = kat_calibrated(rule, kls)
+    cuts = [c if c >= 0 else None for c in kat_cuts(kls, fixed).tolist()]
+    return OfflineCuts(float(fixed.threshold.fixed), cuts)
 
 
 def binomial_two_sided(k: int, n: int) -> float:

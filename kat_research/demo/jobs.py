@@ -70,7 +70,6 @@ def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: i
     rows, _ = load_rows(
         SourceSpec(kind="collatz", split="train", n=n_rollouts, seed=cfg.seed + 1, task=task)
     )
-    kat = OmegaConf.to_container(cfg.termination.kat, resolve=True)
     stats = trap_stats(
         student.model.eval(),
         teacher.model,
@@ -79,7 +78,7 @@ def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: i
         task,
         max_new_tokens=cfg.rollout.max_new_tokens,
         top_p=cfg.rollout.top_p,
-        kat=kat,
+        rule=instantiate(cfg.termination.kat),
         seed=cfg.seed,
     )
     return stats.to_dict()

@@ -14,6 +14,7 @@ from kat_research.analysis import trap_check as tc
 from kat_research.analysis.verdicts import score_cuts
 from kat_research.data.long_task import CollatzTaskConfig
 from kat_research.data.sources import Row
+from kat_research.termination import KATRule
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,13 @@ def trap_stats(
     *,
     max_new_tokens: int,
     top_p: float,
-    kat: dict[str, Any],
+    rule: KATRule,
     horizon: int = 32,
     seed: int = 0,
 ) -> TrapStats:
     """Sample one uncut rollout per row (temperature 1), classify it, compare the KL after
-    derailment with correct rollouts at the same positions, and apply KAT (``kat``: window,
-    stride, patience, quantile, exempt) offline."""
+    derailment with correct rollouts at the same positions, and apply KAT's ``rule`` offline
+    (its threshold the rule's quantile of these rollouts' window minima)."""
     scored = tc.sample_scored_rollouts(
         student,
         teacher,
@@ -66,14 +67,7 @@ def trap_stats(
     )
     kls, verdicts = [r.kl for r in scored], [r.verdict for r in scored]
     after = tc.kl_after_derailment(kls, verdicts, horizon=horizon)
-    cuts = tc.offline_kat_cuts(
-        kls,
-        window=kat["window"],
-        stride=kat["stride"] or kat["window"],
-        patience=kat["patience"],
-        quantile=kat["quantile"],
-        exempt=kat.get("exempt", 0),
-    )
+    cuts = tc.offline_kat_cuts(kls, rule)
     scores = score_cuts([c is not None for c in cuts.cut], [v.category for v in verdicts])
     return TrapStats(
         n_rollouts=len(scored),
@@ -83,7 +77,7 @@ def trap_stats(
         kl_after_derailment=tc.median(after.derailed),
         kl_correct_same_positions=tc.median(after.control),
         sign_test_p=after.sign_test_p,
-        quantile=kat["quantile"],
+        quantile=rule.threshold.quantile,
         threshold=cuts.threshold,
         recall=scores["recall"],
         cut_correct=scores["cut_rate_correct"],
