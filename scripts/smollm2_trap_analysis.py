@@ -45,9 +45,10 @@ from kat_research import config
 from kat_research.analysis import trap_analysis
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches
 from kat_research.analysis.verdicts import make_verifier
+from kat_research.building.models import fit_steps
+from kat_research.building.sft import SFTModule
 from kat_research.data import PromptDataModule, SourceSpec
-from kat_research.demo.models import fit_steps
-from kat_research.lit import SFTModule, warmup_cosine
+from kat_research.lit import warmup_cosine
 from kat_research.lit.step_log import StepLog
 from kat_research.models import load_causal_lm
 from kat_research.models.cache import publish_folder

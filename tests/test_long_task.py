@@ -219,7 +219,7 @@ def test_forced_loop_probes_on_tiny_models():
 
 @pytest.mark.slow
 def test_collatz_models_pretrain_then_sft(tmp_path):
-    from kat_research.demo.models import train_sft_model
+    from kat_research.building import train_sft_model
 
     sft = {
         "pretrain_steps": 3,
