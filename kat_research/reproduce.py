@@ -27,8 +27,8 @@ from kat_research.config import ConfigError, check_runnable, compose
 from kat_research.planning.checks import config_problems, memory_problem
 from kat_research.planning.configs import model_config
 from kat_research.planning.estimate import make_plan, world_size
+from kat_research.sweep.job_records import job_records
 from kat_research.sweep.launch import LOCAL, check_launcher, launch_all, launcher_choices
-from kat_research.sweep.records import job_records
 from kat_research.sweep.spec import (
     EVALUATE,
     ExperimentSpec,

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from kat_research.analysis import trap_check as tc
 from kat_research.building import demo_model_info
 from kat_research.config import compose
-from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.models import load_causal_lm

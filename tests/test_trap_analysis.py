@@ -26,7 +26,7 @@ from kat_research.analysis.verdicts import (
     wilson_interval,
 )
 from kat_research.config import compose
-from kat_research.data.long_task import CollatzTaskConfig, solution_text
+from kat_research.data.collatz import CollatzTaskConfig, solution_text
 from kat_research.termination import kat_rule
 from kat_research.training import train
 

@@ -15,12 +15,12 @@ from kat_research.analysis.detector import resolve_threshold
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
 from kat_research.analysis.runs import (
     TrainingRun,
-    build_module,
     initial_state,
     kat_buffer,
     load_run,
     load_student,
     read_checkpoint,
+    run_module,
     student_state,
 )
 from kat_research.lit import OPDModule
@@ -44,7 +44,7 @@ class AnalysisContext:
         """Keys used: ``run_dir``, ``device``, ``threshold_from`` (optional),
         ``analysis.detector``, ``analysis.rollouts``."""
         run = load_run(cfg.run_dir)
-        module = build_module(run.cfg, pick_device(cfg.device))
+        module = run_module(run.cfg, pick_device(cfg.device))
         spec = RolloutSpec(**OmegaConf.to_container(cfg.analysis.rollouts, resolve=True))
         detector = kat_rule_from_settings(
             OmegaConf.to_container(run.cfg.termination.kat, resolve=True),

@@ -80,7 +80,7 @@ def load_run(path: str | Path) -> TrainingRun:
     return TrainingRun(path, cfg, checkpoints)
 
 
-def build_module(cfg: DictConfig, device: torch.device) -> OPDModule:
+def run_module(cfg: DictConfig, device: torch.device) -> OPDModule:
     """The run's OPD module (student as configured, i.e. before training; frozen teacher)."""
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
     module = config.build_module(cfg, student, teacher)

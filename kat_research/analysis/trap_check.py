@@ -13,7 +13,7 @@ Three measurements, all on the student's own uncut rollouts (nothing is planted)
    test (:func:`fisher_exact`).
 
 Rollouts are classified by :func:`classify`: ``correct`` (the verifier accepts it),
-``degenerate`` (the repetition rule ``long_task.repetition_onset``: some line text or step
+``degenerate`` (the repetition rule ``collatz.repetition_onset``: some line text or step
 result value occurs a third time), ``capped`` (not degenerate, ran to the token cap) and
 ``wrong`` (stopped by itself, rejected). The derailment onset is the first token of the first
 line the verifier rejects; the KL "after" it starts at the next line, so the error line itself
@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kat_research.data.long_task import (
+from kat_research.data.collatz import (
     N_FORMS,
     CollatzTaskConfig,
     is_valid_step,

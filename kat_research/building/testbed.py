@@ -1,5 +1,5 @@
 """How the long-horizon testbed's teacher and students come about, like real base and instruct
-models: pre-training on copy-rich documents (``data.long_task.pretraining_documents``), then
+models: pre-training on copy-rich documents (``data.collatz.pretraining_documents``), then
 SFT on worked solutions with a share of those documents kept in the mixture.
 
 ``collatz_setup`` gives ``building.models.train_sft_model`` the data of both phases and the
@@ -23,9 +23,9 @@ from kat_research.building.token_mixture import (
     mix,
     sft_examples,
 )
-from kat_research.data.long_task import CollatzTaskConfig, pretraining_documents
+from kat_research.data.collatz import CollatzTaskConfig, pretraining_documents
 from kat_research.data.sources import SourceSpec, load_rows
-from kat_research.eval.long_task import CollatzEvaluator
+from kat_research.eval.tasks import CollatzEvaluator
 from kat_research.models import LoadedModel, load_causal_lm
 
 META_FILE = "demo_model.json"  # how a saved testbed or demo model was trained

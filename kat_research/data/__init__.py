@@ -8,7 +8,7 @@ from kat_research.data.prompts import (
     drop_too_long,
     format_prompt,
 )
-from kat_research.data.records import LoadStats
+from kat_research.data.readers import LoadStats
 from kat_research.data.sources import Row, SourceSpec, load_rows
 from kat_research.data.synthetic import (
     ArithmeticProblem,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config import ConfigError, compose
 from kat_research.console import quiet
-from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
 from kat_research.training import train

@@ -12,7 +12,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.analysis import trap_check as tc
 from kat_research.analysis.verdicts import score_cuts
-from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.sources import Row
 from kat_research.termination import KATRule
 

@@ -1,7 +1,7 @@
 """Job rows -> a table: mean ± std over seeds per cell, the paper's numbers beside them, and
 cells with unfinished jobs reported as missing instead of averaged over fewer seeds.
 
-The input is one record per job (a DataFrame row, e.g. from ``kat_research.sweep.records``):
+The input is one record per job (a DataFrame row, e.g. from ``kat_research.sweep.job_records``):
 the ``ID_COLUMNS``, one column per sweep axis holding the job's label, and the job's measures
 (``kat_research.tables.measures``) when its ``status`` is ``DONE``.
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kat_research.analysis import trap_check as tc
-from kat_research.data import long_task as lt
+from kat_research.data import collatz as lt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig
 from kat_research.termination import kat_rule
