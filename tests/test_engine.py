@@ -325,3 +325,22 @@ def test_row_end_rule():
     assert at_stop.tolist() == [True, False, True, False]
     ended, at_stop = row_ends(last, count, cap, stop_ids=torch.tensor([], dtype=torch.long))
     assert ended.tolist() == [False, True, True, False] and not at_stop.any()
+
+
+def test_benchmark_workloads_cap_a_share_of_rows_and_time_side_by_side():
+    from kat_research.rollout.workloads import StopShareEarly
+    from kat_research.runtime import interleaved
+
+    assert StopShareEarly(0.5, 0.25).begin_batch(4, 16).tolist() == [4, 4, 16, 16]
+    assert StopShareEarly(1.0, 0.0).begin_batch(2, 16).tolist() == [1, 1]  # at least one token
+    calls = []
+    seconds = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2)
+    assert set(seconds) == {"a", "b"} and calls == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_arithmetic_prompts_are_seeded(char_tokenizer):
+    from kat_research.rollout.workloads import arithmetic_prompts
+
+    ids, mask = arithmetic_prompts(char_tokenizer, 3, seed=1)
+    again, _ = arithmetic_prompts(char_tokenizer, 3, seed=1)
+    assert ids.shape[0] == 3 and torch.equal(ids, again) and mask.shape == ids.shape
