@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -49,7 +50,10 @@ class ConfigError(ValueError):
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API)."""
+    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API; inside a
+    running Hydra app, e.g. an analysis composing a train config, with that app's conf/)."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=list(overrides))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides))
 

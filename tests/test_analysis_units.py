@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from kat_research.analysis.detector import resolve_threshold
-from kat_research.analysis.planted import TraceSpec, planted_traces, score
 from kat_research.analysis.projection import (
     group_ratios,
     parameter_groups,
     projection_ratios,
     top_left_singular_vectors,
 )
+from kat_research.analysis.trap.planted import TraceSpec, planted_traces, score
 from kat_research.termination import kat_calibrated, kat_cuts, kat_rule, kat_rule_from_settings
 
 HIGH, LOW = 1.0, 0.01

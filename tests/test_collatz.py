@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from kat_research.analysis import trap_check as tc
+from kat_research.analysis.trap import check as tc
 from kat_research.data import collatz as lt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig

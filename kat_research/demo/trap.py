@@ -1,6 +1,6 @@
 """The agreement trap on the testbed, measured on the student's own rollouts before OPD: do
 derailed rollouts settle into agreement with the teacher, and would KAT cut them rather than
-the correct ones? (``analysis.trap_check`` defines the categories and the offline rule.)"""
+the correct ones? (``analysis.trap.check`` defines the categories and the offline rule.)"""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kat_research.analysis import trap_check as tc
-from kat_research.analysis.verdicts import score_cuts
+from kat_research.analysis.trap import check as tc
+from kat_research.analysis.trap.verdicts import score_cuts
 from kat_research.data.collatz import CollatzTaskConfig
+from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import Row
 from kat_research.termination import KATRule
 
@@ -42,7 +42,7 @@ class TrapStats:
 def trap_stats(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: PromptCollator,
     rows: list[Row],
     task: CollatzTaskConfig,
     *,
@@ -58,7 +58,7 @@ def trap_stats(
     scored = tc.sample_scored_rollouts(
         student,
         teacher,
-        tokenizer,
+        collate,
         rows,
         task,
         max_new_tokens=max_new_tokens,

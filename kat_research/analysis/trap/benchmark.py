@@ -1,14 +1,14 @@
 """Planted-trap benchmark for the KAT detector (not in the paper): how to set W and patience.
 
 Over a grid of noise levels and trap lengths, synthetic KL traces with known trap onsets
-(:mod:`kat_research.analysis.planted`) are scored for three detectors at each window size W:
+(:mod:`kat_research.analysis.trap.planted`) are scored for three detectors at each window size W:
 
 - ``kat``: adaptive threshold (the ``quantile`` of calibration traces' minimum window means,
   i.e. a full KAT buffer) with ``patience`` consecutive low windows;
 - ``fixed_threshold``: the same persistence with a fixed absolute threshold;
 - ``no_persistence``: the adaptive threshold with patience 1.
 
-    python -m kat_research.analysis.trap_benchmark
+    python -m kat_research.analysis.trap.benchmark
 
 Writes ``benchmark.csv`` (one row per cell x window x detector) and ``benchmark.png``.
 """
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.analysis.context import output_dir
-from kat_research.analysis.planted import TraceSpec, planted_traces, score
+from kat_research.analysis.trap.planted import TraceSpec, planted_traces, score
 from kat_research.config import CONFIG_DIR
 from kat_research.plotting import new_figure, save_figure
 from kat_research.termination import kat_calibrated, kat_cuts, kat_rule

@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.analysis.rollouts import uncut_rollouts
 from kat_research.data.collatz import (
     N_FORMS,
     CollatzTaskConfig,
@@ -43,10 +44,10 @@ from kat_research.data.collatz import (
     trajectory,
     verify,
 )
-from kat_research.data.prompts import format_prompt
+from kat_research.data.prompts import PromptCollator, format_prompt
 from kat_research.data.sources import Row
 from kat_research.losses import per_token_reverse_kl
-from kat_research.rollout import RolloutEngine, SamplingConfig
+from kat_research.rollout import SamplingConfig
 from kat_research.termination import KATRule, kat_calibrated, kat_cuts
 
 CATEGORIES = ("correct", "wrong", "degenerate", "capped")
@@ -85,7 +86,7 @@ def token_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
 def sample_scored_rollouts(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: PromptCollator,
     rows: Sequence[Row],
     cfg: CollatzTaskConfig,
     *,
@@ -95,25 +96,17 @@ def sample_scored_rollouts(
     batch_size: int = 32,
     seed: int = 0,
 ) -> list[ScoredRollout]:
-    """One uncut rollout per row, sampled by the student as OPD samples it, the teacher scoring
-    every token (full reverse KL), each classified by :func:`classify`."""
-    engine = RolloutEngine(
-        student,
-        teacher,
-        sampling=SamplingConfig(temperature, top_p, max_new_tokens, (tokenizer.eos_token_id,)),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    generator = torch.Generator().manual_seed(seed)
+    """One uncut rollout per row (prompts encoded by ``collate``, the run's data settings),
+    sampled by the analyses' one sampler (``rollouts.uncut_rollouts``: the student as OPD
+    samples, the teacher scoring every token, full reverse KL), each classified by
+    :func:`classify`."""
+    tokenizer = collate.tokenizer
+    sampling = SamplingConfig(temperature, top_p, max_new_tokens, (tokenizer.eos_token_id,))
+    chunks = [rows[lo : lo + batch_size] for lo in range(0, len(rows), batch_size)]
+    batches = (collate(chunk) for chunk in chunks)
     out = []
-    for lo in range(0, len(rows), batch_size):
-        batch = rows[lo : lo + batch_size]
-        enc = tokenizer(
-            [format_prompt(tokenizer, r.problem, "") for r in batch],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        rollout = engine.generate(enc.input_ids, enc.attention_mask, generator)
+    sampled = uncut_rollouts(student, teacher, tokenizer, batches, sampling, seed=seed)
+    for batch, rollout in zip(chunks, sampled, strict=True):
         for b, row in enumerate(batch):
             length = int(rollout.lengths[b])
             stop = rollout.stop_reason[b]

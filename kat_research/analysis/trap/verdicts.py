@@ -1,6 +1,6 @@
 """What the task's verifier says about a rollout, and how well KAT's cuts agree with it.
 
-Every rollout gets one exclusive category, in this priority (as ``trap_check.classify``):
+Every rollout gets one exclusive category, in this priority (as ``check.classify``):
 
 1. ``correct``: the verifier accepts it;
 2. ``degenerate``: the repetition rule fires;
@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from kat_research.analysis.trap_check import CATEGORIES, classify, fisher_exact
+from kat_research.analysis.trap.check import CATEGORIES, classify, fisher_exact
 from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.eval.grading import Grader
 from kat_research.text.answers import extract_answer
@@ -86,7 +86,7 @@ def free_text_category(answer_correct: bool, stop_reason: str, degenerate: bool)
 
 
 class CollatzVerifier:
-    """The testbed's chain verifier (``trap_check.classify``); ``problem`` is the start."""
+    """The testbed's chain verifier (``check.classify``); ``problem`` is the start."""
 
     name = "collatz chain verifier (collatz.verify)"
     repetition_rule = (

@@ -4,7 +4,7 @@ ones?
 For the early and late checkpoint of a training run (any method; OPD is the main case; by
 default the student before training and after its last step), N uncut rollouts (no
 termination rule; the run's sampling settings and cap; the teacher scoring every token), each
-judged by the task's verifier (``analysis.verdicts``: correct / wrong / degenerate / capped),
+judged by the task's verifier (``trap.verdicts``: correct / wrong / degenerate / capped),
 and per checkpoint:
 
 - the share with a persistent low-KL segment (``termination.phases``, KAT's own detector at
@@ -19,7 +19,7 @@ The threshold is the quantile of the KAT buffer saved in the analysed checkpoint
 itself used at that point of training); a checkpoint without one (an OPD run) uses the
 quantile of its rollouts' own minimum window means. The output says which.
 
-    python -m kat_research.analysis.trap_analysis run_dir=<training job folder>
+    python -m kat_research.analysis.trap.analysis run_dir=<training job folder>
 
 Writes ``rollouts.csv``, ``crosstab.csv``, ``onsets.csv``, ``cuts.csv``, ``summary.md`` and
 ``trap_analysis.png`` into ``output_dir``.
@@ -47,8 +47,8 @@ from kat_research import config
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
 from kat_research.analysis.detector import resolve_threshold, segment_traces
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
-from kat_research.analysis.trap_check import CATEGORIES
-from kat_research.analysis.verdicts import (
+from kat_research.analysis.trap.check import CATEGORIES
+from kat_research.analysis.trap.verdicts import (
     CollatzVerifier,
     MathVerifier,
     Verdict,
@@ -515,7 +515,7 @@ def measure_pair(
 def main(cfg: DictConfig) -> None:
     cfg.output_dir = HydraConfig.get().runtime.output_dir
     overrides = list(HydraConfig.get().overrides.task)
-    run(cfg, shlex.join(["python", "-m", "kat_research.analysis.trap_analysis", *overrides]))
+    run(cfg, shlex.join(["python", "-m", "kat_research.analysis.trap.analysis", *overrides]))
 
 
 if __name__ == "__main__":
