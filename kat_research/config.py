@@ -180,11 +180,14 @@ def build_module(
     terminator: Terminator | None = None,
 ) -> OPDModule:
     """The OPD LightningModule ``cfg`` describes, around already loaded models."""
+    from kat_research.data.first_error import first_error_task
     from kat_research.lit import OPDModule
 
     options: dict[str, Any] = {}
     if terminator is not None:
         options["terminator"] = terminator
+    if cfg.get("cut_verdicts", False):
+        options["verdict_task"] = first_error_task(cfg.data.source)
     return OPDModule(
         student.model,
         teacher.model,

@@ -47,7 +47,8 @@ from kat_research.sweep.state import (
     running_elsewhere,
 )
 from kat_research.tables.aggregate import TableSpec, aggregate
-from kat_research.tables.plots import plot_figure
+from kat_research.tables.plots import plot_figure, verdict_figure
+from kat_research.tables.verdicts import verdict_series
 from kat_research.tables.write import write_table
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ def write_results(
     ]
     text = write_table(tidy, table, stem, title=spec.title, notes=notes)
     records.to_csv(stem.with_suffix(".jobs.csv"), index=False)
+    verdicts = verdict_series(records)
+    if not verdicts.empty:  # the cut verdicts its training jobs logged, over training
+        verdicts.to_csv(stem.with_suffix(".verdicts.csv"), index=False)
+        verdict_figure(verdicts, stem.with_suffix(".verdicts.png"), title=spec.title)
     if spec.figure:
         plot_figure(
             tidy,

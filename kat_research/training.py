@@ -26,6 +26,7 @@ from kat_research.config import build_module, check_runnable
 from kat_research.console import quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
+from kat_research.lit.cut_verdicts import run_summary
 from kat_research.lit.eval_callback import EvalCallback
 from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.models.vocab_check import check_finite_weights
@@ -216,6 +217,7 @@ def make_summary(
         "rollout_time_s": totals["rollout_s"],
         "mean_decode_steps": totals["decode_steps"] / max(1, totals["batches"]),
         "occupancy": totals["slot_tokens"] / max(1, totals["row_slots"]),
+        "cut_verdicts": run_summary(totals),
         "final_metrics": {
             k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)
         },

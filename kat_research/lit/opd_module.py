@@ -23,7 +23,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.data.first_error import FirstErrorTask
 from kat_research.distributed import all_gather_cat, all_reduce_sum, world_size
+from kat_research.lit.cut_verdicts import rollout_counts, verdict_metrics
 from kat_research.lit.divergence import divergence_error, global_grad_norm, grad_scaler_active
 from kat_research.lit.length_buckets import bucketed_hidden
 from kat_research.lit.schedule import optimizers_config
@@ -135,6 +137,7 @@ class OPDModule(L.LightningModule):
         loss: dict[str, Any] | LossSettings | None = None,
         rollout: dict[str, Any] | RolloutSettings | None = None,
         seed: int = 0,
+        verdict_task: FirstErrorTask | None = None,
     ):
         super().__init__()
         self.student = student.train()
@@ -146,6 +149,7 @@ class OPDModule(L.LightningModule):
         self.rollout_settings = _as(RolloutSettings, rollout)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.seed = seed
+        self.verdict_task = verdict_task  # logs cut verdicts each step when set
         keep = self.rollout_settings.teacher_keep
         self.engine = RolloutEngine(
             student,
@@ -251,6 +255,8 @@ class OPDModule(L.LightningModule):
             ) from error
         out = self.distillation_loss(rollout)
         self._log_rollout(rollout, out)
+        if self.verdict_task is not None:
+            self._log_cut_verdicts(rollout, [p for p in batch["problems"] for _ in range(group)])
         self.last_rollout = replace(
             rollout, teacher_hidden=None, teacher_topk_logprobs=None, teacher_topk_ids=None
         )
@@ -378,6 +384,16 @@ class OPDModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, batch_size=rollout.batch_size)
         self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
         self.log("len", metrics["len/generated"], prog_bar=True, on_step=True, logger=False)
+
+    def _log_cut_verdicts(self, rollout: Rollout, problems: list[str]) -> None:
+        """The verifier's verdicts on this step's cuts (``lit/cut_verdicts.py``), summed over
+        ranks; their run totals (``verdict/<count>`` in ``totals``) go to the summary."""
+        local = rollout_counts(self.verdict_task, self.tokenizer, rollout, problems)
+        values = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
+        counts = dict(zip(local, all_reduce_sum(values).tolist(), strict=True))
+        for name, value in counts.items():
+            self.totals[f"verdict/{name}"] = self.totals.get(f"verdict/{name}", 0.0) + value
+        self.log_dict(verdict_metrics(counts), on_step=True, batch_size=rollout.batch_size)
 
     def _check_finite(self, totals: dict[str, float]) -> None:
         """Stop on a NaN/inf loss; warn (once) when teacher values were NaN/inf. ``totals``

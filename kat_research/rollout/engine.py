@@ -29,7 +29,8 @@ from kat_research.rollout.types import (
     Rollout,
     SamplingConfig,
 )
-from kat_research.termination.base import Terminator
+from kat_research.termination.base import SIGNALS, Terminator, observe_rule
+from kat_research.termination.drift import topk_overlap
 
 TeacherKeep = Literal["none", "hidden", "topk"]
 DEFAULT_SCORE_EVERY = 64
@@ -73,9 +74,12 @@ class _Buffers:
     kl: torch.Tensor
     teacher_logprobs: torch.Tensor
     teacher_finite: torch.Tensor
+    topk_overlap: torch.Tensor | None  # only when the terminator reads it
 
     @classmethod
-    def allocate(cls, batch: int, width: int, pad_id: int, device: torch.device) -> _Buffers:
+    def allocate(
+        cls, batch: int, width: int, pad_id: int, device: torch.device, overlap: bool = False
+    ) -> _Buffers:
         nan = torch.full((batch, width), float("nan"), device=device)
         return cls(
             tokens=torch.full((batch, width), pad_id, dtype=torch.long, device=device),
@@ -83,6 +87,7 @@ class _Buffers:
             kl=nan.clone(),
             teacher_logprobs=nan.clone(),
             teacher_finite=torch.ones(batch, width, dtype=torch.bool, device=device),
+            topk_overlap=nan.clone() if overlap else None,
         )
 
 
@@ -122,8 +127,17 @@ class RolloutEngine:
     ):
         if teacher_keep not in ("none", "hidden", "topk"):
             raise ValueError(f"teacher_keep must be none/hidden/topk, got {teacher_keep!r}")
-        if terminator is not None and terminator.needs_kl and teacher is None:
-            raise ValueError(f"{terminator!r} needs the teacher's per-token KL; pass a teacher")
+        if terminator is not None and terminator.observes and teacher is None:
+            raise ValueError(
+                f"{terminator!r} needs the teacher (it observes rows at teacher-scoring chunks); "
+                "pass a teacher"
+            )
+        signals = terminator.signals if terminator is not None else ()
+        unknown = set(signals) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown terminator signals {sorted(unknown)}; valid: {SIGNALS}")
+        if "topk_overlap" in signals and not terminator.overlap_k:
+            raise ValueError(f"{terminator!r} reads topk_overlap but sets no overlap_k >= 1")
         if teacher is None and teacher_keep != "none":
             raise ValueError("teacher_keep needs a teacher")
         if teacher_keep == "topk" and (teacher_topk is None or teacher_topk < 1):
@@ -193,12 +207,15 @@ class _RolloutRun:
         self.generator = generator
         batch = prompt_ids.shape[0]
         self.width = self.cfg.max_new_tokens
-        self.buf = _Buffers.allocate(batch, self.width, engine.pad_token_id, self.device)
+        terminator = engine.terminator
+        self.signals = terminator.signals if terminator is not None else ()
+        self.buf = _Buffers.allocate(
+            batch, self.width, engine.pad_token_id, self.device, "topk_overlap" in self.signals
+        )
         self.prompt_len = self.prompt_mask.sum(-1)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.cut = torch.full((batch,), -1, dtype=torch.long, device=self.device)
         self.stop_reason: list[str] = [""] * batch
-        terminator = engine.terminator
         caps = (
             terminator.begin_batch(batch, self.width, generator)
             if terminator is not None
@@ -299,7 +316,11 @@ class _RolloutRun:
         kl[finite] = per_token_reverse_kl(flat_s[finite], flat_t[finite], kind="full")
         t_logprobs = torch.log_softmax(flat_t.float(), dim=-1)
         lq = t_logprobs.gather(-1, tokens[valid][:, None]).squeeze(-1)
-        for name, values in (("kl", kl), ("teacher_logprobs", lq), ("teacher_finite", finite)):
+        recorded = [("kl", kl), ("teacher_logprobs", lq), ("teacher_finite", finite)]
+        if self.buf.topk_overlap is not None:
+            overlap = topk_overlap(flat_s, flat_t, self.e.terminator.overlap_k)
+            recorded.append(("topk_overlap", overlap.masked_fill(~finite, float("nan"))))
+        for name, values in recorded:
             block = getattr(self.buf, name)[rows, start:end]
             block[valid] = values
             getattr(self.buf, name)[rows, start:end] = block
@@ -310,9 +331,16 @@ class _RolloutRun:
 
     def _apply_terminator(self, rows: torch.Tensor, end: int) -> None:
         terminator = self.e.terminator
-        if terminator is None or not terminator.needs_kl:
+        if terminator is None or not terminator.observes:
             return
-        cuts = terminator.observe(rows, self.buf.kl[rows, :end], self.lengths[rows]).to(self.device)
+        signals = {
+            "student_logprob": self.buf.student_logprobs,
+            "topk_overlap": self.buf.topk_overlap,
+        }
+        signals = {name: signals[name][rows, :end] for name in self.signals}
+        cuts = observe_rule(
+            terminator, rows, self.buf.kl[rows, :end], self.lengths[rows], signals
+        ).to(self.device)
         fired = (cuts >= 0).nonzero().flatten()
         for i in fired.tolist():
             self.cut[rows[i]] = cuts[i]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from kat_research.tables.measures import MEASURES
 
-# of a record (commit: the code the job ran, sweep.records)
+# of a record (commit: the code the job ran, sweep.job_records)
 ID_COLUMNS = ("experiment", "scale", "job", "kind", "role", "status", "folder", "commit")
 DONE = "done"  # the status of a finished job: its measures count
 MISSING_LABEL = "-"  # row-axis value of jobs that do not set that axis (e.g. KAT in a budget sweep)

@@ -136,4 +136,6 @@ def job_measures(folder: str | Path) -> dict[str, float]:
         eflops=compute_eflops(summary, status.get("n_params")),
         **curve_means(folder),
     )
+    verdicts = summary.get("cut_verdicts") or {}  # the run's cut verdicts (lit/cut_verdicts.py)
+    out.update({f"verdict_{k}": v for k, v in verdicts.items() if not k.startswith("n_")})
     return out

@@ -4,7 +4,8 @@ Kinds: ``scatter`` (measure ``x`` against measure ``y``, one point per row, a pa
 group: e.g. accuracy against rollout length), ``line`` (measures ``y`` against the numeric row
 axis ``x``, a line per remaining row label; rows without a value on ``x`` are dashed
 horizontal references) and ``bars`` (measures ``y`` per row, grouped by column). Error bars are
-the std over seeds; incomplete cells are left out. Drawn in the project's plotting style
+the std over seeds; incomplete cells are left out. :func:`verdict_figure` draws the cut-verdict
+series over training (``tables.verdicts``). Drawn in the project's plotting style
 (``kat_research.plotting``).
 """
 
@@ -140,5 +141,37 @@ def plot_figure(
         fig = bars(tidy, figure, titles)
     else:
         raise ValueError(f"unknown figure kind {kind!r}: scatter, line or bars")
+    fig.suptitle(title, fontsize="medium")
+    return save_figure(fig, path)
+
+
+#: the cut-verdict measures drawn over training, with their axis titles
+VERDICT_PANELS = {
+    "verdict/cut_rows": "share of rows cut",
+    "verdict/cut_on_derailed": "cut rows whose kept prefix holds an error",
+    "verdict/cut_minus_error": "cut - first error (tokens)",
+    "verdict/dropped_on_derailed": "share of dropped tokens on derailed prefixes",
+}
+
+
+def verdict_figure(series: pd.DataFrame, path: Path, *, title: str) -> Path:
+    """The cut verdicts of ``series`` (``tables.verdicts.verdict_series``) over training steps:
+    a panel per measure, a line per method (mean over seeds, band = min..max over seeds)."""
+    panels = [m for m in VERDICT_PANELS if m in series]
+    if not panels:
+        raise ValueError(f"no verdict measures in the series (columns: {list(series)})")
+    fig = new_figure(1, len(panels), **PANEL)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, measure in zip(axes[0], panels, strict=True):
+        for method, part in series.groupby("method", sort=False):
+            stats = part.groupby("step")[measure].agg(["mean", "min", "max"]).dropna()
+            if stats.empty:
+                continue
+            (drawn,) = ax.plot(stats.index, stats["mean"], label=method)
+            ax.fill_between(
+                stats.index, stats["min"], stats["max"], color=drawn.get_color(), alpha=0.2
+            )
+        ax.set(xlabel="optimizer step", ylabel=VERDICT_PANELS[measure])
+        legend(ax)
     fig.suptitle(title, fontsize="medium")
     return save_figure(fig, path)

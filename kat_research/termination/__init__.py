@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from kat_research.termination.base import Terminator
+from kat_research.termination.drift import OverlapDriftTerminator, topk_overlap
+from kat_research.termination.horizon import ProgressiveHorizon
 from kat_research.termination.kat import (
     KATTerminator,
     kat_calibrated,
@@ -18,6 +20,7 @@ from kat_research.termination.kat_rule import (
     kat_rule_from_settings,
 )
 from kat_research.termination.marking import KATPhaseMarker
+from kat_research.termination.repetition import RepetitionFilter, repetition_cut
 from kat_research.termination.rules import (
     CompositeTerminator,
     FixedPrefix,
@@ -32,7 +35,10 @@ __all__ = [
     "KATRule",
     "KATTerminator",
     "NoTermination",
+    "OverlapDriftTerminator",
+    "ProgressiveHorizon",
     "RandomTermination",
+    "RepetitionFilter",
     "Terminator",
     "ThresholdPolicy",
     "kat_calibrated",
@@ -42,4 +48,6 @@ __all__ = [
     "kat_rule_from_settings",
     "kat_window_minima",
     "kat_window_minimum",
+    "repetition_cut",
+    "topk_overlap",
 ]

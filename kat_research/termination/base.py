@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+#: per-token series besides the KL that a rule may ask the engine for (``Terminator.signals``):
+#: ``student_logprob``: log p(y_t) of the sampled token under the student at temperature 1;
+#: ``topk_overlap``: |top-k of the student's logits & top-k of the teacher's| / k at each
+#: position, with k = ``Terminator.overlap_k``
+SIGNALS = ("student_logprob", "topk_overlap")
 
 
 class Terminator:
@@ -22,6 +28,8 @@ class Terminator:
        undefined), ``lengths`` the tokens generated per row [n] (each <= t). Returns the
        cut per row [n] (number of tokens kept) for rows whose rule fired at this call,
        -1 elsewhere. A row reported once is stopped by the engine and not observed again.
+       Rules that list ``signals`` also get ``signals={name: [n, t]}`` (see ``SIGNALS``),
+       aligned with ``kl``; rules observe only when ``observes`` (a teacher is scoring).
     3. ``kept_tokens(cut, kl, lengths)`` once every row has finished: the final number of
        tokens kept per row (rules that mark phases instead of stopping lower it here).
     4. ``end_batch()``; adaptive rules update their state here and return scalar metrics for
@@ -36,6 +44,15 @@ class Terminator:
     #: preferred teacher-scoring chunk (KAT: its stride, so evaluation points fall on chunk
     #: boundaries); None lets the engine choose
     chunk_hint: int | None = None
+    #: per-token series ``observe`` reads besides the KL (names in ``SIGNALS``)
+    signals: tuple[str, ...] = ()
+    #: k of the ``topk_overlap`` signal (rules that list it)
+    overlap_k: int | None = None
+
+    @property
+    def observes(self) -> bool:
+        """Whether the engine calls ``observe`` at chunk boundaries."""
+        return self.needs_kl or bool(self.signals)
 
     def begin_batch(
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
@@ -43,7 +60,13 @@ class Terminator:
         """Start a batch; return per-row length caps [batch_size] (long)."""
         return torch.full((batch_size,), max_new_tokens, dtype=torch.long)
 
-    def observe(self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def observe(
+        self,
+        rows: torch.Tensor,
+        kl: torch.Tensor,
+        lengths: torch.Tensor,
+        signals: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Return per-row cuts [n] for rows stopped at this chunk boundary, -1 elsewhere."""
         return torch.full((rows.numel(),), -1, dtype=torch.long)
 
@@ -73,3 +96,23 @@ class Terminator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (no-op for stateless rules)."""
         return None
+
+
+def observe_rule(
+    rule: Terminator,
+    rows: torch.Tensor,
+    kl: torch.Tensor,
+    lengths: torch.Tensor,
+    signals: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """``rule.observe`` with the signals it lists (rules that list none get the KL only)."""
+    if not rule.signals:
+        return rule.observe(rows, kl, lengths)
+    return rule.observe(rows, kl, lengths, signals={name: signals[name] for name in rule.signals})
+
+
+def signal(rule: Terminator, signals: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+    """The ``name`` series of ``signals`` (what the engine passes to ``rule.observe``)."""
+    if signals is None or name not in signals:
+        raise ValueError(f"{type(rule).__name__}.observe needs signals[{name!r}]")
+    return signals[name]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from kat_research.termination.base import Terminator
+from kat_research.termination.base import Terminator, observe_rule
 
 
 class NoTermination(Terminator):
@@ -97,7 +97,8 @@ class CompositeTerminator(Terminator):
     """Several rules at once (e.g. KAT on top of a fixed prefix): the earliest stop wins.
 
     Caps are the elementwise minimum of the children's caps; ``observe`` returns the
-    smallest cut any child reports (children with ``needs_kl=False`` are not observed).
+    smallest cut any child reports (children that do not ``observe`` are not observed);
+    the signals are the union of the children's, which must agree on ``overlap_k``.
     Metrics are merged (children use distinct keys); state is keyed by child index.
     """
 
@@ -108,6 +109,11 @@ class CompositeTerminator(Terminator):
         self.needs_kl = any(t.needs_kl for t in self.terminators)
         hints = [t.chunk_hint for t in self.terminators if t.chunk_hint is not None]
         self.chunk_hint = min(hints) if hints else None
+        self.signals = tuple(dict.fromkeys(s for t in self.terminators for s in t.signals))
+        ks = {t.overlap_k for t in self.terminators if "topk_overlap" in t.signals}
+        if len(ks) > 1:
+            raise ValueError(f"children need top-k overlaps of different k {sorted(ks)}")
+        self.overlap_k = ks.pop() if ks else None
 
     def begin_batch(
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
@@ -115,11 +121,17 @@ class CompositeTerminator(Terminator):
         caps = [t.begin_batch(batch_size, max_new_tokens, generator) for t in self.terminators]
         return torch.stack([c.cpu() for c in caps]).amin(0)
 
-    def observe(self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def observe(
+        self,
+        rows: torch.Tensor,
+        kl: torch.Tensor,
+        lengths: torch.Tensor,
+        signals: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         cut = torch.full((rows.numel(),), -1, dtype=torch.long)
         for t in self.terminators:
-            if t.needs_kl:
-                child = t.observe(rows, kl, lengths).cpu()
+            if t.observes:
+                child = observe_rule(t, rows, kl, lengths, signals or {}).cpu()
                 cut = torch.where((child >= 0) & ((cut < 0) | (child < cut)), child, cut)
         return cut
 
