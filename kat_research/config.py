@@ -7,10 +7,14 @@ library subpackage does. It imports neither Lightning nor the models at import t
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import math
 import os
+import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +22,9 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from kat_research.provenance import PACKAGE_ROOT
 
@@ -137,24 +142,140 @@ def check_values(cfg: DictConfig) -> None:
         )
 
 
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse ``<group>=null`` for a config group without a ``null`` option (``logger=null``,
+    ``callbacks=null``), which Hydra rejects with a traceback, naming ``~<group>``."""
+    for override in overrides:
+        match = re.fullmatch(r"([\w/]+)=(null|none|None)", override)
+        if match is None:
+            continue
+        group = match.group(1)
+        folder = Path(CONFIG_DIR) / group
+        if folder.is_dir() and not (folder / f"{match.group(2)}.yaml").exists():
+            raise ConfigError(
+                f"{override}: {group} is a config group, not a value; write ~{group} to leave "
+                f"the whole group out, or {group}.<name>=null to disable one entry"
+            )
+
+
+def _walk(node: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every mapping of a resolved config (lists included) with its dotted key."""
+    if isinstance(node, dict):
+        yield key, node
+        children = ((str(k), v) for k, v in node.items() if not str(k).startswith("_"))
+    elif isinstance(node, list):
+        children = ((str(i), value) for i, value in enumerate(node))
+    else:
+        return
+    for child_key, child in children:
+        yield from _walk(child, f"{key}.{child_key}" if key else child_key)
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` with every interpolation resolved; an interpolation that cannot be is a
+    :class:`ConfigError` naming the key (an evaluation that reads settings the chosen data does
+    not have names ``eval=``)."""
+    probe = cfg.copy()
+    if "paths" in probe and OmegaConf.is_missing(probe.paths, "output_dir"):
+        probe.paths.output_dir = "<run folder>"  # set at run time (Hydra's job folder)
+    try:
+        return OmegaConf.to_container(probe, resolve=True)  # type: ignore[return-value]
+    except InterpolationResolutionError as error:
+        key = getattr(error, "full_key", "") or "?"
+        message = f"{key} cannot be resolved: {str(error).splitlines()[0]}"
+        if key.startswith("eval."):
+            choices = sorted(p.stem for p in (Path(CONFIG_DIR) / "eval").glob("*.yaml"))
+            message += (
+                ". The evaluation does not fit this data: choose one that does with eval= "
+                f"({' | '.join(choices)}; eval=none to train without one)"
+            )
+        raise ConfigError(message) from None
+
+
+def _accepted(target: str) -> set[str] | None:
+    """The keyword arguments ``target`` accepts (None: any, or the target cannot be read)."""
+    try:
+        obj = get_object(target)
+        parameters = inspect.signature(obj).parameters.values()
+    except Exception:  # a missing module is reported when the object is built
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def _refuse_unknown(key: str, given: Sequence[str], accepted: set[str]) -> None:
+    for name in given:
+        if name not in accepted and not name.startswith("_"):
+            close = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f" (did you mean {key}.{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{key}.{name} is not a setting{hint}; valid keys of {key}: "
+                f"{', '.join(sorted(accepted))}"
+            )
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse keys that no code reads: a key of ``rollout`` / ``loss`` that their settings do
+    not have, or a key of any ``_target_`` node that its target does not take (a typo such as
+    ``+rollout.scor_every=8``), naming the nearest valid key. Imports the targets, loads no
+    model."""
+    from kat_research.lit import LossSettings, RolloutSettings
+
+    values = resolved(cfg)
+    for key, settings in (("rollout", RolloutSettings), ("loss", LossSettings)):
+        if isinstance(values.get(key), dict):
+            fields = {f.name for f in dataclasses.fields(settings)}
+            _refuse_unknown(key, list(values[key]), fields)
+    for key, node in _walk(values):
+        target = node.get("_target_")
+        accepted = _accepted(target) if isinstance(target, str) else None
+        if accepted is not None:
+            _refuse_unknown(key, [str(k) for k in node], accepted)
+
+
+def _rule_keys(cfg: DictConfig) -> list[str]:
+    """The ``termination.<name>`` nodes ``method.terminator`` uses (``method.terminator``
+    itself when it names none)."""
+    raw = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg.method, ["terminator"]))
+    return re.findall(r"\$\{(termination\.\w+)\}", raw) or ["method.terminator"]
+
+
+def configured_terminator(cfg: DictConfig) -> Terminator:
+    """The termination rule of ``method.terminator``; a bad setting is a :class:`ConfigError`
+    naming the key as the user writes it (``termination.kat.quantile=1.5``)."""
+    try:
+        return instantiate(cfg.method.terminator)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+    for key in _rule_keys(cfg):
+        node = OmegaConf.select(cfg, key)
+        try:
+            instantiate(node)
+        except InstantiationException as inner:
+            reason = inner.__cause__ or inner
+            named = [k for k in node if re.search(rf"\b{re.escape(str(k))}\b", str(reason))]
+            shown = ", ".join(f"{key}.{k}={node[k]}" for k in named) or key
+            raise ConfigError(f"{shown} is invalid: {reason}") from None
+    raise ConfigError(f"method.terminator ({cfg.method.name}): {cause}") from None
+
+
 def check_runnable(cfg: DictConfig) -> Terminator:
     """Fail with a :class:`ConfigError` naming the key to change if ``cfg`` cannot run; return
     the configured termination rule. Loads no model."""
     from kat_research.termination import KATTerminator
 
+    check_keys(cfg)  # resolves every interpolation first
     check_values(cfg)
-    try:
-        terminator = instantiate(cfg.method.terminator)
-    except InstantiationException as error:
-        cause = error.__cause__ or error
-        raise ConfigError(f"method.terminator ({cfg.method.name}): {cause}") from error
+    terminator = configured_terminator(cfg)
     cap = cfg.rollout.max_new_tokens
+    kat = next((k for k in _rule_keys(cfg) if k.endswith(".kat")), "method.terminator")
     for rule in _rules(terminator):
         if isinstance(rule, KATTerminator) and rule.rule.window + rule.rule.exempt > cap:
             raise ConfigError(
                 f"KAT window {rule.rule.window} (+ exempt {rule.rule.exempt}) exceeds "
                 f"rollout.max_new_tokens={cap}: no window could ever be evaluated. Lower "
-                "termination.kat.window or raise rollout.max_new_tokens."
+                f"{kat}.window or raise rollout.max_new_tokens."
             )
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():

@@ -1,11 +1,15 @@
 """A training run's folder across attempts: who owns it, which checkpoint a run resumes from,
 and keeping its metrics file whole when it does.
 
+- :func:`hold` locks the folder for one process (``run.lock``, released when the process ends,
+  however it ends): a second run started on a held folder is refused.
 - :func:`claim` records the run's config fingerprint in ``run.json`` on the first attempt and
   refuses a folder that holds another run's files (a different config, or files but no record).
+  The fingerprint does not depend on where the folder is: a moved or copied folder resumes.
 - :func:`resume_checkpoint` picks the checkpoint a run continues from: an explicit path (checked),
-  or with ``resume=auto`` the newest checkpoint in ``checkpoints/`` that loads, falling back to
-  older ones with a warning when the newest is broken.
+  or with ``resume=auto`` the checkpoint of ``checkpoints/`` with the most optimizer steps that
+  loads and whose weights match their checksum, falling back to older ones with a warning naming
+  each broken one.
 - :func:`trim_metrics` drops the CSV rows a resumed run will log again (steps after the
   checkpoint), so one run's metrics stay one file without duplicates.
 
@@ -15,11 +19,14 @@ Everything here runs before any model is loaded.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +41,23 @@ from kat_research.layout import (
     read_json,
     write_atomic,
 )
+from kat_research.lit.checkpoint_hooks import DIGEST_KEY, weights_digest
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"  # the resolved config of the run's first attempt
+LOCK_FILE = "run.lock"  # locked (flock) by the process that runs in the folder; holds its pid
 # Keys that may change between attempts of one run: where it writes, how it resumes, how long
-# it trains (extending a finished run is resuming it) and how many threads it uses.
+# it trains (extending a finished run is resuming it), how many threads it uses, what it prints
+# and the peak learning rate (the new rate takes effect: lit/checkpoint_hooks.PeakLearningRate).
+# Everything else must match the folder's first attempt (README: Resuming).
 RESUMABLE_CHANGES = (
     "paths",
     "resume",
     "run_dir",
     "threads",
+    "verbose",
+    "optimizer.lr",
     "trainer.max_steps",
     "trainer.max_epochs",
 )
@@ -53,6 +66,7 @@ LAUNCHER_FILES = {
     ".hydra",
     RUN_FILE,
     CONFIG_FILE,
+    LOCK_FILE,
     JOB_FILE,
     STATUS_FILE,
     ".submitit",
@@ -68,9 +82,31 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file and the problem."""
 
 
+def _placeless(value: Any, places: list[tuple[str, str]]) -> Any:
+    """``value`` with every occurrence of a folder of ``places`` (path, its name) in its strings
+    replaced by the folder's name, longest path first."""
+    if isinstance(value, dict):
+        return {k: _placeless(v, places) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_placeless(v, places) for v in value]
+    if isinstance(value, str):
+        for path, name in places:
+            value = value.replace(path, name)
+    return value
+
+
 def fingerprint(cfg: DictConfig) -> str:
-    """A hash of the resolved config without the keys of :data:`RESUMABLE_CHANGES`."""
+    """A hash of the resolved config without the keys of :data:`RESUMABLE_CHANGES`, and
+    without where the run's folders are: values under ``paths.*`` (the run folder, the data and
+    cache folders) count by name, not by place (``logger.csv.save_dir`` is ``${paths.output_dir}``
+    wherever the folder is moved)."""
     data = OmegaConf.to_container(cfg, resolve=True)
+    folders = data.get("paths") or {}
+    places = sorted(
+        ((str(v).rstrip("/"), f"${{paths.{k}}}") for k, v in folders.items() if v),
+        key=lambda place: -len(place[0]),
+    )
+    data = _placeless(data, [(path, name) for path, name in places if len(path) > 1])
     for dotted in RESUMABLE_CHANGES:
         *parents, leaf = dotted.split(".")
         node = data
@@ -84,6 +120,31 @@ def fingerprint(cfg: DictConfig) -> str:
 def launcher_file(name: str) -> bool:
     """Files a launcher writes before the run starts (Hydra's config and log, a sweep's records)."""
     return name in LAUNCHER_FILES or name.endswith(".log")
+
+
+@contextmanager
+def hold(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for this process while the block runs; raise :class:`RunFolderError` if
+    another process holds it. The lock (``flock`` on ``run.lock``) is released by the kernel
+    when the holder exits, even on kill -9, so a dead run never blocks its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunFolderError(
+            f"{folder} is in use by another run (process {holder} holds {path}): wait for it to "
+            "finish, or choose another run_dir"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def claim(folder: Path, cfg: DictConfig, resume: str) -> bool:
@@ -119,10 +180,10 @@ def claim(folder: Path, cfg: DictConfig, resume: str) -> bool:
     return record is not None
 
 
-def check_checkpoint(path: Path) -> dict[str, Any]:
+def check_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
     """The checkpoint's training progress (``global_step``, ``epoch``); raises
     :class:`CheckpointError` naming the file and what is wrong with it. Reads the file
-    memory-mapped: large tensors are not loaded."""
+    memory-mapped; ``verify`` also reads every weight to compare it with the saved checksum."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     size = path.stat().st_size
@@ -144,7 +205,28 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is not a Lightning training checkpoint (missing {missing})"
         )
+    if verify:
+        verify_weights(path, state)
     return {"global_step": int(state["global_step"]), "epoch": int(state.get("epoch", 0))}
+
+
+def verify_weights(path: Path, state: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint's weights do not match the checksum
+    saved with them (``weights_sha256``; checkpoints written before it existed pass)."""
+    saved = state.get(DIGEST_KEY)
+    if saved is None:
+        return
+    try:
+        now = weights_digest(state["state_dict"])
+    except Exception as error:  # a damaged tensor entry may not even read
+        raise CheckpointError(
+            f"checkpoint {path}: its weights cannot be read ({type(error).__name__}: {error})"
+        ) from error
+    if now is not None and now != saved:
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not match the checksum saved with them "
+            f"({DIGEST_KEY}): the file was damaged after it was written"
+        )
 
 
 @dataclass(frozen=True)
@@ -156,29 +238,33 @@ class Resume:
 
 
 def resume_checkpoint(folder: Path, resume: str) -> Resume:
-    """Where a run in ``folder`` starts: with ``resume=auto`` the newest checkpoint of
-    ``folder/checkpoints`` that loads (none: from scratch); ``never``: from scratch; any other
-    value is a checkpoint path, which must load."""
+    """Where a run in ``folder`` starts: with ``resume=auto`` the checkpoint of
+    ``folder/checkpoints`` with the most optimizer steps that loads and passes its checksum
+    (file times do not count: a touched old file is not newer; none: from scratch);
+    ``never``: from scratch; any other value is a checkpoint path, which must load."""
     if resume == NEVER:
         return Resume(None)
     if resume != AUTO:
         path = Path(resume)
         return Resume(path, check_checkpoint(path)["global_step"])
-    candidates = sorted(
-        (folder / CHECKPOINT_DIR).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    broken = []
-    for path in candidates:
+    broken, steps = [], {}
+    for path in sorted((folder / CHECKPOINT_DIR).glob("*.ckpt")):
         try:
-            progress = check_checkpoint(path)
+            steps[path] = check_checkpoint(path, verify=False)["global_step"]
+        except CheckpointError as error:
+            broken.append(str(error))
+    # most steps first; at equal steps last.ckpt and stepNNNNNN.ckpt hold the same state
+    for path in sorted(steps, key=lambda p: (-steps[p], p.name)):
+        try:
+            check_checkpoint(path, verify=True)
         except CheckpointError as error:
             broken.append(str(error))
             continue
         for message in broken:
             log.warning("skipping a broken checkpoint: %s", message)
         if broken:
-            log.warning("resuming from the older checkpoint %s instead", path)
-        return Resume(path, progress["global_step"])
+            log.warning("resuming from %s (step %d), the newest that loads", path, steps[path])
+        return Resume(path, steps[path])
     if broken:
         raise CheckpointError(
             f"no checkpoint in {folder / CHECKPOINT_DIR} can be resumed from: "

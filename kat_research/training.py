@@ -11,27 +11,33 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.config import build_module, check_runnable
-from kat_research.console import quiet, result_line
+from kat_research.config import ConfigError, build_module, check_runnable
+from kat_research.console import duration, quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
+from kat_research.lit.checkpoint_hooks import PeakLearningRate, WeightsDigest
 from kat_research.lit.cut_verdicts import run_summary
+from kat_research.lit.divergence import DivergenceGuard
 from kat_research.lit.eval_callback import EvalCallback
 from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.models.vocab_check import check_finite_weights
-from kat_research.run_folder import Resume, claim, resume_checkpoint, trim_metrics
+from kat_research.run_folder import Resume, claim, hold, resume_checkpoint, trim_metrics
 from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
+
+if TYPE_CHECKING:
+    from kat_research.termination.base import Terminator
 
 log = logging.getLogger(__name__)
 LOGGER_CALLBACKS = (LearningRateMonitor,)  # callbacks that fail without a logger
@@ -83,6 +89,11 @@ def build_callbacks(
     return callbacks, eval_cb
 
 
+def metrics_file(output_dir: Path) -> Path:
+    """The CSV logger's file (``logger.csv``), continued across resumes."""
+    return output_dir / "csv" / "metrics.csv"
+
+
 def prepare_folder(cfg: DictConfig, output_dir: Path) -> Resume:
     """Claim the run folder (rank 0) and pick the checkpoint to continue from, before any model
     is loaded; drop metrics a resumed run will log again."""
@@ -92,7 +103,7 @@ def prepare_folder(cfg: DictConfig, output_dir: Path) -> Resume:
     if start.path is not None:
         log.info("resuming from %s (optimizer step %d)", start.path, start.step)
         if rank_zero_only.rank == 0:
-            dropped = trim_metrics(output_dir / "csv" / "metrics.csv", start.step)
+            dropped = trim_metrics(metrics_file(output_dir), start.step)
             if dropped:
                 log.info(
                     "dropped %d metrics rows after step %d (logged again)", dropped, start.step
@@ -100,24 +111,80 @@ def prepare_folder(cfg: DictConfig, output_dir: Path) -> Resume:
     return start
 
 
+class InterruptNote(L.Callback):
+    """Say, when a run is interrupted (Ctrl-C), where it stopped and how to continue it."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            saved = resume_checkpoint(self.output_dir, "auto")
+            where = (
+                f"its checkpoint of step {saved.step}"
+                if saved.path
+                else "the start (no checkpoint yet)"
+            )
+            log.warning(
+                "interrupted at step %d: run the same command with run_dir=%s to continue from "
+                "%s (resume=auto)",
+                trainer.global_step,
+                self.output_dir,
+                where,
+            )
+
+
+def plan_line(cfg: DictConfig) -> str:
+    """What a job runs and, where the scale records a measured pace
+    (``scale.seconds_per_step``), about how long it takes."""
+    steps = cfg.trainer.max_steps
+    line = (
+        f"{cfg.method.name} (seed {cfg.seed}): {steps} optimizer steps of {cfg.data.batch_size} "
+        f"prompts x {cfg.rollout.group_size} rollouts of up to {cfg.rollout.max_new_tokens} "
+        f"tokens into {cfg.paths.output_dir}"
+    )
+    pace = OmegaConf.select(cfg, "scale.seconds_per_step")
+    if pace and steps and steps > 0:
+        line += f"; about {duration(pace * steps)} on a CPU core (scale.seconds_per_step={pace})"
+    return line
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one OPD job described by ``cfg`` (``paths.output_dir`` set); return its summary.
 
     A folder holding an earlier attempt of the same run continues from its newest checkpoint
-    (``resume=auto``); a finished run returns its summary without training again."""
+    (``resume=auto``); a finished run returns its summary without training again. The folder
+    is held for the job (:func:`kat_research.run_folder.hold`): a second run on it is refused."""
     start = time.perf_counter()
     quiet(cfg.get("verbose", False))
     output_dir = Path(cfg.paths.output_dir)
     terminator = check_runnable(cfg)
+    with hold(output_dir) if rank_zero_only.rank == 0 else nullcontext():
+        return _train_in_folder(cfg, output_dir, terminator, start)
+
+
+def _train_in_folder(
+    cfg: DictConfig, output_dir: Path, terminator: Terminator, start: float
+) -> dict[str, Any]:
     resume = prepare_folder(cfg, output_dir)
     done = read_json(output_dir / SUMMARY_FILE)
     if done is not None and not extends(cfg, done):
         log.info("%s is finished (%d steps): nothing to do", output_dir, done["steps"])
         return done
+    if rank_zero_only.rank == 0:
+        log.info(plan_line(cfg))
     threads = set_torch_threads(cfg.threads, key="threads")
     if rank_zero_only.rank == 0:
         warn_if_oversubscribed(threads, processes=local_ranks(cfg), key="threads")
     L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    try:  # a data file without usable rows fails here, before the models load
+        datamodule.load_sources()
+    except ValueError as error:
+        source = cfg.data.source.get("path") or cfg.data.source.kind
+        raise ConfigError(f"data ({source}): {error}") from error
 
     student = instantiate(cfg.model.student)
     teacher = instantiate(cfg.model.teacher)
@@ -131,33 +198,50 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         teacher.tokenizer,
         teacher.model,
     )
-    datamodule = instantiate(cfg.data)
     datamodule.attach_tokenizer(student.tokenizer)
     datamodule.setup("fit")
 
     module = build_module(cfg, student, teacher, terminator)
     loggers = build_loggers(cfg)
     callbacks, eval_cb = build_callbacks(cfg, output_dir, has_logger=bool(loggers))
+    callbacks += [WeightsDigest(), PeakLearningRate(cfg.optimizer.lr), InterruptNote(output_dir)]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(output_dir),
+        # only a configured bar: without one Lightning would add its default bar
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({f"data/{k}": float(v) for k, v in datamodule.stats.items()}, step=0)
+        if not metrics_file(output_dir).exists():  # a resumed run's file holds this row
+            stats = {f"data/{k}": float(v) for k, v in datamodule.stats.items()}
+            logger.log_metrics(stats, step=0)
 
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path)
     fit_seconds = time.perf_counter() - fit_start
 
-    if cfg.export_student:
+    diverged = divergence(callbacks)
+    if cfg.export_student and diverged is None:
         export_student(trainer, student, output_dir / "student")
+    elif cfg.export_student and trainer.is_global_zero:
+        log.warning("the student is not exported (%s): it diverged", output_dir / "student")
     summary = make_summary(
         cfg, module, trainer, eval_cb, datamodule.stats, fit_seconds, time.perf_counter() - start
     )
+    summary["diverged"] = diverged  # None, or the divergence guard's finding
     if trainer.is_global_zero:
         write_summary(output_dir, summary)
         log.info(result_line(summary))
     return summary
+
+
+def divergence(callbacks: list[L.Callback]) -> str | None:
+    """What the divergence guard found (its warning), or None for a run that stayed healthy."""
+    guards = [c for c in callbacks if isinstance(c, DivergenceGuard)]
+    return next((g.finding for g in guards if g.finding is not None), None)
 
 
 def local_ranks(cfg: DictConfig) -> int:

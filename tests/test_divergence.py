@@ -5,6 +5,7 @@ the weights warn once; a teacher with NaN weights or overflowing outputs is repo
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kat_research import training
+from kat_research.console import result_line
 from kat_research.lit.divergence import (
     DivergenceGuard,
     DivergenceWarning,
@@ -187,10 +189,16 @@ def test_exploding_run_warns_once_and_healthy_run_stays_silent(debug_config, tmp
     assert summary["steps"] == 2
     assert len(warned) == 1 and "step 1: the student's weight tensor" in warned[0]
     assert "max_weight_growth=10" in warned[0] and "optimizer.lr" in warned[0]
+    # the result and summary.json say so, and the saturated student is not exported as good
+    written = json.loads((tmp_path / "explode" / "summary.json").read_text())
+    assert written["diverged"].startswith("step 1: the student's weight tensor")
+    assert result_line(written).startswith("DIVERGED (step 1: ")
+    assert not (tmp_path / "explode" / "student").exists()
 
     healthy = debug_config(tmp_path / "healthy", "method=opd", "logger=csv")
     summary, warned = train_recording_warnings(healthy)
-    assert summary["steps"] == 2 and warned == []
+    assert summary["steps"] == 2 and warned == [] and summary["diverged"] is None
+    assert (tmp_path / "healthy" / "student" / "config.json").exists()
     metrics = pd.read_csv(tmp_path / "healthy" / "csv" / "metrics.csv")
     assert metrics["train/grad_norm"].dropna().between(0, 1000, inclusive="neither").all()
 

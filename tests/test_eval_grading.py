@@ -66,6 +66,23 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
+def test_extract_answer_is_linear_on_unclosed_boxes() -> None:
+    """A degenerate generation of thousands of unclosed boxes (issue 24: 14,286 took 78 s):
+    doubling it must about double the time (a quadratic scan quadruples it)."""
+
+    def seconds(n: int) -> float:
+        text = "\\boxed{" * n
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            assert extract_answer(text) is None
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert extract_answer("\\boxed{7} " + "\\boxed{" * 14286) == "7"
+    assert seconds(16000) / seconds(8000) < 3
+
+
 def test_gold_from_real_minerva_solution() -> None:
     problems, _ = load_benchmark("minerva_math", data_dir=str(FIXTURE_DATA), limit=1)
     assert problems[0].gold == "1.6"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -134,6 +135,8 @@ def run(tmp_path: Path, *args: str) -> int:
 
 def test_reduced_table1_end_to_end_and_resume(tmp_path, capsys):
     assert run(tmp_path, "table1") == 0
+    printed = capsys.readouterr().out  # progress: jobs done and the time the rest will take
+    assert re.search(r"sweep: job 1/6 \(17%\), [\d.]+ s/job, about [\d.]+ (s|min) left", printed)
     tidy = pd.read_csv(tmp_path / "results" / "table1.csv")
     accuracy = tidy[tidy["measure"].isin(["avg@k", "pass@k"])]
     assert len(accuracy) == 6 * 2  # every row x measure
@@ -301,6 +304,7 @@ def test_parallel_subprocess_jobs_all_finish(tmp_path, capsys):
     own folder, and --parallel above 1 without subprocess is refused."""
     args = ["ablation_quantile", "scale.quantiles=[0.5,0.9]"]
     assert run(tmp_path, *args, "--launcher=subprocess", "--parallel=2") == 0
+    assert "sweep: job 1/2 (50%)" in capsys.readouterr().out
     runs = tmp_path / "runs" / "smoke" / "ablation_quantile"
     done = sorted(p.parent.name for p in runs.glob("*/summary.json"))
     assert len(done) == 2  # one per quantile (smoke: one student, one seed)

@@ -115,6 +115,18 @@ class PromptDataModule(L.LightningDataModule):
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []
         self.stats: dict[str, int] = {}
+        self._sources: dict[str, tuple[list[Row], LoadStats]] = {}  # role -> rows, counts
+
+    def load_sources(self) -> None:
+        """Read the training and validation sources (no tokenizer needed: before the models
+        load); raise ValueError naming the source when one has no usable row."""
+        for spec, role in ((self.source, "train"), (self.val_source, "validation")):
+            if spec is None or role in self._sources:
+                continue
+            rows, load_stats = load_rows(spec)
+            if not rows:
+                raise ValueError(f"no rows left for {role}: {load_stats}")
+            self._sources[role] = rows, load_stats
 
     def _val_spec(
         self, val_source: SourceSpec | Mapping[str, Any] | None, val_size: int | None
@@ -133,7 +145,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def _load(self, spec: SourceSpec, sft: bool, role: str) -> tuple[list[Row], dict[str, int]]:
         assert self.tokenizer is not None
-        rows, load_stats = load_rows(spec)
+        self.load_sources()
+        rows, load_stats = self._sources[role]
         if sft and any(row.solution is None for row in rows):
             raise ValueError(
                 f"mode=sft needs a solution per row but {spec.name} has none: set solution_field"

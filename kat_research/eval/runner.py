@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.console import Progress
 from kat_research.eval.benchmarks import Gold
 from kat_research.rollout import STOP_EOS, STOP_MAX_TOKENS, RolloutEngine, SamplingConfig
 
@@ -100,6 +101,9 @@ def _engine_samples(
         key=lambda job: lengths[job[0]],
     )
     out: list[list[tuple[list[int], str]]] = [[([], "")] * n_samples for _ in prompts]
+    progress = Progress("evaluation", len(jobs), unit="sample")
+    progress.start()
+    tokens = 0
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         enc = tokenizer(
@@ -112,6 +116,8 @@ def _engine_samples(
         for row, (i, s) in enumerate(batch):
             ids = rollout.tokens[row, : int(rollout.lengths[row])].tolist()
             out[i][s] = (ids, rollout.stop_reason[row])
+        tokens += int(rollout.lengths.sum())
+        progress.update(start + len(batch), tokens)
     return out
 
 

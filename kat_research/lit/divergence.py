@@ -116,9 +116,23 @@ class DivergenceGuard(L.Callback):
         self.max_grad_norm, self.max_weight_growth = max_grad_norm, max_weight_growth
         self._start_abs_max: dict[str, float] = {}
         self._warned: set[str] = set()
+        self.finding: str | None = None  # the first warning's text: the run's summary shows it
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints: a resumed run still knows that it diverged (and when)."""
+        return {
+            "warned": sorted(self._warned),
+            "finding": self.finding,
+            "start_abs_max": self._start_abs_max,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._warned = set(state_dict.get("warned", ()))
+        self.finding = state_dict.get("finding")
+        self._start_abs_max = dict(state_dict.get("start_abs_max", {}))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.max_weight_growth is not None:
+        if self.max_weight_growth is not None and not self._start_abs_max:  # kept on resume
             self._start_abs_max = weight_abs_max(pl_module.student.named_parameters())
 
     def on_train_batch_end(
@@ -153,6 +167,8 @@ class DivergenceGuard(L.Callback):
         if bound in self._warned:
             return
         self._warned.add(bound)
+        if self.finding is None:
+            self.finding = f"step {trainer.global_step}: {what}"
         if trainer.is_global_zero:
             warnings.warn(
                 f"step {trainer.global_step}: {what}; training is likely diverging. Likely "

@@ -15,10 +15,12 @@ import logging
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kat_research.console import Progress
 from kat_research.sweep.job import run_job
 from kat_research.sweep.spec import Job
 from kat_research.sweep.state import SUBMITTED, prepare_folder, write_status
@@ -68,16 +70,28 @@ def launch_all(
     if path is not None:
         return launch_submitit(jobs, path, launcher_overrides)
 
+    progress = Progress("sweep", len(jobs), unit="job", every_s=0.0, write=_say)
+    progress.start()
+    finished, lock = [0], threading.Lock()
+
     def start(n: int, job: Job, folder: Path) -> bool:
         print(f"[{n}/{len(jobs)}] {job.experiment}/{job.name}", flush=True)
         prepare_folder(folder, job)
-        return launch(folder, launcher)
+        ok = launch(folder, launcher)
+        with lock:  # jobs done so far, and the time the rest will take at this pace
+            finished[0] += 1
+            progress.update(finished[0])
+        return ok
 
     if parallel == 1:
         return all([start(n, job, folder) for n, (job, folder) in enumerate(jobs, 1)])
     with ThreadPoolExecutor(parallel) as pool:  # each job is its own process
         done = [pool.submit(start, n, job, folder) for n, (job, folder) in enumerate(jobs, 1)]
         return all([d.result() for d in done])
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def launch(folder: Path, launcher: str) -> bool:
