@@ -47,6 +47,7 @@ from kat_research.analysis.trap import analysis as trap_analysis
 from kat_research.analysis.trap.verdicts import make_verifier
 from kat_research.building.models import fit_steps
 from kat_research.building.sft import SFTModule
+from kat_research.config.build import build_module
 from kat_research.data import PromptDataModule, SourceSpec
 from kat_research.lit import warmup_cosine
 from kat_research.lit.step_log import StepLog
@@ -164,7 +165,7 @@ def teacher_accuracy(cfg, args) -> None:
     """How often the teacher itself answers correctly under the same prompts and sampling (the
     ceiling a student distilled from it can be expected to approach)."""
     teacher = instantiate(cfg.model.teacher)
-    module = config.build_module(cfg, teacher, teacher)
+    module = build_module(cfg, teacher, teacher)
     spec = RolloutSpec(n=args.teacher_accuracy, batch_size=args.batch_size, seed=args.seed)
     verifier = make_verifier(
         OmegaConf.to_container(cfg.data.source, resolve=True), ngram=10, repeats=3, timeout_s=5.0

@@ -43,7 +43,6 @@ from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research import config
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
 from kat_research.analysis.detector import resolve_threshold, segment_traces
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
@@ -57,6 +56,7 @@ from kat_research.analysis.trap.verdicts import (
     score_cuts,
 )
 from kat_research.config import CONFIG_DIR
+from kat_research.config.build import build_module
 from kat_research.lit import OPDModule
 from kat_research.models import LoadedModel, pick_device
 from kat_research.plotting import new_figure, save_figure
@@ -481,7 +481,7 @@ def measure_pair(
     """The same analysis for one student/teacher pair outside a training run (``cfg``: a train
     config naming the data, the sampling settings and KAT's settings): ``n`` uncut rollouts
     of ``cfg.data``'s prompts; the threshold is the quantile of their window minima."""
-    module = config.build_module(cfg, student, teacher)
+    module = build_module(cfg, student, teacher)
     device = pick_device(None)
     module.to(device)
     module.teacher.to(device)

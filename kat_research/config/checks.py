@@ -1,9 +1,6 @@
-"""The config leaf: where conf/ lives, how a config is composed, the checks a config must pass
-before any model is loaded, and the OPD module a training config describes.
-
-Entry points (train, evaluate, plan, reproduce, demo, the analyses) import this module; no
-library subpackage does. It imports neither Lightning nor the models at import time.
-"""
+"""The checks a composed config must pass before any model is loaded: override syntax, keys
+each consumer accepts, every value's range, the termination rule's settings and data files.
+Each failure is a :class:`~kat_research.config.ConfigError` naming the key to change."""
 
 from __future__ import annotations
 
@@ -11,56 +8,22 @@ import dataclasses
 import difflib
 import inspect
 import math
-import os
 import re
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from kat_research.provenance import PACKAGE_ROOT
+from kat_research.config import CONFIG_DIR, ConfigError
 
 if TYPE_CHECKING:
-    from kat_research.lit import OPDModule
-    from kat_research.models import LoadedModel
     from kat_research.termination.base import Terminator
 
 _ABSENT = object()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-# ${run_id:} in conf/hydra/default.yaml: unique per process (pid + random), the same for every
-# folder one process names (a -m sweep's jobs share their sweep folder).
-RUN_ID = f"{os.getpid():x}{secrets.token_hex(2)}"
-OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
-# ${first:a,b,...}: the first value that is not null (an explicit run_dir, else the default).
-OmegaConf.register_new_resolver(
-    "first", lambda *values: next((v for v in values if v is not None), None), replace=True
-)
-# ${package_root:}: the folder holding the kat_research package (the repository of a source
-# install), for files that ship with the code wherever a run is launched from.
-OmegaConf.register_new_resolver("package_root", lambda: str(PACKAGE_ROOT), replace=True)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
-
-
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API; inside a
-    running Hydra app, e.g. an analysis composing a train config, with that app's conf/)."""
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name, overrides=list(overrides))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def _rules(terminator: Terminator) -> list[Terminator]:
@@ -285,38 +248,3 @@ def check_runnable(cfg: DictConfig) -> Terminator:
             "offline data copies (layout: tests/fixtures/data/README.md)"
         )
     return terminator
-
-
-def build_scheduler(cfg: DictConfig) -> Any:
-    """The LR schedule factory, or None for a constant rate (``scheduler=none``; settings a
-    scale gives the schedule are then unused)."""
-    node = cfg.get("scheduler")
-    return instantiate(node) if node and "_target_" in node else None
-
-
-def build_module(
-    cfg: DictConfig,
-    student: LoadedModel,
-    teacher: LoadedModel,
-    terminator: Terminator | None = None,
-) -> OPDModule:
-    """The OPD LightningModule ``cfg`` describes, around already loaded models."""
-    from kat_research.data.first_error import first_error_task
-    from kat_research.lit import OPDModule
-
-    options: dict[str, Any] = {}
-    if terminator is not None:
-        options["terminator"] = terminator
-    if cfg.get("cut_verdicts", False):
-        options["verdict_task"] = first_error_task(cfg.data.source)
-    return OPDModule(
-        student.model,
-        teacher.model,
-        student.tokenizer,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=build_scheduler(cfg),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        rollout=OmegaConf.to_container(cfg.rollout, resolve=True),
-        seed=cfg.seed,
-        **options,
-    )
