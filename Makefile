@@ -42,15 +42,17 @@ $(VENV_VLLM)/.installed: pyproject.toml
 	touch $@
 
 # Tests marked `vllm` (backend-parametrized engine and evaluation tests, weight sync, OPD with
-# vLLM rollouts, evaluation sharing the rollouts' engine).
+# vLLM rollouts, evaluation sharing the rollouts' engine, the served vLLM teacher).
 test-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) -m pytest -q -m vllm
 
-# Rollout tokens/s of the HF and vLLM backends (tiny models and SmolLM2-135M), then benchmark
-# evaluation problems/s of both on SmolLM2-135M.
+# Rollout tokens/s of the HF and vLLM backends (tiny models and SmolLM2-135M), benchmark
+# evaluation problems/s of both on SmolLM2-135M, then chunk-scoring tokens/s of the HF and vLLM
+# teachers.
 bench-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_backends.py --smollm2
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_eval_backends.py
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_teacher_backends.py
 
 test: install
 	$(PY) -m pytest -q

@@ -57,6 +57,14 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"fits: {verdict} (need {plan['need_gib']:.1f} GiB of {plan['device_gib']:.0f} GiB "
         "per device)",
     ]
+    decode = plan.get("decode_seconds_per_batch")
+    if decode:
+        lines += ["", f"{'decode s per batch':<26}{'sync':>10}{'partial':>10}{'sync/partial':>14}"]
+        for method, p in decode.items():
+            lines.append(
+                f"  {method:<24}{p['sync_s']:>10.2f}{p['partial_s']:>10.2f}"
+                f"{p['sync_over_partial']:>14.2f}"
+            )
     lines += [f"problem: {problem}" for problem in plan["problems"]]
     return "\n".join(lines)
 

@@ -48,8 +48,9 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"  # the resolved config of the run's first attempt
 LOCK_FILE = "run.lock"  # locked (flock) by the process that runs in the folder; holds its pid
 # Keys that may change between attempts of one run: where it writes, how it resumes, how long
-# it trains (extending a finished run is resuming it), how many threads it uses, what it prints
-# and the peak learning rate (the new rate takes effect: lit/checkpoint_hooks.PeakLearningRate).
+# it trains (extending a finished run is resuming it), how many threads it uses, what it prints,
+# the peak learning rate (the new rate takes effect: lit/checkpoint_hooks.PeakLearningRate) and
+# how it reaches a served teacher (a restarted teacher server may listen elsewhere).
 # Everything else must match the folder's first attempt (README: Resuming).
 RESUMABLE_CHANGES = (
     "paths",
@@ -60,6 +61,10 @@ RESUMABLE_CHANGES = (
     "optimizer.lr",
     "trainer.max_steps",
     "trainer.max_epochs",
+    "teacher.vllm.url",
+    "teacher.vllm.timeout_s",
+    "teacher.vllm.retries",
+    "teacher.vllm.retry_wait_s",
 )
 AUTO, NEVER = "auto", "never"
 LAUNCHER_FILES = {

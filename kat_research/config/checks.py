@@ -67,7 +67,14 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.temperature", _number(0), "a number >= 0 (0 = greedy)"),
     ("rollout.top_p", _number(0, 1, low_open=True), "a number in (0, 1]"),
     ("rollout.backend", _one_of("hf", "vllm"), "hf or vllm"),
+    ("rollout.mode", _one_of("sync", "partial"), "sync or partial"),
+    ("rollout.max_staleness", _integer(0), "an integer >= 0 (optimizer steps)"),
     ("rollout.teacher_keep", _one_of("auto", "hidden", "topk", "none"), "auto|hidden|topk|none"),
+    ("teacher.backend", _one_of("hf", "vllm"), "hf or vllm"),
+    ("teacher.topk", _optional(_integer(1)), "null or an integer >= 1"),
+    ("teacher.vllm.timeout_s", _number(0, low_open=True), "a number > 0 (seconds)"),
+    ("teacher.vllm.retries", _integer(0), "an integer >= 0 (0 = no retry)"),
+    ("teacher.vllm.retry_wait_s", _number(0), "a number >= 0 (seconds)"),
     ("loss.chunk_size", _integer(1), "an integer >= 1"),
     ("loss.length_buckets", _integer(1), "an integer >= 1 (1 = one padded training forward)"),
     ("loss.k", _optional(_integer(1)), "null or an integer >= 1"),
@@ -240,6 +247,8 @@ def check_runnable(cfg: DictConfig) -> Terminator:
                 f"rollout.max_new_tokens={cap}: no window could ever be evaluated. Lower "
                 f"{kat}.window or raise rollout.max_new_tokens."
             )
+    check_teacher_backend(cfg)
+    _check_partial(cfg, terminator)
     source = cfg.data.source
     if source.kind == "file" and not Path(source.path).exists():
         raise ConfigError(
@@ -248,3 +257,72 @@ def check_runnable(cfg: DictConfig) -> Terminator:
             "offline data copies (layout: tests/fixtures/data/README.md)"
         )
     return terminator
+
+
+def served_topk(cfg: DictConfig) -> int:
+    """Log-probs per position a served teacher returns: ``teacher.topk``, else the loss's K
+    (``loss.k``, else its kind's default; ``sampled_token``: ``topk_tail``'s default)."""
+    from kat_research.losses import DEFAULT_K
+
+    kind = cfg.loss.kind
+    return cfg.teacher.topk or cfg.loss.get("k") or DEFAULT_K.get(kind, DEFAULT_K["topk_tail"])
+
+
+def check_teacher_backend(cfg: DictConfig) -> None:
+    """A served teacher (``teacher.backend=vllm``) returns top-k log-probs only: the losses and
+    settings that need its full distribution are refused, naming what to use instead."""
+    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "vllm":
+        return
+    kind, support = cfg.loss.kind, cfg.loss.get("support")
+    if kind == "full":
+        raise ConfigError(
+            "loss=full needs the teacher's whole distribution, which a served teacher "
+            "(teacher.backend=vllm) does not return (only its top-k log-probs): use "
+            "loss=topk_tail loss.support=teacher, loss=topk_lsm or loss=sampled_token, or keep "
+            "the teacher on the training ranks (teacher.backend=hf)"
+        )
+    if kind == "topk_tail" and support != "teacher":
+        raise ConfigError(
+            f"loss=topk_tail with loss.support={support} needs the teacher's log-probs on the "
+            "student's top-k tokens, which a served teacher (teacher.backend=vllm) does not "
+            "return: set loss.support=teacher (its own top-k, plus one tail bucket)"
+        )
+    if cfg.rollout.teacher_keep == "hidden":
+        raise ConfigError(
+            "rollout.teacher_keep=hidden needs the teacher's hidden states, which a served "
+            "teacher (teacher.backend=vllm) does not return: use rollout.teacher_keep=auto"
+        )
+    k, topk = cfg.loss.get("k"), served_topk(cfg)
+    if kind in ("topk_tail", "topk_lsm") and k is not None and k > topk:
+        raise ConfigError(
+            f"loss.k={k} exceeds teacher.topk={topk}, the log-probs per position the served "
+            "teacher returns: raise teacher.topk or lower loss.k"
+        )
+
+
+def _check_partial(cfg: DictConfig, terminator: Terminator) -> None:
+    """What ``rollout.mode=partial`` cannot run with, named before any model loads."""
+    if cfg.rollout.get("mode", "sync") != "partial":
+        return
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(
+            f"rollout.mode=partial runs on rollout.backend=hf only (got {cfg.rollout.backend}): "
+            "set rollout.backend=hf or rollout.mode=sync"
+        )
+    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "hf":
+        raise ConfigError(
+            "rollout.mode=partial keeps the teacher's KV cache of carried rows on the training "
+            "ranks, so it needs teacher.backend=hf: set teacher.backend=hf or rollout.mode=sync"
+        )
+    if cfg.loss.kind == "sampled_token":
+        raise ConfigError(
+            "loss.kind=sampled_token is refused with rollout.mode=partial: a carried row's "
+            "prefix was sampled by older weights and this loss has no importance weights for "
+            "it. Use loss=full, topk_tail or topk_lsm (recomputed by the current student), or "
+            "rollout.mode=sync"
+        )
+    if not terminator.supports_partial:
+        raise ConfigError(
+            f"method={cfg.method.name}: its rule {terminator!r} has no per-row state for "
+            "partial rollouts; use rollout.mode=sync"
+        )

@@ -199,11 +199,13 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, consumed: Callable[[], int] | None = None) -> DataLoader:
         """Training batches, reshuffled every epoch from ``seed``; a resumed run continues
         where the checkpoint left off. ``batch_size`` is the global batch: under data
         parallelism each rank gets its disjoint share (see ``ResumableBatchSampler``), so the
-        trainer must not inject a ``DistributedSampler`` (``use_distributed_sampler: false``)."""
+        trainer must not inject a ``DistributedSampler`` (``use_distributed_sampler: false``).
+        ``consumed`` replaces the trainer's step count as the batches already consumed (partial
+        rollouts draw prompts at their own pace, from a loader of their own)."""
         trainer = self.trainer
         sampler = ResumableBatchSampler(
             len(self.train_rows),
@@ -211,7 +213,7 @@ class PromptDataModule(L.LightningDataModule):
             seed=self.seed,
             shuffle=self.shuffle,
             drop_last=True,
-            consumed=self._batches_consumed,
+            consumed=consumed or self._batches_consumed,
             rank=0 if trainer is None else trainer.global_rank,
             world_size=1 if trainer is None else trainer.world_size,
         )

@@ -42,12 +42,15 @@ from kat_research.models import freeze
 from kat_research.rollout import (
     BACKENDS,
     STOP_REASONS,
+    STOP_STALE,
     Rollout,
     RolloutEngine,
     SamplingConfig,
     build_backend,
 )
+from kat_research.rollout.partial import PartialRollouts
 from kat_research.rollout.sampling import NonFiniteLogitsError
+from kat_research.rollout.teachers import TeacherScorer
 from kat_research.termination import NoTermination
 from kat_research.termination.base import Terminator
 
@@ -69,6 +72,9 @@ class LossSettings:
             raise ValueError(f"unknown loss kind {self.kind!r}; valid: {', '.join(LOSS_KINDS)}")
 
 
+ROLLOUT_MODES = ("sync", "partial")
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     """How rollouts are sampled during training (``rollout`` in ``conf/train.yaml``)."""
@@ -82,12 +88,18 @@ class RolloutSettings:
     masked_tokens: tuple[str, ...] = field(default_factory=tuple)
     backend: str = "hf"
     vllm: dict[str, Any] = field(default_factory=dict)
+    mode: str = "sync"
+    max_staleness: int = 2
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"unknown rollout.backend {self.backend!r}; valid: {', '.join(BACKENDS)}"
             )
+        if self.mode not in ROLLOUT_MODES:
+            raise ValueError(f"unknown rollout.mode {self.mode!r}; valid: sync, partial")
+        if self.mode == "partial" and self.backend != "hf":
+            raise ValueError("rollout.mode=partial runs on rollout.backend=hf only")
 
     def sampling(self, stop_token_ids: tuple[int, ...]) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, stop_token_ids)
@@ -128,7 +140,7 @@ class OPDModule(L.LightningModule):
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher: PreTrainedModel,
+        teacher: PreTrainedModel | TeacherScorer,
         tokenizer: PreTrainedTokenizerBase,
         *,
         optimizer: Callable[..., Optimizer],
@@ -141,7 +153,9 @@ class OPDModule(L.LightningModule):
     ):
         super().__init__()
         self.student = student.train()
-        self.__dict__["teacher"] = freeze(teacher)
+        # a served teacher (top-k log-probs, e.g. ServedTeacher) holds no weights here
+        held = isinstance(teacher, PreTrainedModel)
+        self.__dict__["teacher"] = freeze(teacher) if held else teacher
         self.__dict__["final_hidden"] = FinalHidden(student)
         self.tokenizer = tokenizer
         self.terminator = terminator or NoTermination()
@@ -151,6 +165,9 @@ class OPDModule(L.LightningModule):
         self.seed = seed
         self.verdict_task = verdict_task  # logs cut verdicts each step when set
         keep = self.rollout_settings.teacher_keep
+        if keep == "auto":
+            keep = TEACHER_KEEP[self.loss_settings.kind]
+            keep = "topk" if keep == "hidden" and not held else keep  # topk_tail from top-k
         self.engine = RolloutEngine(
             student,
             teacher,
@@ -158,7 +175,7 @@ class OPDModule(L.LightningModule):
             pad_token_id=tokenizer.pad_token_id,
             terminator=self.terminator,
             score_every=self.rollout_settings.score_every,
-            teacher_keep=TEACHER_KEEP[self.loss_settings.kind] if keep == "auto" else keep,
+            teacher_keep=keep,
             teacher_topk=self.loss_settings.k or DEFAULT_K.get(self.loss_settings.kind),
             masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
             backend=build_backend(
@@ -185,6 +202,13 @@ class OPDModule(L.LightningModule):
         # the latest step's global gradient norm before clipping, for callbacks (divergence)
         self.grad_norm: float | None = None
         self._warned_teacher_nonfinite = False
+        # partial rollouts (rollout.mode=partial): the slot driver, built at the first step; its
+        # prompts come from a loader of its own whose batches drawn are checkpointed; rows in
+        # flight at a checkpoint are not saved: a resumed run drops them and counts them
+        self.partial: PartialRollouts | None = None
+        self.partial_batches = 0
+        self._prompt_iter: Iterator[dict[str, Any]] | None = None
+        self._dropped_on_resume = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -215,7 +239,8 @@ class OPDModule(L.LightningModule):
                 self.final_hidden.reshard()
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if isinstance(self.teacher, PreTrainedModel):
+            self.teacher.to(self.device)
 
     def rollout_generator(self) -> torch.Generator:
         """The sampling RNG, seeded per rank (seed + 1000 * rank, so that runs with
@@ -248,7 +273,12 @@ class OPDModule(L.LightningModule):
         prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
         try:
-            rollout = self.engine.generate(prompt_ids, prompt_mask, self.rollout_generator())
+            if self.rollout_settings.mode == "partial":
+                rollout = self._partial_driver().next_batch(
+                    prompt_ids.shape[0], self.rollout_generator()
+                )
+            else:
+                rollout = self.engine.generate(prompt_ids, prompt_mask, self.rollout_generator())
         except NonFiniteLogitsError as error:
             raise divergence_error(
                 self.trainer, "the student's logits are NaN or inf while sampling rollouts"
@@ -261,6 +291,33 @@ class OPDModule(L.LightningModule):
             rollout, teacher_hidden=None, teacher_topk_logprobs=None, teacher_topk_ids=None
         )
         return out.loss
+
+    def _partial_driver(self) -> PartialRollouts:
+        """The partial-rollout driver (slots = this rank's rollouts per step), built once."""
+        if self.partial is None:
+            slots = self.trainer.datamodule.batch_size // world_size()
+            self.partial = PartialRollouts(
+                self.engine,
+                slots=slots * self.rollout_settings.group_size,
+                max_staleness=self.rollout_settings.max_staleness,
+                prompts=self._next_prompts,
+            )
+            self.partial.version = self.trainer.global_step
+        return self.partial
+
+    def _next_prompts(self) -> list[torch.Tensor]:
+        """The next batch of this rank's prompts for partial rollouts (1-D token ids each, every
+        prompt ``group_size`` times), in the order sync mode would train on them."""
+        batch = next(self._prompt_iter, None) if self._prompt_iter is not None else None
+        if batch is None:  # first call, or the end of an epoch
+            loader = self.trainer.datamodule.train_dataloader(lambda: self.partial_batches)
+            self._prompt_iter = iter(loader)
+            batch = next(self._prompt_iter)
+        self.partial_batches += 1
+        group = self.rollout_settings.group_size
+        ids = batch["input_ids"].repeat_interleave(group, dim=0)
+        mask = batch["attention_mask"].repeat_interleave(group, dim=0).bool()
+        return [row[keep] for row, keep in zip(ids, mask, strict=True)]
 
     def distillation_loss(self, rollout: Rollout) -> LossOutput:
         """The configured loss on the kept tokens of ``rollout`` (student forward with grad)."""
@@ -277,7 +334,9 @@ class OPDModule(L.LightningModule):
         rows = torch.arange(rollout.batch_size, device=keep.device)[:, None].expand_as(keep)
         teacher = TeacherTargets(
             hidden=None if rollout.teacher_hidden is None else rollout.teacher_hidden[keep],
-            lm_head=self.teacher.get_output_embeddings(),
+            lm_head=self.teacher.get_output_embeddings()
+            if isinstance(self.teacher, PreTrainedModel)
+            else None,
             topk_logprobs=None
             if rollout.teacher_topk_logprobs is None
             else rollout.teacher_topk_logprobs[keep],
@@ -314,6 +373,8 @@ class OPDModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.terminator.on_optimizer_step()
         self.engine.sync_weights()  # the next rollouts sample from the updated student
+        if self.partial is not None:
+            self.partial.weights_updated()  # carried rows continue with the new weights
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -333,18 +394,26 @@ class OPDModule(L.LightningModule):
         """
         seconds = rollout.timings.get("total", float("nan"))
         kl = rollout.kl[rollout.gen_mask] if rollout.kl is not None else torch.zeros(0)
+        # decode steps, row slots and tokens decoded: the batch's in sync mode, in partial mode
+        # the driver's during this step (rows in flight included)
+        longest, slots, decoded = rollout.lengths.max(), rollout.batch_size, rollout.lengths.sum()
+        if rollout.partial_metrics:
+            longest = rollout.partial_metrics["partial/decode_steps"]
+            decoded = rollout.partial_metrics["partial/tokens"]
+            slots = self.partial.slots
         local = {
             "rollouts": rollout.batch_size,
             "generated": rollout.lengths.sum(),
+            "decoded": decoded,
             "kept": rollout.cut.sum(),
-            "longest": rollout.lengths.max(),
-            "row_slots": rollout.batch_size * rollout.lengths.max(),
+            "longest": longest,
+            "row_slots": slots * longest,
             "loss": out.loss.detach(),
             "loss_tokens": out.n_tokens,
             "nonfinite": rollout.n_teacher_nonfinite + out.n_nonfinite,
             "kl_sum": kl.nansum(),
             "kl_count": (~kl.isnan()).sum(),
-            "tokens_per_s": rollout.lengths.sum() / seconds,
+            "tokens_per_s": decoded / seconds,
             "rollout_s": seconds,
             "teacher_s": rollout.timings.get("teacher", 0.0),
             **{f"stop/{r}": c for r, c in rollout.stop_counts().items()},
@@ -360,7 +429,7 @@ class OPDModule(L.LightningModule):
         self.totals["batches"] += 1
         self.totals["decode_steps"] += g["longest"] / ranks
         self.totals["row_slots"] += int(g["row_slots"])
-        self.totals["slot_tokens"] += int(g["generated"])
+        self.totals["slot_tokens"] += int(g["decoded"])
         if rollout.kl is None:
             mean_kl = 0.0
         else:
@@ -373,7 +442,7 @@ class OPDModule(L.LightningModule):
             "len/generated": g["generated"] / g["rollouts"],
             "len/kept": g["kept"] / g["rollouts"],
             "len/longest": g["longest"] / ranks,
-            "perf/occupancy": g["generated"] / g["row_slots"] if g["row_slots"] else math.nan,
+            "perf/occupancy": g["decoded"] / g["row_slots"] if g["row_slots"] else math.nan,
             "perf/tokens_per_s": g["tokens_per_s"],
             "perf/rollout_s": g["rollout_s"] / ranks,
             "perf/teacher_s": g["teacher_s"] / ranks,
@@ -381,6 +450,8 @@ class OPDModule(L.LightningModule):
         }
         metrics.update({f"stop/{r}": g[f"stop/{r}"] / g["rollouts"] for r in STOP_REASONS})
         metrics.update(rollout.terminator_metrics)  # global already (see Terminator.set_gather)
+        if rollout.partial_metrics:
+            metrics.update(self._partial_metrics(rollout))
         self.log_dict(metrics, on_step=True, batch_size=rollout.batch_size)
         self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
         self.log("len", metrics["len/generated"], prog_bar=True, on_step=True, logger=False)
@@ -394,6 +465,19 @@ class OPDModule(L.LightningModule):
         for name, value in counts.items():
             self.totals[f"verdict/{name}"] = self.totals.get(f"verdict/{name}", 0.0) + value
         self.log_dict(verdict_metrics(counts), on_step=True, batch_size=rollout.batch_size)
+
+    def _partial_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """Partial mode: the driver's metrics (means over ranks, the staleness maximum this
+        rank's), the share of rows ended at the staleness bound, rows dropped on resume (once)."""
+        keys = list(rollout.partial_metrics)
+        local = torch.tensor([rollout.partial_metrics[k] for k in keys], dtype=torch.float64)
+        ranks = world_size()
+        g = dict(zip(keys, (all_reduce_sum(local.to(self.device)) / ranks).tolist(), strict=True))
+        g["partial/staleness_max"] = float(rollout.partial_metrics["partial/staleness_max"])
+        g["partial/dropped_on_resume"] = float(self._dropped_on_resume)
+        self._dropped_on_resume = 0
+        g["stop/stale"] = sum(r == STOP_STALE for r in rollout.stop_reason) / rollout.batch_size
+        return g
 
     def _check_finite(self, totals: dict[str, float]) -> None:
         """Stop on a NaN/inf loss; warn (once) when teacher values were NaN/inf. ``totals``
@@ -420,6 +504,9 @@ class OPDModule(L.LightningModule):
         rng = self.rollout_generator().get_state()
         checkpoint["rollout_rng"] = self._gather(rng).view(world_size(), -1)
         checkpoint["totals"] = dict(self.totals)
+        if self.partial is not None:
+            carried = self.partial.live_rows() + len(self.partial.finished)
+            checkpoint["partial"] = {"prompt_batches": self.partial_batches, "carried": carried}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.terminator.load_state_dict(checkpoint["terminator"])
@@ -434,6 +521,9 @@ class OPDModule(L.LightningModule):
             )
             self._pending_generator_state = None
         self.totals.update(checkpoint.get("totals", {}))
+        partial = checkpoint.get("partial", {})
+        self.partial_batches = int(partial.get("prompt_batches", 0))
+        self._dropped_on_resume = int(partial.get("carried", 0))
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...]) -> tuple[int, ...]:

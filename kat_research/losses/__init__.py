@@ -1,6 +1,11 @@
 """OPD losses: per-token reverse-KL divergences and the chunked training loss."""
 
-from kat_research.losses.kl import DEFAULT_K, KL_KINDS, per_token_reverse_kl
+from kat_research.losses.kl import (
+    DEFAULT_K,
+    KL_KINDS,
+    per_token_reverse_kl,
+    teacher_topk_tail_kl,
+)
 from kat_research.losses.opd import (
     LOSS_KINDS,
     TEACHER_KEEP,
@@ -19,5 +24,6 @@ __all__ = [
     "TeacherTargets",
     "opd_loss",
     "per_token_reverse_kl",
+    "teacher_topk_tail_kl",
     "token_weights",
 ]

@@ -79,6 +79,26 @@ def _safe_log(x: Tensor) -> Tensor:
     return x.clamp(min=torch.finfo(x.dtype).tiny).log()
 
 
+def teacher_topk_tail_kl(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor) -> Tensor:
+    """Reverse KL(p || q) per row when only the teacher's top-k log-probs are known (a served
+    teacher): exact terms on the teacher's top-k tokens S plus one bucket for the rest,
+    ``sum_S p (log p - log q) + r_p (log r_p - log r_q)``. ``topk_logprobs`` [N, k] are log q
+    over the whole vocabulary (not renormalised on S) at ``topk_ids`` [N, k]; r_q = 1 - q(S)
+    comes from them and r_p from the student's full distribution. Equals
+    ``per_token_reverse_kl(..., kind="topk_tail", support="teacher")`` when S is the teacher's
+    top-k. Where q(S) rounds to >= 1, r_q is clamped to the smallest float (a large but
+    finite tail term, proportional to the student's tail mass r_p).
+    """
+    log_p = F.log_softmax(student_logits.float(), dim=-1)
+    log_q_s = topk_logprobs.detach().float()
+    log_p_s = log_p.gather(-1, topk_ids)
+    head = (log_p_s.exp() * (log_p_s - log_q_s)).sum(-1)
+    in_support = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, topk_ids, True)
+    r_p = _tail_mass(log_p, in_support)
+    r_q = (-torch.expm1(log_q_s.logsumexp(-1))).clamp(min=0.0)
+    return head + r_p * (_safe_log(r_p) - _safe_log(r_q))
+
+
 def _local_support_kl(student: Tensor, teacher: Tensor, k: int) -> Tensor:
     top = teacher.topk(k, dim=-1)
     log_p_hat = F.log_softmax(student.gather(-1, top.indices), dim=-1)

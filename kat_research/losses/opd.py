@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kat_research.losses.kl import DEFAULT_K, KL_KINDS, per_token_reverse_kl
+from kat_research.losses.kl import DEFAULT_K, KL_KINDS, per_token_reverse_kl, teacher_topk_tail_kl
 
 LOSS_KINDS = (*KL_KINDS, "sampled_token")
 AGGREGATIONS = ("token_mean", "seq_mean")
@@ -43,9 +43,10 @@ TEACHER_KEEP = {
 class TeacherTargets:
     """What the loss knows about the teacher at each selected position (one of the modes).
 
-    ``full`` and ``topk_tail`` need ``hidden`` + ``lm_head``; ``topk_lsm`` uses them if given,
-    else ``topk_logprobs`` + ``topk_ids``; ``sampled_token`` uses ``sampled_logprobs`` if
-    given, else ``hidden`` + ``lm_head``.
+    ``full`` needs ``hidden`` + ``lm_head``; ``topk_lsm`` and ``topk_tail`` use them if given,
+    else ``topk_logprobs`` + ``topk_ids`` (``topk_tail`` then on the teacher's support, with
+    r_q = 1 - q(top-K): :func:`teacher_topk_tail_kl`); ``sampled_token`` uses
+    ``sampled_logprobs`` if given, else ``hidden`` + ``lm_head``.
     """
 
     hidden: Tensor | None = None  # [N, H] teacher final hidden states
@@ -161,13 +162,19 @@ def _divergence_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, detached per-token KL, teacher-finite mask) for the divergence kinds."""
     use_hidden = teacher.has_hidden
-    if not use_hidden and kind != "topk_lsm":
-        raise ValueError(f"kind={kind!r} needs the teacher's hidden states and lm_head")
+    if not use_hidden and kind == "full":
+        raise ValueError("kind='full' needs the teacher's hidden states and lm_head")
     if not use_hidden:
         if not teacher.has_topk:
             raise ValueError(
-                "kind='topk_lsm' needs the teacher's hidden states and lm_head, "
+                f"kind={kind!r} needs the teacher's hidden states and lm_head, "
                 "or its top-K log-probs and ids"
+            )
+        if kind == "topk_tail" and support != "teacher":
+            raise ValueError(
+                "kind='topk_tail' from the teacher's top-K log-probs alone needs "
+                f"support='teacher' (got {support!r}): the teacher's log-probs on the "
+                "student's top-k tokens are not known"
             )
         k = DEFAULT_K[kind] if k is None else k
         if k > teacher.topk_ids.shape[-1]:
@@ -208,12 +215,16 @@ def _chunk_kl(
             _check_vocab(student, teacher_logits)
             ok = _rows_finite(teacher_logits)
             teacher_logits[~ok] = 0.0
-        else:  # top-K only: -inf off the support, so its top-K is exactly the given ids
+        else:  # top-K only (sorted, most probable first)
             ok = _rows_finite(teacher.topk_logprobs)
             topk = teacher.topk_logprobs.float().masked_fill(~ok[:, None], 0.0)
+            # topk_lsm: -inf off the support, so its top-K is exactly the given ids
             teacher_logits = torch.full_like(student, float("-inf"))
             teacher_logits.scatter_(-1, teacher.topk_ids, topk)
-    value = per_token_reverse_kl(student, teacher_logits, kind=kind, k=k, support=support)
+    if teacher.hidden is None and kind == "topk_tail":  # r_q = 1 - q(top-K)
+        value = teacher_topk_tail_kl(student, topk[:, :k], teacher.topk_ids[:, :k])
+    else:
+        value = per_token_reverse_kl(student, teacher_logits, kind=kind, k=k, support=support)
     return torch.where(ok, value, 0.0), ok
 
 

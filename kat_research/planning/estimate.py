@@ -17,10 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kat_research.losses import DEFAULT_K, TEACHER_KEEP
 from kat_research.planning.configs import ARCHITECTURES, model_config
+from kat_research.planning.decode_time import DecodeCosts, predict
 from kat_research.planning.flops import FlopsModel, opd_flops
 from kat_research.planning.memory import (
     GIB,
@@ -32,6 +33,7 @@ from kat_research.planning.memory import (
     training_state_bytes,
 )
 from kat_research.planning.params import ModelShape, count_params
+from kat_research.rollout.engine import DEFAULT_SCORE_EVERY
 
 
 def describe_model(node: DictConfig, architectures: Path | None) -> dict[str, Any]:
@@ -129,6 +131,10 @@ def rank_memory(
     tokens = rows * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     keep = cfg.rollout.teacher_keep
     keep = TEACHER_KEEP[cfg.loss.kind] if keep == "auto" else keep
+    # a served teacher (teacher.backend=vllm) holds no weights or KV cache on the training
+    # ranks; the rollout keeps its top-k log-probs instead of hidden states
+    served = OmegaConf.select(cfg, "teacher.backend", default="hf") == "vllm"
+    keep = "topk" if served and keep == "hidden" else keep
     topk = cfg.loss.k or DEFAULT_K["topk_lsm"]
     state = training_state_bytes(student["params"]["total"], s_bytes, fp32_master(cfg, s_bytes))
     if shards_student_state(cfg.trainer):
@@ -136,10 +142,10 @@ def rank_memory(
         state = {k: v if k == "weights" else -(-v // ranks) for k, v in state.items()}
     s_act = compute_bytes(cfg, s_bytes)
     return {
-        "teacher_weights": teacher["params"]["total"] * t_bytes,
+        "teacher_weights": 0 if served else teacher["params"]["total"] * t_bytes,
         **{f"student_{k}": v for k, v in state.items()},
         "kv_cache_student": kv_cache_bytes(s_shape, tokens, s_act),
-        "kv_cache_teacher": kv_cache_bytes(t_shape, tokens, t_bytes),
+        "kv_cache_teacher": 0 if served else kv_cache_bytes(t_shape, tokens, t_bytes),
         "teacher_targets": teacher_target_bytes(
             keep,
             rows * cfg.rollout.max_new_tokens,
@@ -160,6 +166,34 @@ def flops_model(model: dict[str, Any], attention: bool) -> FlopsModel:
     if not attention:
         return FlopsModel(model["params"]["total"])
     return FlopsModel(model["params"]["total"], shape["layers"], shape["heads"] * shape["head_dim"])
+
+
+def decode_prediction(
+    cfg: DictConfig, student: dict[str, Any], teacher: dict[str, Any], rows: int, prompt: float
+) -> dict[str, dict[str, float]] | None:
+    """Sync against partial decode seconds per batch of ``rows`` rows for each method of the
+    lengths file ``plan.decode.lengths`` (None without one); see ``decode_time.py``."""
+    node = cfg.plan.get("decode")
+    if not node or not node.get("lengths"):
+        return None
+    path = Path(node.lengths)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"plan.decode.lengths={path} does not exist: give a JSON file mapping each method "
+            "to its rollouts' generated lengths, or null"
+        )
+    lengths = json.loads(path.read_text())
+    costs = DecodeCosts.of(
+        ModelShape(**student["shape"]),
+        student["params"]["total"],
+        ModelShape(**teacher["shape"]),
+        teacher["params"]["total"],
+        student_bytes=dtype_bytes(student["dtype"]),
+        teacher_bytes=dtype_bytes(teacher["dtype"]),
+        score_every=cfg.rollout.score_every or DEFAULT_SCORE_EVERY,
+        bandwidth=node.bandwidth_gbs * 1e9,
+    )
+    return predict(lengths, rows, round(prompt), costs)
 
 
 def make_plan(cfg: DictConfig) -> dict[str, Any]:
@@ -200,4 +234,7 @@ def make_plan(cfg: DictConfig) -> dict[str, Any]:
         "fits": need <= have,
         "need_gib": need / GIB,
         "device_gib": float(cfg.plan.device_memory_gib),
+        "decode_seconds_per_batch": decode_prediction(
+            cfg, student, teacher, rows, lengths["prompt"]
+        ),
     }

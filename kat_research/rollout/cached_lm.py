@@ -50,16 +50,20 @@ class CachedLM:
         self.cache_arg = cache_argument(self.body)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
-        """Feed new tokens [n, L]; return final hidden states [n, L, H]. The cache object is
-        updated in place."""
+        """Feed new tokens [n, L]; return final hidden states [n, L, H]. The cache object
+        (``cache``, default the model's own) is updated in place."""
         out = self.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            **{self.cache_arg: self.cache},
+            **{self.cache_arg: self.cache if cache is None else cache},
         )
         return out.last_hidden_state
 

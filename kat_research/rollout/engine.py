@@ -2,7 +2,8 @@
 
 The engine works chunk by chunk: a student backend samples up to ``score_every`` tokens for
 every active row (HF: KV-cache decoding one token per forward; vLLM: one generation call per
-chunk), the teacher consumes the new chunk in one incremental forward with its own KV cache,
+chunk), the teacher consumes the new chunk in one incremental forward with its own KV cache
+(or a served teacher returns its top-k log-probs: :mod:`kat_research.rollout.teachers`),
 which yields the per-token reverse KL d_t = KL(p_t || q_t) of each token in the chunk, and
 the terminator acts at that chunk boundary. Rows that finish leave the active batch (their
 cache rows are dropped), so a stopped rollout stops costing compute.
@@ -18,10 +19,12 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from kat_research.losses.kl import per_token_reverse_kl
+from kat_research.losses.kl import teacher_topk_tail_kl
 from kat_research.models.vocab_check import check_finite_weights
 from kat_research.rollout.backends import ChunkSample, HFBackend, StudentBackend
-from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
+from kat_research.rollout.cached_lm import chunk_inputs
+from kat_research.rollout.teachers import HFTeacher, TeacherChunk, TeacherScorer
+from kat_research.rollout.token_scores import score_tokens
 from kat_research.rollout.types import (
     STOP_EOS,
     STOP_MAX_TOKENS,
@@ -30,7 +33,7 @@ from kat_research.rollout.types import (
     SamplingConfig,
 )
 from kat_research.termination.base import SIGNALS, Terminator, observe_rule
-from kat_research.termination.drift import topk_overlap
+from kat_research.termination.drift import topk_overlap, topk_overlap_with
 
 TeacherKeep = Literal["none", "hidden", "topk"]
 DEFAULT_SCORE_EVERY = 64
@@ -96,7 +99,9 @@ class RolloutEngine:
 
     Args:
         student: any ``AutoModelForCausalLM`` with a KV cache.
-        teacher: frozen teacher sharing the student's vocabulary, or None (evaluation).
+        teacher: frozen teacher sharing the student's vocabulary (scored in this process), a
+            :class:`TeacherScorer` (e.g. a served teacher's top-k log-probs, whose KL is
+            then the top-k + tail estimate), or None (evaluation).
         sampling: temperature / top-p / max new tokens / stop token ids.
         terminator: when rows stop and which prefix is kept; None = no rule.
         pad_token_id: id written after a row's end.
@@ -114,7 +119,7 @@ class RolloutEngine:
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher: PreTrainedModel | None = None,
+        teacher: PreTrainedModel | TeacherScorer | None = None,
         *,
         sampling: SamplingConfig,
         pad_token_id: int,
@@ -142,6 +147,15 @@ class RolloutEngine:
             raise ValueError("teacher_keep needs a teacher")
         if teacher_keep == "topk" and (teacher_topk is None or teacher_topk < 1):
             raise ValueError(f"teacher_keep='topk' needs teacher_topk >= 1, got {teacher_topk}")
+        scorer = HFTeacher(teacher) if isinstance(teacher, PreTrainedModel) else teacher
+        if scorer is not None and not scorer.full_vocabulary:
+            if teacher_keep == "hidden":
+                raise ValueError("teacher_keep='hidden' needs a teacher model, not top-k scores")
+            if teacher_keep == "topk" and teacher_topk > scorer.topk:
+                raise ValueError(
+                    f"teacher_topk={teacher_topk} exceeds the {scorer.topk} log-probs per "
+                    "position the teacher returns (teacher.topk)"
+                )
         hint = getattr(terminator, "chunk_hint", None)
         self.score_every = int(
             score_every if score_every is not None else hint or DEFAULT_SCORE_EVERY
@@ -150,6 +164,7 @@ class RolloutEngine:
             raise ValueError(f"score_every must be >= 1, got {self.score_every}")
         self.student = student
         self.teacher = teacher
+        self.teacher_scorer = scorer
         self.sampling = sampling
         self.pad_token_id = pad_token_id
         self.terminator = terminator
@@ -177,7 +192,7 @@ class RolloutEngine:
         """Sample one continuation per prompt row (prompts left-padded)."""
         if not self._checked_heads:
             check_head_reproduces_logits(self.student, "student")
-            if self.teacher is not None:
+            if isinstance(self.teacher, PreTrainedModel):
                 check_head_reproduces_logits(self.teacher, "teacher")
             self._checked_heads = True
         was_training = self.student.training
@@ -235,10 +250,10 @@ class _RolloutRun:
         self.sampler = self.e.backend.begin(
             self.prompt_ids, self.prompt_mask, self.cfg, keep_logits=has_teacher
         )
-        self.teacher = ChunkScorer(self.e.teacher) if has_teacher else None
-        if self.teacher is not None:
+        self.teacher = None
+        if has_teacher:
             t0 = time.perf_counter()
-            self.teacher.prefill(self.prompt_ids, self.prompt_mask)
+            self.teacher = self.e.teacher_scorer.begin(self.prompt_ids, self.prompt_mask)
             self.t_time += time.perf_counter() - t0
         while self.s_rows.numel():
             self._chunk()
@@ -284,15 +299,14 @@ class _RolloutRun:
     def _score_chunk(self, rows: torch.Tensor, start: int, end: int, sample: ChunkSample) -> None:
         """Teacher consumes tokens [start, end) of ``rows``; record KL; run the terminator."""
         t0 = time.perf_counter()
-        mask, pos, valid = chunk_inputs(
+        _, _, valid = chunk_inputs(
             self.prompt_mask[rows], self.prompt_len[rows], self.lengths[rows], start, end
         )
-        t_hidden = self.teacher.feed(self.buf.tokens[rows, start:end], mask, pos)
-        t_logits = self.teacher.head(t_hidden)
+        chunk = self.teacher.score(self.buf.tokens[rows, start:end], valid, start)
         s_logits = sample.logits[:, : end - start]
-        self._record_chunk(rows, start, end, valid, s_logits, t_logits)
+        self._record_chunk(rows, start, end, valid, s_logits, chunk)
         if self.e.teacher_keep == "hidden":
-            self.kept_hidden.append((rows, start, t_hidden))
+            self.kept_hidden.append((rows, start, chunk.hidden))
         self._apply_terminator(rows, end)
         keep = torch.isin(rows, self.s_rows).nonzero().flatten()
         if keep.numel() < rows.numel():
@@ -306,28 +320,46 @@ class _RolloutRun:
         end: int,
         valid: torch.Tensor,
         s_logits: torch.Tensor,
-        t_logits: torch.Tensor,
+        chunk: TeacherChunk,
     ) -> None:
-        """Store d_t, log q(y_t), teacher finiteness and what the loss keeps, for valid tokens."""
+        """Store d_t, log q(y_t), teacher finiteness and what the loss keeps, for valid tokens.
+        d_t is exact from full-vocabulary logits, else the top-k + tail estimate."""
         tokens = self.buf.tokens[rows, start:end]
-        flat_s, flat_t = s_logits[valid], t_logits[valid]
-        finite = torch.isfinite(flat_t).all(dim=-1)
-        kl = torch.full(finite.shape, float("nan"), device=self.device)
-        kl[finite] = per_token_reverse_kl(flat_s[finite], flat_t[finite], kind="full")
-        t_logprobs = torch.log_softmax(flat_t.float(), dim=-1)
-        lq = t_logprobs.gather(-1, tokens[valid][:, None]).squeeze(-1)
+        flat_s, t_logits = s_logits[valid], chunk.logits
+        if t_logits is not None:
+            flat_t = t_logits[valid]
+            kl, lq, finite, _ = score_tokens(flat_s, flat_t, tokens[valid])
+        else:
+            top_lp, top_ids = chunk.topk_logprobs[valid], chunk.topk_ids[valid]
+            lq = chunk.token_logprobs[valid]
+            finite = torch.isfinite(top_lp).all(dim=-1) & torch.isfinite(lq)
+            kl = torch.full(finite.shape, float("nan"), device=self.device)
+            kl[finite] = teacher_topk_tail_kl(flat_s[finite], top_lp[finite], top_ids[finite])
         recorded = [("kl", kl), ("teacher_logprobs", lq), ("teacher_finite", finite)]
         if self.buf.topk_overlap is not None:
-            overlap = topk_overlap(flat_s, flat_t, self.e.terminator.overlap_k)
+            k = self.e.terminator.overlap_k
+            if t_logits is not None:
+                overlap = topk_overlap(flat_s, flat_t, k)
+            elif chunk.topk_ids.shape[-1] >= k:
+                overlap = topk_overlap_with(flat_s, chunk.topk_ids[valid][:, :k])
+            else:
+                raise ValueError(
+                    f"the rule's top-k overlap needs the teacher's top-{k}, the served teacher "
+                    f"returns {chunk.topk_ids.shape[-1]}: raise teacher.topk"
+                )
             recorded.append(("topk_overlap", overlap.masked_fill(~finite, float("nan"))))
         for name, values in recorded:
             block = getattr(self.buf, name)[rows, start:end]
             block[valid] = values
             getattr(self.buf, name)[rows, start:end] = block
-        if self.e.teacher_keep == "topk":
+        if self.e.teacher_keep == "topk" and t_logits is not None:
             k = min(self.e.teacher_topk, t_logits.shape[-1])
             top = torch.log_softmax(t_logits.float(), dim=-1).topk(k, dim=-1)
             self.kept_topk.append((rows, start, top.values, top.indices))
+        elif self.e.teacher_keep == "topk":
+            k = self.e.teacher_topk
+            top_lp, top_ids = chunk.topk_logprobs[..., :k], chunk.topk_ids[..., :k]
+            self.kept_topk.append((rows, start, top_lp, top_ids))
 
     def _apply_terminator(self, rows: torch.Tensor, end: int) -> None:
         terminator = self.e.terminator

@@ -10,6 +10,8 @@ STOP_EOS = "eos"
 STOP_MAX_TOKENS = "max_tokens"
 STOP_TERMINATED = "terminated"
 STOP_REASONS = (STOP_EOS, STOP_MAX_TOKENS, STOP_TERMINATED)
+# partial rollouts only: ended at the staleness bound (rollout.max_staleness), all tokens kept
+STOP_STALE = "stale"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class Rollout:
     n_teacher_nonfinite: int = 0  # generated positions dropped for non-finite teacher logits
     timings: dict[str, float] = field(default_factory=dict)  # seconds: total, teacher, ...
     terminator_metrics: dict[str, float] = field(default_factory=dict)  # from end_batch()
+    # partial rollouts (rollout.mode=partial) only: the optimizer step whose weights sampled
+    # each token [B, T] long (-1 past a row's length), and the step's scheduling metrics
+    policy_step: torch.Tensor | None = None
+    partial_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

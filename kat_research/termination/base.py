@@ -35,6 +35,14 @@ class Terminator:
     4. ``end_batch()``; adaptive rules update their state here and return scalar metrics for
        logging.
 
+    Partial rollouts (``rollout.mode: partial``, rules with ``supports_partial``) keep rows in
+    a fixed set of slots across optimizer steps instead: ``begin_slots(n_slots, cap)`` once;
+    per training step ``begin_step()``, then ``admit(slots, cap, generator)`` whenever rows
+    start in ``slots`` (returns their caps; per-row state is reset there and survives
+    steps), ``observe`` with slot indices as ``rows``, ``finish(slots, cut, kl, lengths)``
+    when rows end (returns their kept tokens, as ``kept_tokens``), and ``end_step()`` (like
+    ``end_batch``) once the step's rows are collected.
+
     ``on_optimizer_step()`` is called once per optimizer step (warm-up counting).
     ``set_gather(gather)`` is called once under data parallelism, before the first batch.
     """
@@ -53,6 +61,10 @@ class Terminator:
     def observes(self) -> bool:
         """Whether the engine calls ``observe`` at chunk boundaries."""
         return self.needs_kl or bool(self.signals)
+
+    #: whether the rule implements the partial-rollout protocol (the defaults below are right
+    #: for rules whose only per-row state is the cap ``begin_batch`` draws)
+    supports_partial: bool = False
 
     def begin_batch(
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
@@ -79,6 +91,30 @@ class Terminator:
 
     def end_batch(self) -> dict[str, float]:
         """Finish the batch; return metrics (e.g. threshold, buffer size)."""
+        return {}
+
+    def begin_slots(self, n_slots: int, max_new_tokens: int) -> None:
+        """Partial rollouts: start ``n_slots`` persistent row slots."""
+        return None
+
+    def begin_step(self) -> None:
+        """Partial rollouts: a training step's rollouts start (adaptive rules snapshot here)."""
+        return None
+
+    def admit(
+        self, slots: torch.Tensor, max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Partial rollouts: new rows start in ``slots`` [k]; return their caps [k] (long)."""
+        return self.begin_batch(slots.numel(), max_new_tokens, generator)
+
+    def finish(
+        self, slots: torch.Tensor, cut: torch.Tensor, kl: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Partial rollouts: rows in ``slots`` ended; return their final kept tokens."""
+        return self.kept_tokens(cut, kl, lengths)
+
+    def end_step(self) -> dict[str, float]:
+        """Partial rollouts: the step's rows are collected; return metrics (as ``end_batch``)."""
         return {}
 
     def set_gather(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -32,9 +32,15 @@ def topk_overlap(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, student_logits.shape[-1])
+    return topk_overlap_with(student_logits, teacher_logits.float().topk(k, dim=-1).indices)
+
+
+def topk_overlap_with(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor) -> torch.Tensor:
+    """Share of the teacher's top tokens ``teacher_topk_ids`` [N, k] (a served teacher's, or
+    :func:`topk_overlap`'s) that are also in the student's top-``k`` of its logits [N, V]."""
+    k = teacher_topk_ids.shape[-1]
     s = student_logits.float().topk(k, dim=-1).indices
-    t = teacher_logits.float().topk(k, dim=-1).indices
-    return (s[:, :, None] == t[:, None, :]).any(-1).sum(-1).float() / k
+    return (s[:, :, None] == teacher_topk_ids[:, None, :]).any(-1).sum(-1).float() / k
 
 
 class OverlapDriftTerminator(Terminator):

@@ -206,6 +206,7 @@ class KATTerminator(Terminator):
     """
 
     needs_kl = True
+    supports_partial = True
 
     def __init__(self, rule: KATRule) -> None:
         if not isinstance(rule, KATRule):
@@ -231,11 +232,57 @@ class KATTerminator(Terminator):
     def begin_batch(
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        self._snapshot_threshold()
+        self._batch = _ScanState.fresh(batch_size, stride=self.rule.stride, exempt=self.rule.exempt)
+        return super().begin_batch(batch_size, max_new_tokens, generator)
+
+    def _snapshot_threshold(self) -> None:
+        """The threshold and whether the rule is active, from the buffer as it is now."""
         policy = self.rule.threshold
         self._batch_threshold = policy.of(self._buffer)
         self._batch_active = policy.active(self._buffer.numel(), self._steps)
-        self._batch = _ScanState.fresh(batch_size, stride=self.rule.stride, exempt=self.rule.exempt)
-        return super().begin_batch(batch_size, max_new_tokens, generator)
+
+    # partial rollouts: the scan state is per slot and persists across steps; the threshold
+    # is snapshotted once per step (as per batch in sync mode) and the minima of the rows that
+    # finished during a step enter the buffer at its end, before the next snapshot
+    def begin_slots(self, n_slots: int, max_new_tokens: int) -> None:
+        self._batch = _ScanState.fresh(n_slots, stride=self.rule.stride, exempt=self.rule.exempt)
+        self._finished: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def begin_step(self) -> None:
+        self._snapshot_threshold()
+
+    def admit(
+        self, slots: torch.Tensor, max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        state = self._current_batch()
+        fresh = _ScanState.fresh(slots.numel(), stride=self.rule.stride, exempt=self.rule.exempt)
+        index = (slots.cpu().long(),)
+        for name in ("counter", "run_start", "minimum", "next_k", "cut"):
+            setattr(state, name, getattr(state, name).index_put(index, getattr(fresh, name)))
+        return torch.full((slots.numel(),), max_new_tokens, dtype=torch.long)
+
+    def finish(
+        self, slots: torch.Tensor, cut: torch.Tensor, kl: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        state, slots = self._current_batch(), slots.cpu().long()
+        self._finished.append((state.minimum[slots].clone(), state.cut[slots].clone()))
+        return cut
+
+    def end_step(self) -> dict[str, float]:
+        done = self._finished or [(torch.empty(0, dtype=torch.float64), torch.empty(0).long())]
+        minimum = self._gather(torch.cat([m for m, _ in done]))
+        cut = self._gather(torch.cat([c for _, c in done]))
+        self._finished = []
+        self._buffer = torch.cat([self._buffer, minimum[minimum.isfinite()]])[
+            -self.rule.threshold.buffer_size :
+        ]
+        return {
+            "kat/threshold": self._batch_threshold,
+            "kat/buffer_size": float(self._buffer.numel()),
+            "kat/active": float(self._batch_active),
+            "kat/cut_rows": float((cut >= 0).sum()),
+        }
 
     def observe(self, rows: torch.Tensor, kl: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return _scan(

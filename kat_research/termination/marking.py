@@ -28,6 +28,8 @@ class KATPhaseMarker(KATTerminator):
     each phase (``kat/pre_tokens``, ``kat/agreement_tokens``, ``kat/post_tokens``).
     """
 
+    supports_partial = False  # its phase bounds are computed per sync batch
+
     def __init__(self, rule: KATRule, supervise: str = "pre") -> None:
         if supervise not in SUPERVISE:
             raise ValueError(f"supervise must be one of {', '.join(SUPERVISE)}, got {supervise!r}")

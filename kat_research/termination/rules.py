@@ -14,12 +14,16 @@ from kat_research.termination.base import Terminator, observe_rule
 class NoTermination(Terminator):
     """Standard OPD: rollouts run until EOS or ``max_new_tokens``."""
 
+    supports_partial = True
+
     def __repr__(self) -> str:
         return "NoTermination()"
 
 
 class FixedPrefix(Terminator):
     """Cap every rollout at ``budget`` generated tokens, all of them kept."""
+
+    supports_partial = True
 
     def __init__(self, budget: int) -> None:
         if budget < 1:
@@ -57,6 +61,8 @@ class RandomTermination(Terminator):
     tokens are kept. Give exactly one of ``hazard`` in (0, 1] or ``mean_length`` >= exempt + 1
     (then ``hazard = 1 / (mean_length - exempt)``).
     """
+
+    supports_partial = True
 
     def __init__(
         self, hazard: float | None = None, mean_length: float | None = None, exempt: int = 0
@@ -114,6 +120,7 @@ class CompositeTerminator(Terminator):
         if len(ks) > 1:
             raise ValueError(f"children need top-k overlaps of different k {sorted(ks)}")
         self.overlap_k = ks.pop() if ks else None
+        self.supports_partial = all(t.supports_partial for t in self.terminators)
 
     def begin_batch(
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
@@ -146,6 +153,33 @@ class CompositeTerminator(Terminator):
         metrics: dict[str, float] = {}
         for t in self.terminators:
             metrics.update(t.end_batch())
+        return metrics
+
+    def begin_slots(self, n_slots: int, max_new_tokens: int) -> None:
+        for t in self.terminators:
+            t.begin_slots(n_slots, max_new_tokens)
+
+    def begin_step(self) -> None:
+        for t in self.terminators:
+            t.begin_step()
+
+    def admit(
+        self, slots: torch.Tensor, max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        caps = [t.admit(slots, max_new_tokens, generator).cpu() for t in self.terminators]
+        return torch.stack(caps).amin(0)
+
+    def finish(
+        self, slots: torch.Tensor, cut: torch.Tensor, kl: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        for t in self.terminators:
+            cut = t.finish(slots, cut, kl, lengths)
+        return cut
+
+    def end_step(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for t in self.terminators:
+            metrics.update(t.end_step())
         return metrics
 
     def set_gather(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
