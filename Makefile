@@ -142,7 +142,7 @@ figure-kl-dynamics: install
 # against KAT's low-KL segments and offline cuts (precision, recall, correct-rollout cut rate).
 trap-analysis: install
 	@$(CHECK_RUN)
-	$(PY) -m kat_research.analysis.trap_analysis "run_dir='$(RUN)'" $(ARGS)
+	$(PY) -m kat_research.analysis.trap.analysis "run_dir='$(RUN)'" $(ARGS)
 
 figure-gradient-projection: install
 	@$(CHECK_RUN)
@@ -154,16 +154,17 @@ figure-teacher-tokens: install
 
 # Synthetic traces only: needs no training run.
 figure-trap-benchmark: install
-	$(PY) -m kat_research.analysis.trap_benchmark $(ARGS)
+	$(PY) -m kat_research.analysis.trap.benchmark $(ARGS)
 
 # The long-horizon testbed's trap check (issue 14): loads the committed testbed teacher and
 # larger student (conf/model/*/testbed*.yaml, data=collatz), then reports the teacher's
 # forced-loop probe, KL after derailment vs correct rollouts at the same positions, and KAT's
 # offline cut rate on derailed vs correct student rollouts (Fisher's exact test), into
-# results/testbed_trap_check/. ARGS: script flags and Hydra overrides, e.g. ARGS="--rollouts 128".
+# results/testbed_trap_check/. ARGS: Hydra overrides of conf/analysis_testbed_trap_check.yaml, e.g.
+# ARGS="rollouts=128".
 .PHONY: testbed-trap-check
 testbed-trap-check: install
-	OMP_NUM_THREADS=1 $(PY) scripts/testbed_trap_check.py $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m kat_research.analysis.trap.testbed_check $(ARGS)
 
 # Rebuild the testbed's committed models (assets/testbed) from their stage chain
 # (conf/testbed_models.yaml; ~42 min with one thread, cached per stage so a rerun continues) and

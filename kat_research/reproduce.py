@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from kat_research.config import ConfigError, check_runnable, compose
+from kat_research.config import ConfigError, compose
+from kat_research.config.checks import check_runnable
 from kat_research.planning.checks import config_problems, memory_problem
 from kat_research.planning.configs import model_config
 from kat_research.planning.estimate import make_plan, world_size
+from kat_research.sweep.job_records import job_records
 from kat_research.sweep.launch import LOCAL, check_launcher, launch_all, launcher_choices
-from kat_research.sweep.records import job_records
 from kat_research.sweep.spec import (
     EVALUATE,
     ExperimentSpec,

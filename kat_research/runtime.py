@@ -1,13 +1,16 @@
 """CPU threads of a job: set torch's intra-op thread count, and warn when the cores are
 oversubscribed. Measured on a 2-core machine: with 2 torch threads while another process kept
 one core busy, a decode step ran 25-40x slower (600-1100 ms instead of 26 ms), because torch's
-threads wait for each other at every operation."""
+threads wait for each other at every operation. ``interleaved`` times functions side by side,
+for the benchmarks' ratios."""
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -131,3 +134,16 @@ def warn_if_oversubscribed(
     if message is not None:
         log.warning(message)
     return message
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, the repeats interleaved to share machine noise."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

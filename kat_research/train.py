@@ -14,7 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kat_research.config import CONFIG_DIR, ConfigError, check_overrides
+from kat_research.config import CONFIG_DIR, ConfigError
+from kat_research.config.checks import check_overrides
 from kat_research.run_folder import CheckpointError, RunFolderError
 from kat_research.training import train
 

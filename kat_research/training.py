@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.config import (
-    ConfigError,
+from kat_research.config import ConfigError
+from kat_research.config.build import (
+    build_callbacks,
+    build_loggers,
     build_module,
-    check_runnable,
     connect_teacher,
-    served_topk,
 )
+from kat_research.config.checks import check_runnable, served_topk
 from kat_research.console import duration, quiet, result_line
 from kat_research.layout import SUMMARY_FILE, read_json, write_summary
 from kat_research.lit import OPDModule
@@ -47,53 +47,6 @@ if TYPE_CHECKING:
     from kat_research.termination.base import Terminator
 
 log = logging.getLogger(__name__)
-LOGGER_CALLBACKS = (LearningRateMonitor,)  # callbacks that fail without a logger
-
-
-def enabled(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
-    """The entries of ``cfg.<group>`` (``callbacks`` / ``logger``) to build: those set to
-    ``null`` are disabled; settings left without a ``_target_`` (a removed preset that another
-    preset still sizes, e.g. ``~callbacks`` under ``debug=fast``) are skipped with a warning."""
-    entries = {}
-    for name, node in (cfg.get(group) or {}).items():
-        if node is None:
-            continue
-        if "_target_" not in node:
-            log.warning("%s.%s has settings but no _target_: not built", group, name)
-            continue
-        entries[name] = node
-    return entries
-
-
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    return [instantiate(c) for c in enabled(cfg, "logger").values()]
-
-
-def build_callbacks(
-    cfg: DictConfig, output_dir: Path, has_logger: bool
-) -> tuple[list[L.Callback], EvalCallback | None]:
-    """The configured callbacks (``callbacks.<name>=null`` disables one; those that log through
-    a logger, such as the LR monitor, are left out when no logger is configured), plus the
-    evaluation callback when ``eval.enabled``."""
-    callbacks = []
-    for name, node in enabled(cfg, "callbacks").items():
-        callback = instantiate(node)
-        if isinstance(callback, LOGGER_CALLBACKS) and not has_logger:
-            log.info("callbacks.%s is off: it needs a logger and every logger is disabled", name)
-            continue
-        callbacks.append(callback)
-    eval_cb = None
-    if cfg.eval.get("enabled", False):
-        eval_cb = EvalCallback(
-            instantiate(cfg.eval.evaluator),
-            output_dir=output_dir,
-            every_n_steps=cfg.eval.every_n_steps,
-            at_start=cfg.eval.at_start,
-            at_end=cfg.eval.at_end,
-            stop_when=cfg.eval.get("stop_when"),
-        )
-        callbacks.append(eval_cb)
-    return callbacks, eval_cb
 
 
 def metrics_file(output_dir: Path) -> Path:

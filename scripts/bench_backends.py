@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_timing import interleaved
 from transformers import PreTrainedModel
 
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
 from kat_research.models.smollm2 import smollm2_model
 from kat_research.rollout import RolloutEngine, SamplingConfig
 from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings
+from kat_research.runtime import interleaved
 
 
 def bench_model(

@@ -16,36 +16,11 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from bench_timing import interleaved
 
 from kat_research.models import build_char_tokenizer, build_tiny_qwen3
 from kat_research.rollout import RolloutEngine, SamplingConfig, prompt_positions
-from kat_research.termination.base import Terminator
-
-
-class StopShareEarly(Terminator):
-    """Caps a share of the rows at a fraction of the length cap (benchmark 3)."""
-
-    def __init__(self, share: float, fraction: float):
-        self.share, self.fraction = share, fraction
-
-    def begin_batch(self, batch_size, max_new_tokens, generator=None):
-        caps = torch.full((batch_size,), max_new_tokens, dtype=torch.long)
-        caps[: round(self.share * batch_size)] = max(1, round(self.fraction * max_new_tokens))
-        return caps
-
-    def __repr__(self) -> str:
-        return f"StopShareEarly({self.share}, {self.fraction})"
-
-
-def make_prompts(tokenizer, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    texts = []
-    for _ in range(batch):
-        a, b, c = torch.randint(2, 99, (3,), generator=gen).tolist()
-        texts.append(f"Compute {a}*{b}-{c}. Show the steps.")
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    return enc.input_ids, enc.attention_mask
+from kat_research.rollout.workloads import StopShareEarly, arithmetic_prompts
+from kat_research.runtime import interleaved
 
 
 def separate_teacher_pass(teacher, student_rollout) -> torch.Tensor:
@@ -73,7 +48,7 @@ def main() -> None:
     tok = build_char_tokenizer()
     student = build_tiny_qwen3(tok, hidden_size=96, num_layers=3, num_heads=4, seed=0).eval()
     teacher = build_tiny_qwen3(tok, hidden_size=128, num_layers=4, num_heads=4, seed=1).eval()
-    ids, mask = make_prompts(tok, args.batch)
+    ids, mask = arithmetic_prompts(tok, args.batch)
     n = args.new_tokens
     sampling = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=n)
     pad = tok.pad_token_id
@@ -130,7 +105,7 @@ def main() -> None:
     # decode step is bound by reading the weights, whatever the rows; a large batch (as in
     # training: prompts x group size) makes it compute-bound, so dropped rows save time.
     big = build_tiny_qwen3(tok, hidden_size=384, num_layers=4, num_heads=6, seed=2).eval()
-    ids, mask = make_prompts(tok, args.early_batch)
+    ids, mask = arithmetic_prompts(tok, args.early_batch)
     long = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=2 * n)
     base = RolloutEngine(big, sampling=long, pad_token_id=pad)
     early = RolloutEngine(

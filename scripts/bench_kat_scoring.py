@@ -46,7 +46,7 @@ def main() -> None:
     tok = student.tokenizer
     rows, _ = load_rows(SourceSpec(**{**cfg.data.source, "n": args.rollouts, "seed": 5}))
     collate = PromptCollator(tok, cfg.data.max_prompt_tokens, cfg.data.instruction, cfg.data.system)
-    kat = cfg.termination.kat
+    kat = instantiate(cfg.termination.kat).with_fixed_threshold(args.threshold)
     sampling = SamplingConfig(
         cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, (tok.eos_token_id,)
     )
@@ -60,9 +60,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     for every in args.score_every:
-        terminator = KATTerminator(
-            window=kat.window, stride=kat.stride, patience=kat.patience, threshold=args.threshold
-        )
+        terminator = KATTerminator(kat)
         engine = RolloutEngine(
             student.model,
             teacher.model,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from kat_research.building import demo_model_info
+from kat_research.building.stages import build_chain, install, weight_difference
 from kat_research.config import compose
-from kat_research.demo.models import demo_model_info
-from kat_research.demo.testbed_build import build_chain, install, weight_difference
 
 
 def main() -> None:

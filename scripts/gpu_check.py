@@ -371,17 +371,16 @@ def prepare_smollm2(cache: Path, scale: Scale, kit: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- (a)
 def engine_parity(report: Report, entry: dict, device: str, scale: Scale) -> None:
     """Greedy rollouts of a tiny pair on the CPU (reference) and on ``device``."""
-    from bench_engine import StopShareEarly, make_prompts
-
     from kat_research.models import build_char_tokenizer, build_tiny_qwen3
     from kat_research.rollout import RolloutEngine, SamplingConfig
+    from kat_research.rollout.workloads import StopShareEarly, arithmetic_prompts
 
     torch.set_num_threads(scale.threads)
     torch.set_float32_matmul_precision("highest")
     tok = build_char_tokenizer()
     student = build_tiny_qwen3(tok, hidden_size=64, num_layers=2, seed=0).eval()
     teacher = build_tiny_qwen3(tok, hidden_size=96, num_layers=3, seed=1).eval()
-    ids, mask = make_prompts(tok, scale.parity_batch)
+    ids, mask = arithmetic_prompts(tok, scale.parity_batch)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=scale.parity_tokens)
 
     def rollout(on: str):
@@ -661,11 +660,10 @@ def timed_rollout(
 
 
 def engine_throughput(report: Report, entry: dict, device: str, scale: Scale, cache: Path) -> None:
-    from bench_engine import StopShareEarly, make_prompts
-    from bench_timing import interleaved
-
     from kat_research.models.smollm2 import smollm2_model
     from kat_research.rollout import RolloutEngine, SamplingConfig
+    from kat_research.rollout.workloads import StopShareEarly, arithmetic_prompts
+    from kat_research.runtime import interleaved
 
     torch.set_num_threads(scale.threads)
     teacher = smollm2_model(str(cache), dtype=scale.teacher_dtype)
@@ -696,7 +694,7 @@ def engine_throughput(report: Report, entry: dict, device: str, scale: Scale, ca
         ),
     }  # fmt: skip
     for batch in scale.engine_batches:
-        ids, mask = make_prompts(student.tokenizer, batch)
+        ids, mask = arithmetic_prompts(student.tokenizer, batch)
         generated: dict[str, int] = {}
         calls = {n: timed_rollout(e, ids, mask, device, generated, n) for n, e in engines.items()}
         seconds = interleaved(calls, scale.engine_repeats)

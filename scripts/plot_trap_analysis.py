@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kat_research.analysis.trap_analysis import Results, plot
+from kat_research.analysis.trap.analysis import Results, plot
 from kat_research.plotting import save_figure
 
 

@@ -15,7 +15,7 @@ settings and prints how often it is right (the ceiling for any student distilled
    ``The final answer is \\boxed{72}.``).
 2. ``--rollouts`` uncut rollouts of the SFT'd student at T=1, top-p 1, cap ``--max-new-tokens``,
    on GSM8K *test* questions (not seen in the SFT), the teacher scoring every token.
-3. ``kat_research.analysis.trap_analysis`` on them: categories by math grading and the n-gram
+3. ``kat_research.analysis.trap.analysis`` on them: categories by math grading and the n-gram
    repetition rule, low-KL segments and KAT's offline cuts at the quantile of the rollouts' own
    window minima (no training run, so no KAT buffer).
 
@@ -42,12 +42,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kat_research import config
-from kat_research.analysis import trap_analysis
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches
-from kat_research.analysis.verdicts import make_verifier
+from kat_research.analysis.trap import analysis as trap_analysis
+from kat_research.analysis.trap.verdicts import make_verifier
+from kat_research.building.models import fit_steps
+from kat_research.building.sft import SFTModule
+from kat_research.config.build import build_module
 from kat_research.data import PromptDataModule, SourceSpec
-from kat_research.demo.models import fit_steps
-from kat_research.lit import SFTModule, warmup_cosine
+from kat_research.lit import warmup_cosine
 from kat_research.lit.step_log import StepLog
 from kat_research.models import load_causal_lm
 from kat_research.models.cache import publish_folder
@@ -163,7 +165,7 @@ def teacher_accuracy(cfg, args) -> None:
     """How often the teacher itself answers correctly under the same prompts and sampling (the
     ceiling a student distilled from it can be expected to approach)."""
     teacher = instantiate(cfg.model.teacher)
-    module = config.build_module(cfg, teacher, teacher)
+    module = build_module(cfg, teacher, teacher)
     spec = RolloutSpec(n=args.teacher_accuracy, batch_size=args.batch_size, seed=args.seed)
     verifier = make_verifier(
         OmegaConf.to_container(cfg.data.source, resolve=True), ngram=10, repeats=3, timeout_s=5.0

@@ -23,7 +23,7 @@ import torch
 
 from kat_research import config
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
-from kat_research.analysis.runs import build_module
+from kat_research.analysis.runs import run_module
 from kat_research.analysis.topk_mass import (
     support_size,
     support_table,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> str:
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     cfg = config.compose(["method=opd", *overrides])
-    module = build_module(cfg, torch.device("cpu"))
+    module = run_module(cfg, torch.device("cpu"))
     spec = RolloutSpec(n=args.rollouts, batch_size=args.batch, seed=args.seed)
     tails, supports = [], {c: [] for c in COVERAGES}
     for i, rollout in enumerate(

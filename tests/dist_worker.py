@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from kat_research.distributed import all_gather_cat, all_reduce_sum
 from kat_research.losses import token_weights
-from kat_research.termination import KATTerminator
+from kat_research.termination import KATTerminator, kat_rule
 
 KAT = dict(
     window=4, stride=2, patience=1, quantile=0.7, buffer_size=12, min_buffer=1, warmup_steps=0
@@ -55,7 +55,7 @@ def worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        kat = KATTerminator(**KAT)
+        kat = KATTerminator(kat_rule(**KAT))
         kat.set_gather(all_gather_cat)
         metrics = [kat_step(kat, *rank_kl(rank, step)) for step in range(2)]
         buffer = kat.buffer

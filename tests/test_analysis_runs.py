@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kat_research import config
-from kat_research.analysis import gradient_projection, kl_dynamics, teacher_tokens, trap_benchmark
+from kat_research.analysis import gradient_projection, kl_dynamics, teacher_tokens
 from kat_research.analysis.runs import kat_buffer, load_run, read_checkpoint
+from kat_research.analysis.trap import benchmark as trap_benchmark
 from kat_research.config import CONFIG_DIR
 from kat_research.termination.phases import PHASES
 from kat_research.training import train
@@ -69,6 +70,7 @@ PAPER_SCALE = {
     "teacher_tokens": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
     "trap_benchmark": ["analysis/benchmark=length_4096"],
     "trap_analysis": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
+    "testbed_trap_check": ["analysis/detector=kat_paper"],
 }
 
 
@@ -80,7 +82,7 @@ def test_every_analysis_has_an_entry_config():
 
 @pytest.mark.parametrize("name,paper", PAPER_SCALE.items(), ids=list(PAPER_SCALE))
 def test_every_analysis_config_composes_at_both_scales(name, paper):
-    run = [] if name == "trap_benchmark" else ["run_dir=x"]
+    run = [] if name in ("trap_benchmark", "testbed_trap_check") else ["run_dir=x"]
     for overrides in ([], paper):
         cfg = compose_config(f"analysis_{name}", *run, *overrides)
         assert cfg.name == name and str(cfg.output_dir).endswith(f"results/{name}")
@@ -140,7 +142,7 @@ def test_trap_benchmark_entry_point_writes_results(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "kat_research.analysis.trap_benchmark",
+        "kat_research.analysis.trap.benchmark",
         f"output_dir={out}",
         *TINY_GRID,
     ]

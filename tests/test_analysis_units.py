@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kat_research.analysis.detector import Detector, resolve_threshold
-from kat_research.analysis.planted import TraceSpec, detect, planted_traces, score, window_minima
+from kat_research.analysis.detector import resolve_threshold
 from kat_research.analysis.projection import (
     group_ratios,
     parameter_groups,
     projection_ratios,
     top_left_singular_vectors,
 )
+from kat_research.analysis.trap.planted import TraceSpec, planted_traces, score
+from kat_research.termination import kat_calibrated, kat_cuts, kat_rule, kat_rule_from_settings
 
 HIGH, LOW = 1.0, 0.01
 
@@ -27,15 +28,15 @@ def planted(*segments: tuple[float, int]) -> torch.Tensor:
 
 def test_detector_threshold_sources() -> None:
     traces = [planted((HIGH, 8), (LOW, 8)), planted((HIGH, 16))]
-    fixed, source = resolve_threshold(Detector(window=4, threshold=0.3), None, lambda: traces)
-    assert (fixed.threshold, source) == (0.3, "fixed")
+    fixed, source = resolve_threshold(kat_rule(window=4, threshold=0.3), None, lambda: traces)
+    assert (fixed.threshold.fixed, source) == (0.3, "fixed")
     buffer = torch.tensor([0.0, 1.0])
-    from_buffer, source = resolve_threshold(Detector(window=4, quantile=0.5), buffer, list)
-    assert (from_buffer.threshold, source) == (0.5, "checkpoint buffer")
-    minima, source = resolve_threshold(Detector(window=4, quantile=0.5), None, lambda: traces)
+    from_buffer, source = resolve_threshold(kat_rule(window=4, quantile=0.5), buffer, list)
+    assert (from_buffer.threshold.fixed, source) == (0.5, "checkpoint buffer")
+    minima, source = resolve_threshold(kat_rule(window=4, quantile=0.5), None, lambda: traces)
     assert source == "rollout minima"
-    assert minima.threshold == pytest.approx((LOW + HIGH) / 2)
-    run = Detector.from_settings(
+    assert minima.threshold.fixed == pytest.approx((LOW + HIGH) / 2)
+    run = kat_rule_from_settings(
         {"window": 8, "buffer_size": 4096}, {"window": None, "patience": 2}
     )
     assert (run.window, run.patience) == (8, 2)
@@ -106,9 +107,10 @@ def test_clean_traces_hold_their_traps_exactly() -> None:
 def test_benchmark_recovers_a_clean_trap_exactly() -> None:
     kl = planted((HIGH, 32), (LOW, 32), (HIGH, 32))[None]
     onsets = torch.tensor([32])
-    cuts = detect(kl, threshold=0.5, window=8, stride=8, patience=3)
+    rule = kat_rule(window=8, stride=8, patience=3, threshold=0.5)
+    cuts = kat_cuts(kl, rule)
     assert cuts.tolist() == [32]
-    metrics = score(cuts, onsets, segment_length=32, window=8, stride=8, patience=3)
+    metrics = score(cuts, onsets, segment_length=32, rule=rule)
     assert metrics["precision"] == metrics["recall"] == 1.0
     assert metrics["delay_mean"] == 8 + 2 * 8 and metrics["onset_error_mean"] == 0
 
@@ -117,13 +119,13 @@ def test_adaptive_threshold_finds_every_clean_trap() -> None:
     generator = torch.Generator().manual_seed(0)
     test = planted_traces(40, CLEAN, noise=0.0, segment_length=48, generator=generator)
     calibration = planted_traces(40, CLEAN, noise=0.0, segment_length=48, generator=generator)
-    threshold = float(torch.quantile(window_minima(calibration.kl, window=8, stride=8), 0.7))
-    assert threshold == CLEAN.high_kl  # half the minima are high: a strict cut below them
-    cuts = detect(test.kl, threshold=threshold, window=8, stride=8, patience=4)
+    rule = kat_calibrated(kat_rule(window=8, patience=4, quantile=0.7), calibration.kl)
+    assert rule.threshold.fixed == CLEAN.high_kl  # half the minima are high: a strict cut below
+    cuts = kat_cuts(test.kl, rule)
     trapped = test.onsets >= 0
     assert torch.equal(cuts[trapped], test.onsets[trapped] // 8 * 8)  # first overlapping window
     assert cuts[~trapped].eq(-1).all()
-    metrics = score(cuts, test.onsets, segment_length=48, window=8, stride=8, patience=4)
+    metrics = score(cuts, test.onsets, segment_length=48, rule=rule)
     assert metrics["precision"] == metrics["recall"] == 1.0
     assert metrics["false_alarm_rate"] == 0.0
 
@@ -133,22 +135,11 @@ def test_persistence_ignores_decoys_that_fool_patience_one() -> None:
     traces = planted_traces(
         20, spec, noise=0.0, segment_length=48, generator=torch.Generator().manual_seed(2)
     )
-    rule = dict(window=4, stride=4, threshold=0.5)
-    one = score(
-        detect(traces.kl, patience=1, **rule),
-        traces.onsets,
-        segment_length=48,
-        window=4,
-        stride=4,
-        patience=1,
+    patient, eager = (
+        kat_rule(window=4, patience=5, threshold=0.5),
+        kat_rule(window=4, patience=1, threshold=0.5),
     )
-    five = score(
-        detect(traces.kl, patience=5, **rule),
-        traces.onsets,
-        segment_length=48,
-        window=4,
-        stride=4,
-        patience=5,
-    )
+    one = score(kat_cuts(traces.kl, eager), traces.onsets, segment_length=48, rule=eager)
+    five = score(kat_cuts(traces.kl, patient), traces.onsets, segment_length=48, rule=patient)
     assert one["false_alarm_rate"] == 1.0 and one["precision"] == 0.0
     assert five["precision"] == five["recall"] == 1.0

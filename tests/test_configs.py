@@ -134,7 +134,15 @@ def test_kat_settings_are_shared_by_kat_methods():
     )
     rule = instantiate(cfg.method.terminator)
     fixed, kat = rule.terminators
-    assert fixed.budget == 2048 and kat.quantile == 0.9
+    assert fixed.budget == 2048 and kat.rule.threshold.quantile == 0.9
+    # every KAT method takes the one rule termination.kat builds, whole
+    expected = instantiate(cfg.termination.kat)
+    assert kat.rule == expected
+    for method in ("kat", "kat_stagewise"):
+        built = instantiate(
+            compose_train(f"method={method}", "termination.kat.quantile=0.9").method.terminator
+        )
+        assert built.rule == expected
 
 
 def test_unknown_option_fails_with_hydra_message():

@@ -9,9 +9,9 @@ import math
 import pandas as pd
 import pytest
 
-from kat_research.analysis.trap_check import classify
+from kat_research.analysis.trap.check import classify
+from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.first_error import CollatzFirstError, first_error_task
-from kat_research.data.long_task import CollatzTaskConfig
 from kat_research.lit.cut_verdicts import (
     COUNTS,
     decoded,

@@ -23,11 +23,9 @@ from kat_research.data import (
     drop_too_long,
     exact_integer_match,
     format_prompt,
-    generate_problems,
     load_rows,
     make_problem,
     solution_text,
-    split_problems,
 )
 from kat_research.data import prompts as prompts_module
 from kat_research.data.synthetic import is_heldout, problems_for_split
@@ -61,7 +59,7 @@ STEP = re.compile(r"(-?\d+)([+\-*])(\d+)=(-?\d+)")
     ids=["default", "3ops-negative"],
 )
 def test_worked_steps_are_arithmetically_right(cfg):
-    for p in generate_problems(1000, seed=0, cfg=cfg):
+    for p in problems_for_split("train", 1000, seed=0, cfg=cfg):
         assert len(p.steps) == cfg.n_ops
         value = int(re.match(r"\(*(\d+)", p.problem).group(1))
         for step in p.steps:
@@ -75,33 +73,35 @@ def test_worked_steps_are_arithmetically_right(cfg):
 
 
 def test_answers_stay_short_and_non_negative_by_default():
-    problems = generate_problems(2000, seed=1, cfg=ArithmeticTaskConfig())
+    problems = problems_for_split("train", 2000, seed=1, cfg=ArithmeticTaskConfig())
     answers = [int(p.answer) for p in problems]
     assert 0 <= min(answers) and max(answers) <= 9999
     assert max(len(solution_text(p)) for p in problems) <= 40
     assert {op for p in problems for op in "+-*" if op in p.problem} == set("+-*")
-    signed = generate_problems(2000, 1, ArithmeticTaskConfig(n_ops=3, allow_negative=True))
+    signed = problems_for_split(
+        "train", 2000, 1, ArithmeticTaskConfig(n_ops=3, allow_negative=True)
+    )
     values = [int(STEP.fullmatch(s).group(4)) for p in signed for s in p.steps]
     assert min(values) < 0 and max(abs(v) for v in values) <= 9999
 
 
 def test_generation_is_deterministic_per_seed():
     cfg = ArithmeticTaskConfig()
-    assert generate_problems(50, 3, cfg) == generate_problems(50, 3, cfg)
-    assert generate_problems(50, 3, cfg) != generate_problems(50, 4, cfg)
+    assert problems_for_split("train", 50, 3, cfg) == problems_for_split("train", 50, 3, cfg)
+    assert problems_for_split("train", 50, 3, cfg) != problems_for_split("train", 50, 4, cfg)
     assert make_problem(random.Random(7), cfg) == make_problem(random.Random(7), cfg)
 
 
 def test_train_and_eval_splits_are_disjoint():
     cfg = ArithmeticTaskConfig()
-    train, evals = split_problems(3000, 300, seed=0, cfg=cfg)
+    train = problems_for_split("train", 3000, seed=0, cfg=cfg)
+    evals = problems_for_split("eval", 300, seed=0, cfg=cfg)
     eval_strings = {p.problem for p in evals}
     assert len(train) == 3000 and len(eval_strings) == 300  # eval problems are distinct
     assert not eval_strings & {p.problem for p in train}
     assert all(is_heldout(s, cfg) for s in eval_strings)
     other_seed_train = problems_for_split("train", 3000, seed=1, cfg=cfg)
     assert not eval_strings & {p.problem for p in other_seed_train}
-    assert split_problems(10, 300, 0, cfg)[1] == evals  # eval does not depend on n_train
 
 
 def test_bad_task_settings_are_rejected():
@@ -157,7 +157,7 @@ def test_exact_integer_match_negatives_zero_and_bad_golds():
 
 def test_char_tokenizer_covers_the_synthetic_task(char_tokenizer):
     cfg = ArithmeticTaskConfig(n_ops=3, allow_negative=True)
-    problems = generate_problems(500, 0, cfg)
+    problems = problems_for_split("train", 500, 0, cfg)
     texts = [solution_text(p) for p in problems] + [p.problem for p in problems]
     for ids in char_tokenizer(texts, add_special_tokens=False).input_ids:
         assert char_tokenizer.unk_token_id not in ids

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from kat_research.building import train_sft_model
 from kat_research.config import ConfigError
 from kat_research.demo.__main__ import main
 from kat_research.demo.jobs import realised_saving, run_trap
-from kat_research.demo.models import train_sft_model
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.layout import eval_file
 from kat_research.lit.eval_callback import target_reached

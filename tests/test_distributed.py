@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from kat_research import config
 from kat_research.data.sampler import ResumableBatchSampler
 from kat_research.losses import token_weights
-from kat_research.termination import KATTerminator
+from kat_research.termination import KATTerminator, kat_rule
 from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def test_kat_buffer_and_threshold_are_global(ranks):
     """Both ranks hold the buffer, thresholds and cut counts one process computes from the
     union of their rollouts (rank 0's rows first), over three steps."""
-    single = KATTerminator(**KAT)
+    single = KATTerminator(kat_rule(**KAT))
 
     def union(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         (kl0, len0), (kl1, len1) = rank_kl(0, step), rank_kl(1, step)

@@ -15,7 +15,7 @@ from kat_research.rollout import (
     check_head_reproduces_logits,
     prompt_positions,
 )
-from kat_research.termination import KATTerminator, kat_cut
+from kat_research.termination import KATTerminator, kat_cut, kat_rule
 from kat_research.termination.base import Terminator
 
 
@@ -268,7 +268,7 @@ def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_eve
     )
     threshold = float(probe.kl[probe.gen_mask].median())
     settings = dict(window=4, stride=2, patience=2, exempt=1)
-    rule = KATTerminator(**settings, threshold=threshold)
+    rule = KATTerminator(kat_rule(**settings, threshold=threshold))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=24)
     eng = engine(
         tiny_pair, backend=backend, sampling=sampling, terminator=rule, score_every=score_every
@@ -278,7 +278,7 @@ def test_online_kat_matches_offline_kat_cut(tiny_pair, char_tokenizer, score_eve
     n_cut = 0
     for row in range(r.batch_size):
         length = int(r.lengths[row])
-        offline = kat_cut(r.kl[row, :length], threshold=threshold, **settings)
+        offline = kat_cut(r.kl[row, :length], kat_rule(threshold=threshold, **settings))
         if offline is None:
             assert r.stop_reason[row] == STOP_MAX_TOKENS and int(r.cut[row]) == length
         else:
@@ -325,3 +325,22 @@ def test_row_end_rule():
     assert at_stop.tolist() == [True, False, True, False]
     ended, at_stop = row_ends(last, count, cap, stop_ids=torch.tensor([], dtype=torch.long))
     assert ended.tolist() == [False, True, True, False] and not at_stop.any()
+
+
+def test_benchmark_workloads_cap_a_share_of_rows_and_time_side_by_side():
+    from kat_research.rollout.workloads import StopShareEarly
+    from kat_research.runtime import interleaved
+
+    assert StopShareEarly(0.5, 0.25).begin_batch(4, 16).tolist() == [4, 4, 16, 16]
+    assert StopShareEarly(1.0, 0.0).begin_batch(2, 16).tolist() == [1, 1]  # at least one token
+    calls = []
+    seconds = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2)
+    assert set(seconds) == {"a", "b"} and calls == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_arithmetic_prompts_are_seeded(char_tokenizer):
+    from kat_research.rollout.workloads import arithmetic_prompts
+
+    ids, mask = arithmetic_prompts(char_tokenizer, 3, seed=1)
+    again, _ = arithmetic_prompts(char_tokenizer, 3, seed=1)
+    assert ids.shape[0] == 3 and torch.equal(ids, again) and mask.shape == ids.shape

@@ -17,7 +17,6 @@ from kat_research.data import Row
 from kat_research.eval import (
     BENCHMARKS,
     Grader,
-    is_equivalent,
     load_benchmark,
     macro_average,
     pass_at_k,
@@ -159,23 +158,24 @@ REAL_CASES = [
 
 
 @pytest.mark.parametrize(("benchmark", "problem_id", "answer", "expected"), REAL_CASES)
-def test_is_equivalent_real_golds(benchmark: str, problem_id: str, answer: str, expected: bool):
+def test_grading_real_golds(benchmark: str, problem_id: str, answer: str, expected: bool):
     completion = f"Putting it together, the final answer is $\\boxed{{{answer}}}$."
-    assert is_equivalent(extract_answer(completion), gold(benchmark, problem_id)) is expected
+    assert Grader().grade(extract_answer(completion), gold(benchmark, problem_id)) is expected
 
 
-def test_is_equivalent_gold_lists_and_missing_answers() -> None:
-    assert is_equivalent("2, 1", ["1", "2"])
-    assert not is_equivalent("1", ["1", "2"])
-    assert is_equivalent("7", ["7"])
-    assert not is_equivalent(None, "7")
+def test_grading_gold_lists_and_missing_answers() -> None:
+    grader = Grader()
+    assert grader.grade("2, 1", ["1", "2"])
+    assert not grader.grade("1", ["1", "2"])
+    assert grader.grade("7", ["7"])
+    assert not grader.grade(None, "7")
     with pytest.raises(ValueError, match="empty"):
-        is_equivalent("7", [])
+        grader.grade("7", [])
 
 
 def test_pathological_answer_times_out_as_wrong() -> None:
     start = time.monotonic()
-    assert not is_equivalent(PATHOLOGICAL, "3", timeout_s=1.0)
+    assert not Grader(timeout_s=1.0).grade(PATHOLOGICAL, "3")
     assert time.monotonic() - start < 20
     grader = Grader(timeout_s=1.0)
     assert grader.grade_many([(PATHOLOGICAL, "3"), ("3", "3")]) == [False, True]

@@ -17,6 +17,7 @@ from kat_research.termination import (
     ProgressiveHorizon,
     RepetitionFilter,
     kat_cut,
+    kat_rule,
     repetition_cut,
     topk_overlap,
 )
@@ -62,7 +63,7 @@ def test_overlap_drift_fires_on_a_persistent_low_run(chunk: int) -> None:
     rule = OverlapDriftTerminator(k=4, threshold=0.5, window=2, stride=2, patience=2)
     cut, seen = _feed(rule, OVERLAP, "topk_overlap", chunk)
     assert cut == 4 and 8 <= seen < 8 + chunk
-    assert kat_cut(OVERLAP, threshold=0.5, window=2, stride=2, patience=2) == 4
+    assert kat_cut(OVERLAP, kat_rule(threshold=0.5, window=2, stride=2, patience=2)) == 4
 
 
 def test_overlap_drift_threshold_is_strict_and_patience_counts() -> None:
@@ -160,7 +161,7 @@ def test_repetition_filter_across_inference_mode_boundaries() -> None:
 def test_composite_collects_signals_and_checks_overlap_k() -> None:
     both = CompositeTerminator(
         [
-            KATTerminator(window=2, threshold=0.1),
+            KATTerminator(kat_rule(window=2, threshold=0.1)),
             OverlapDriftTerminator(k=4, window=2),
             RepetitionFilter(window=3),
         ]

@@ -1,14 +1,33 @@
-"""The package's import graph: no cycle between its subpackages (and top-level modules), and no
-module imports the training CLI. Read from the source (every import statement, including those
-inside functions), so a lazy import cannot hide a cycle."""
+"""The package's import graph against the layer order the README declares (its Layout
+section): every import goes to a lower layer, no cycle, nothing imports the training CLI; and
+conf/'s `_target_` and `${resolver:}` strings name nothing above the layer that instantiates
+configs. Read from the source (every import statement, including those inside functions), so a
+lazy import cannot hide an upward edge."""
 
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "kat_research"
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "kat_research"
+CONF = ROOT / "conf"
+# Resolvers Hydra and OmegaConf register themselves.
+BUILTIN_RESOLVERS = {
+    "now",
+    "hydra",
+    "oc.env",
+    "oc.select",
+    "oc.create",
+    "oc.decode",
+    "oc.deprecated",
+    "oc.dict.keys",
+    "oc.dict.values",
+}
 
 
 def unit(module: str) -> str:
@@ -98,3 +117,126 @@ def test_nothing_imports_the_training_cli():
         module_name(p) for p in PACKAGE.rglob("*.py") if "kat_research.train" in imports_of(p)
     ]
     assert importers == []
+
+
+# --- the declared layer order -----------------------------------------------------------------
+
+
+def declared_layers(readme: str) -> dict[str, int]:
+    """Unit -> layer number, from the README Layout section's numbered list of backticked
+    names (``1. `text`, `provenance` ...``)."""
+    section = readme.split("### Layout", 1)[1].split("\n#", 1)[0]
+    layers: dict[str, int] = {}
+    for number, names in re.findall(r"^(\d+)\. (.+)$", section, flags=re.M):
+        for name in re.findall(r"`([a-z_]+)`", names):
+            assert name not in layers, f"{name} is declared in two layers"
+            layers[name] = int(number)
+    return layers
+
+
+LAYERS = declared_layers((ROOT / "README.md").read_text())
+
+
+def all_units() -> set[str]:
+    return {unit(module_name(p)) for p in PACKAGE.rglob("*.py") if module_name(p) != "kat_research"}
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Every edge of ``graph`` that does not go to a strictly lower layer."""
+    return [
+        f"{a} (layer {layers[a]}) imports {b} (layer {layers[b]})"
+        for a in sorted(graph)
+        for b in sorted(graph[a])
+        if layers[b] >= layers[a]
+    ]
+
+
+def conf_strings(pattern: str) -> list[tuple[str, str]]:
+    """(file, match) of ``pattern`` over every YAML file of conf/."""
+    return [
+        (str(path.relative_to(ROOT)), match)
+        for path in sorted(CONF.rglob("*.yaml"))
+        for match in re.findall(pattern, path.read_text())
+    ]
+
+
+def target_unit(target: str) -> str:
+    """The unit of a ``kat_research.*`` dotted ``_target_``, checked to name a module that
+    exists (the longest prefix that is a module file or package) and, after it, a name that
+    module defines or imports."""
+    parts = target.split(".")
+    for end in range(len(parts), 1, -1):
+        base = PACKAGE.parent.joinpath(*parts[:end])
+        source = (
+            base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        )
+        if source.is_file():
+            rest = parts[end:]
+            if rest and not re.search(rf"\b{rest[0]}\b", source.read_text()):
+                break
+            return unit(".".join(parts[:end]))
+    raise AssertionError(f"_target_ {target} names no module of the package")
+
+
+def resolver_units() -> dict[str, str]:
+    """Resolver name -> the unit whose source registers it (``register_new_resolver("name"``)."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        for name in re.findall(r"register_new_resolver\(\s*\"([\w.]+)\"", path.read_text()):
+            found[name] = (
+                unit(module_name(path))
+                if path.parent != PACKAGE or path.stem != "__init__"
+                else "kat_research"
+            )
+    return found
+
+
+def test_declared_layers_parse_a_planted_list():
+    text = "### Layout\n\nintro\n\n1. `text`, `layout`\n2. `data`\n\n| table |\n## Next\n3. `x`"
+    assert declared_layers(text) == {"text": 1, "layout": 1, "data": 2}
+    assert upward_imports({"data": {"text"}, "text": {"data"}}, {"text": 1, "data": 2}) == [
+        "text (layer 1) imports data (layer 2)"
+    ]
+    assert upward_imports({"a": {"b"}}, {"a": 2, "b": 2}) == ["a (layer 2) imports b (layer 2)"]
+
+
+def test_every_unit_is_declared_in_the_readme_layout():
+    missing = sorted(all_units() - set(LAYERS))
+    stale = sorted(set(LAYERS) - all_units())
+    assert not missing, f"declare these in README.md's Layout list: {missing}"
+    assert not stale, f"README.md's Layout list names units that do not exist: {stale}"
+
+
+def test_imports_go_only_to_lower_layers():
+    assert upward_imports(unit_graph(), LAYERS) == []
+
+
+def test_conf_targets_name_layers_below_config():
+    targets = conf_strings(r"_target_:\s*[\"']?(kat_research\.[\w.]+)")
+    assert len(targets) > 20  # the scan sees conf/'s targets
+    too_high = [
+        f"{file}: {target} (layer {LAYERS[target_unit(target)]})"
+        for file, target in targets
+        if LAYERS[target_unit(target)] >= LAYERS["config"]
+    ]
+    assert too_high == [], f"conf targets at or above config (layer {LAYERS['config']})"
+
+
+def test_conf_resolvers_are_registered_at_or_below_config():
+    registered = resolver_units()
+    used = {name for _, name in conf_strings(r"\$\{([\w.]+):")}
+    assert {"run_id", "first", "package_root"} <= used
+    unknown = sorted(used - BUILTIN_RESOLVERS - set(registered))
+    assert unknown == [], f"resolvers used in conf/ that nothing registers: {unknown}"
+    too_high = {
+        name: registered[name]
+        for name in used - BUILTIN_RESOLVERS
+        if LAYERS[registered[name]] > LAYERS["config"]
+    }
+    assert too_high == {}
+
+
+@pytest.mark.parametrize("target", ["kat_research.nowhere.thing", "kat_research.lit.nope.X"])
+def test_target_unit_rejects_missing_modules(target):
+    with pytest.raises(AssertionError, match="names no module"):
+        target_unit(target)

@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 
-from kat_research.config import ConfigError, check_runnable
+from kat_research.config import ConfigError
+from kat_research.config.checks import check_runnable
 from kat_research.rollout import STOP_STALE, RolloutEngine, SamplingConfig
 from kat_research.rollout.cached_lm import prompt_positions
 from kat_research.rollout.partial import PartialRollouts
-from kat_research.termination import KATTerminator, kat_cut
+from kat_research.termination import KATTerminator, kat_cut, kat_rule
 from kat_research.termination.base import Terminator
 
 
@@ -181,7 +182,7 @@ def test_kat_state_survives_carry_over(tiny_pair, char_tokenizer):
         probe, _ = driver(
             tiny_pair,
             char_tokenizer,
-            terminator=KATTerminator(**rule, threshold=-1.0),
+            terminator=KATTerminator(kat_rule(**rule, threshold=-1.0)),
             max_new_tokens=24,
         )
         kl = probe.next_batch(4).kl
@@ -189,7 +190,7 @@ def test_kat_state_survives_carry_over(tiny_pair, char_tokenizer):
         d, _ = driver(
             tiny_pair,
             char_tokenizer,
-            terminator=KATTerminator(**rule, threshold=threshold),
+            terminator=KATTerminator(kat_rule(**rule, threshold=threshold)),
             max_new_tokens=24,
             max_staleness=3,
         )
@@ -198,7 +199,7 @@ def test_kat_state_survives_carry_over(tiny_pair, char_tokenizer):
             rollout = d.next_batch(4)
             for i in range(rollout.batch_size):
                 n = int(rollout.lengths[i])
-                offline = kat_cut(rollout.kl[i, :n], threshold=threshold, **rule)
+                offline = kat_cut(rollout.kl[i, :n], kat_rule(threshold=threshold, **rule))
                 assert int(rollout.cut[i]) == (n if offline is None else offline)
                 cut_rows += offline is not None
                 carried += int(rollout.policy_step[i, 0] != rollout.policy_step[i, n - 1])
@@ -210,7 +211,7 @@ def test_kat_state_survives_carry_over(tiny_pair, char_tokenizer):
 
 
 def test_kat_buffer_takes_rows_when_they_finish(tiny_pair, char_tokenizer):
-    rule = KATTerminator(window=4, stride=2, patience=2, min_buffer=1, warmup_steps=0)
+    rule = KATTerminator(kat_rule(window=4, stride=2, patience=2, min_buffer=1, warmup_steps=0))
     d, _ = driver(tiny_pair, char_tokenizer, terminator=rule, max_new_tokens=12)
     sizes = []
     for _ in range(3):

@@ -107,7 +107,7 @@ def test_scale_decides_models_and_sizes():
     stagewise = config_of("ablation_stagewise", "tiny", method__supervise="pre+agreement")
     rule = instantiate(stagewise.method.terminator)
     assert isinstance(rule, KATPhaseMarker) and rule.supervise == "pre+agreement"
-    assert rule.window == stagewise.termination.kat.window == 16
+    assert rule.rule.window == stagewise.termination.kat.window == 16
 
 
 # A reduced Table 1: smoke scale (tiny random models, one seed, 2 steps), one student, shorter.

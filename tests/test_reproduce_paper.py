@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from kat_research.config import check_runnable, compose
+from kat_research.config import compose
+from kat_research.config.checks import check_runnable
 from kat_research.planning.checks import cluster_problems, config_problems
 from kat_research.planning.configs import model_config
 from kat_research.planning.estimate import make_plan

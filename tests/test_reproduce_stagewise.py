@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kat_research.rollout import RolloutEngine, SamplingConfig
-from kat_research.termination import KATTerminator
+from kat_research.termination import KATTerminator, kat_rule
 from kat_research.termination.marking import SUPERVISE, KATPhaseMarker
 
 
@@ -38,7 +38,7 @@ RULE = dict(window=4, stride=4, patience=2, threshold=0.5)
 
 @pytest.mark.parametrize("supervise", SUPERVISE)
 def test_marker_never_stops_and_keeps_the_chosen_phases(supervise):
-    cuts, kept, metrics = run_batch(KATPhaseMarker(supervise=supervise, **RULE), KL)
+    cuts, kept, metrics = run_batch(KATPhaseMarker(kat_rule(**RULE), supervise=supervise), KL)
     assert (cuts < 0).all()  # the engine is never asked to stop a row
     expected = {"pre": [8, 32, 4], "pre+agreement": [20, 32, 32], "all": [32, 32, 32]}[supervise]
     assert kept.tolist() == expected
@@ -49,7 +49,10 @@ def test_marker_never_stops_and_keeps_the_chosen_phases(supervise):
 
 def test_pre_keeps_what_kat_keeps_and_the_buffer_matches():
     adaptive = dict(window=4, stride=4, patience=2, quantile=0.5, min_buffer=1, warmup_steps=0)
-    kat, marker = KATTerminator(**adaptive), KATPhaseMarker(supervise="pre", **adaptive)
+    kat, marker = (
+        KATTerminator(kat_rule(**adaptive)),
+        KATPhaseMarker(kat_rule(**adaptive), supervise="pre"),
+    )
     for rule in (kat, marker):
         run_batch(rule, KL)  # fills the buffer: the threshold becomes active
     kat_cuts, _, kat_metrics = run_batch(kat, KL)
@@ -61,7 +64,7 @@ def test_pre_keeps_what_kat_keeps_and_the_buffer_matches():
 
 def test_invalid_supervise_fails():
     with pytest.raises(ValueError, match="supervise"):
-        KATPhaseMarker(supervise="post", **RULE)
+        KATPhaseMarker(kat_rule(**RULE), supervise="post")
 
 
 def test_engine_runs_marked_rollouts_to_the_end(tiny_pair, prompts):
@@ -82,7 +85,7 @@ def test_engine_runs_marked_rollouts_to_the_end(tiny_pair, prompts):
     plain = rollout(None)
     everything_low = dict(window=4, stride=4, patience=2, threshold=math.inf)
     for supervise, kept in (("pre", 0), ("pre+agreement", 12), ("all", 12)):
-        marked = rollout(KATPhaseMarker(supervise=supervise, **everything_low))
+        marked = rollout(KATPhaseMarker(kat_rule(**everything_low), supervise=supervise))
         assert torch.equal(marked.tokens, plain.tokens)
         assert "terminated" not in marked.stop_reason
         assert marked.cut.tolist() == [kept] * 4

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kat_research.sweep.records import scan_records
+from kat_research.sweep.job_records import scan_records
 from kat_research.sweep.spec import load_spec
 from kat_research.tables.aggregate import TableSpec, aggregate
 from kat_research.tables.measures import compute_eflops

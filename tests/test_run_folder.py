@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kat_research.config import ConfigError, check_runnable
+from kat_research.config import ConfigError
+from kat_research.config.checks import check_runnable
 from kat_research.lit.checkpoint_hooks import set_peak_lr
 from kat_research.run_folder import (
     CheckpointError,
@@ -391,7 +392,7 @@ def test_own_data_with_the_default_evaluation_names_eval(compose_config, tmp_pat
 
 @pytest.mark.parametrize("override", ["logger=null", "callbacks=null"])
 def test_a_group_set_to_null_suggests_leaving_it_out(override):
-    from kat_research.config import check_overrides
+    from kat_research.config.checks import check_overrides
 
     group = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"write ~{group} to leave"):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from served_teacher import HFTopKSource, running_server
 
-from kat_research.config import ConfigError, check_runnable
+from kat_research.config import ConfigError
+from kat_research.config.checks import check_runnable
 from kat_research.losses import TeacherTargets, opd_loss, per_token_reverse_kl, teacher_topk_tail_kl
 from kat_research.rollout import RolloutEngine, SamplingConfig
 from kat_research.rollout.teachers import (
@@ -19,7 +20,7 @@ from kat_research.rollout.teachers import (
     TeacherServerFailed,
     TeacherServerUnavailable,
 )
-from kat_research.termination import KATTerminator
+from kat_research.termination import KATTerminator, kat_rule
 from kat_research.training import train
 
 
@@ -115,7 +116,11 @@ def test_engine_with_a_served_teacher_scores_like_the_hf_teacher(tiny_pair, prom
     vocab = teacher.config.vocab_size
 
     def run(k, threshold=None):
-        rule = None if threshold is None else KATTerminator(4, 2, 1, threshold=threshold)
+        rule = (
+            None
+            if threshold is None
+            else KATTerminator(kat_rule(window=4, stride=2, patience=1, threshold=threshold))
+        )
         eng = _engine(student, teacher, k, terminator=rule, teacher_keep="topk", teacher_topk=5)
         generator = torch.Generator().manual_seed(3)
         return eng.generate(prompts.input_ids, prompts.attention_mask, generator)

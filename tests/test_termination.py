@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -11,15 +12,20 @@ import pytest
 import torch
 
 from kat_research.termination import (
-    TERMINATOR_NAMES,
     CompositeTerminator,
     FixedPrefix,
+    KATRule,
     KATTerminator,
     NoTermination,
     RandomTermination,
     Terminator,
-    build_terminator,
+    ThresholdPolicy,
+    kat_calibrated,
     kat_cut,
+    kat_cuts,
+    kat_rule,
+    kat_rule_from_settings,
+    kat_window_minima,
     kat_window_minimum,
 )
 from kat_research.termination.marking import SUPERVISE, KATPhaseMarker
@@ -70,69 +76,71 @@ def _planted(*segments: tuple[float, int]) -> list[float]:
 def test_kat_cut_run_reaching_patience() -> None:
     # windows of 4: [0,4)=1, [4,8)=1, [8,12), [12,16), [16,20) low -> 3rd low window at t=20
     kl = _planted((HIGH, 8), (LOW, 12), (HIGH, 4))
-    assert kat_cut(kl, threshold=0.5, window=4, patience=3) == 8
-    assert kat_cut(torch.tensor(kl), threshold=0.5, window=4, patience=2) == 8
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, patience=3)) == 8
+    assert kat_cut(torch.tensor(kl), kat_rule(threshold=0.5, window=4, patience=2)) == 8
 
 
 def test_kat_cut_run_broken_before_patience() -> None:
     kl = _planted((HIGH, 8), (LOW, 8), (HIGH, 4), (LOW, 8), (HIGH, 4))
-    assert kat_cut(kl, threshold=0.5, window=4, patience=3) is None
-    assert kat_cut(kl, threshold=0.5, window=4, patience=2) == 8
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, patience=3)) is None
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, patience=2)) == 8
 
 
 def test_kat_cut_threshold_is_strict() -> None:
-    assert kat_cut([0.5] * 8, threshold=0.5, window=4, patience=1) is None
-    assert kat_cut([0.5] * 8, threshold=0.5 + 1e-9, window=4, patience=1) == 0
+    assert kat_cut([0.5] * 8, kat_rule(threshold=0.5, window=4, patience=1)) is None
+    assert kat_cut([0.5] * 8, kat_rule(threshold=0.5 + 1e-9, window=4, patience=1)) == 0
 
 
 def test_kat_cut_exemption() -> None:
     kl = _planted((LOW, 12), (HIGH, 4), (LOW, 4))
-    assert kat_cut(kl, threshold=0.5, window=4, patience=3) == 0
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, patience=3)) == 0
     # windows must start at >= exempt: only [4,8), [8,12) are low before the high window
-    assert kat_cut(kl, threshold=0.5, window=4, patience=3, exempt=4) is None
-    assert kat_cut(kl, threshold=0.5, window=4, patience=3, exempt=1) is None
-    assert kat_cut([LOW] * 16, threshold=0.5, window=4, patience=3, exempt=3) == 4
-    assert kat_window_minimum(kl, window=4, exempt=4) == pytest.approx(LOW)
-    assert kat_window_minimum(kl, window=4, exempt=9, stop=19) == pytest.approx(HIGH)
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, patience=3, exempt=4)) is None
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, patience=3, exempt=1)) is None
+    assert kat_cut([LOW] * 16, kat_rule(threshold=0.5, window=4, patience=3, exempt=3)) == 4
+    assert kat_window_minimum(kl, kat_rule(window=4, exempt=4)) == pytest.approx(LOW)
+    assert kat_window_minimum(kl, kat_rule(window=4, exempt=9), stop=19) == pytest.approx(HIGH)
 
 
 def test_kat_cut_window_longer_than_sequence() -> None:
-    assert kat_cut([0.0] * 5, threshold=1.0, window=10, patience=1) is None
-    assert kat_window_minimum([0.0] * 5, window=10) is None
-    assert kat_cut([], threshold=1.0, window=2, patience=1) is None
+    assert kat_cut([0.0] * 5, kat_rule(threshold=1.0, window=10, patience=1)) is None
+    assert kat_window_minimum([0.0] * 5, kat_rule(window=10)) is None
+    assert kat_cut([], kat_rule(threshold=1.0, window=2, patience=1)) is None
 
 
 def test_kat_cut_stride_one() -> None:
     # z_3 = 1, z_4 = 2/3, z_5 = 1/3 (run starts at t=5 -> window start 2), z_6 = 0
     kl = [1, 1, 1, 0, 0, 0, 0, 1]
-    assert kat_cut(kl, threshold=0.5, window=3, stride=1, patience=2) == 2
-    assert kat_window_minimum(kl, window=3, stride=1) == 0.0
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=3, stride=1, patience=2)) == 2
+    assert kat_window_minimum(kl, kat_rule(window=3, stride=1)) == 0.0
 
 
 def test_kat_cut_overlapping_windows() -> None:
     # window 4, stride 2: z_4=1, z_6=0.5 (not < 0.5), z_8=0, z_10=0, z_12=0.5, z_14=1
     kl = _planted((1.0, 4), (0.0, 6), (1.0, 4))
-    assert kat_cut(kl, threshold=0.5, window=4, stride=2, patience=3) is None
-    assert kat_cut(kl, threshold=0.5, window=4, stride=2, patience=2) == 4
-    assert kat_cut(kl, threshold=0.6, window=4, stride=2, patience=3) == 2
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, stride=2, patience=3)) is None
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=4, stride=2, patience=2)) == 4
+    assert kat_cut(kl, kat_rule(threshold=0.6, window=4, stride=2, patience=3)) == 2
 
 
 def test_kat_cut_nonfinite_window_resets_counter() -> None:
     kl = [LOW] * 12
-    assert kat_cut(kl, threshold=0.5, window=2, patience=3) == 0
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=2, patience=3)) == 0
     kl[4] = math.nan  # window [4,6) -> reset; run restarts at window [6,8)
-    assert kat_cut(kl, threshold=0.5, window=2, patience=3) == 6
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=2, patience=3)) == 6
     kl[4] = math.inf
-    assert kat_cut(kl, threshold=0.5, window=2, patience=3) == 6
+    assert kat_cut(kl, kat_rule(threshold=0.5, window=2, patience=3)) == 6
     kl = [HIGH, HIGH, math.nan, 0.0, 0.3, 0.3]
-    assert kat_window_minimum(kl, window=2) == pytest.approx(0.3)  # NaN window not counted
+    assert kat_window_minimum(kl, kat_rule(window=2)) == pytest.approx(
+        0.3
+    )  # NaN window not counted
 
 
 def test_kat_window_minimum_stop() -> None:
     kl = _planted((0.4, 4), (0.2, 4), (0.0, 4))
-    assert kat_window_minimum(kl, window=4) == 0.0
-    assert kat_window_minimum(kl, window=4, stop=11) == pytest.approx(0.2)
-    assert kat_window_minimum(kl, window=4, stop=4) == pytest.approx(0.4)
+    assert kat_window_minimum(kl, kat_rule(window=4)) == 0.0
+    assert kat_window_minimum(kl, kat_rule(window=4), stop=11) == pytest.approx(0.2)
+    assert kat_window_minimum(kl, kat_rule(window=4), stop=4) == pytest.approx(0.4)
 
 
 # --- brute-force oracle -------------------------------------------------------------------
@@ -331,10 +339,10 @@ def test_oracle_on_hand_computed_cases() -> None:
 )
 def test_kat_cut_and_online_rule_on_hand_computed_cases(kl, rule, cut) -> None:
     rule = {"exempt": 0, **rule}
-    assert kat_cut(kl, threshold=0.5, **rule) == cut
+    assert kat_cut(kl, kat_rule(threshold=0.5, **rule)) == cut
     for chunks in ([rule["stride"]], [1], [3], [7, 2]):
         found, _, _ = drive_like_engine(
-            KATTerminator(threshold=0.5, **rule), [kl], chunks, math.nan
+            KATTerminator(kat_rule(threshold=0.5, **rule)), [kl], chunks, math.nan
         )
         assert found == [-1 if cut is None else cut]
 
@@ -347,13 +355,13 @@ def test_kat_cut_and_minimum_equal_the_oracle() -> None:
         kl = _trace(rng, rng.randint(0, 80))
         threshold = 0.5 if rng.random() < 0.3 else rng.uniform(0.05, 0.6)
         cut, minimum = oracle_scan(kl, threshold=threshold, **rule)
-        assert kat_cut(kl, threshold=threshold, **rule) == cut, (kl, rule, threshold)
+        assert kat_cut(kl, kat_rule(threshold=threshold, **rule)) == cut, (kl, rule, threshold)
         outcomes.add(cut is None)
         stop = (
             None if cut is None else cut + rule["window"] + (rule["patience"] - 1) * rule["stride"]
         )
         found = kat_window_minimum(
-            kl, stop=stop, **{k: rule[k] for k in ("window", "stride", "exempt")}
+            kl, kat_rule(**{k: rule[k] for k in ("window", "stride", "exempt")}), stop=stop
         )
         assert found == (None if minimum is None else pytest.approx(minimum, rel=1e-12)), (kl, rule)
     assert outcomes == {True, False}
@@ -370,7 +378,7 @@ def test_online_fixed_threshold_equals_the_oracle_under_any_chunking() -> None:
         fired += sum(c >= 0 for c in expected)
         not_fired += sum(c < 0 for c in expected)
         for chunks in _chunkings(rng, rule["stride"]):
-            term = KATTerminator(threshold=threshold, **rule)
+            term = KATTerminator(kat_rule(threshold=threshold, **rule))
             garbage = rng.choice([math.nan, 0.0, 1e9])
             cuts, found, _ = drive_like_engine(term, rows, chunks, garbage)
             context = (rule, threshold, chunks, rows)
@@ -389,7 +397,7 @@ def test_online_adaptive_threshold_equals_the_oracle_over_batches(seed: int) -> 
         warmup_steps=rng.randint(0, 3),
     )
     settings["min_buffer"] = rng.randint(1, settings["buffer_size"])
-    term, oracle = KATTerminator(**settings, **rule), OracleKAT(**settings, **rule)
+    term, oracle = KATTerminator(kat_rule(**settings, **rule)), OracleKAT(**settings, **rule)
     active = 0
     for _ in range(12):
         rows = [_trace(rng, rng.randint(1, 70)) for _ in range(rng.randint(1, 6))]
@@ -430,7 +438,7 @@ def oracle_phases(
 
 
 def _segments(kl: list[float], **rule: float) -> tuple[int, int, int]:
-    seg = segment_phases(kl, **rule)
+    seg = segment_phases(kl, kat_rule(**rule))
     return seg.pre_end, seg.agreement_end, seg.length
 
 
@@ -467,7 +475,7 @@ def _segments(kl: list[float], **rule: float) -> tuple[int, int, int]:
 )
 def test_phases_on_hand_computed_traces(kl, rule, bounds) -> None:
     assert _segments(kl, threshold=0.5, **rule) == bounds
-    seg = segment_phases(kl, threshold=0.5, **rule)
+    seg = segment_phases(kl, kat_rule(threshold=0.5, **rule))
     pre, end, length = bounds
     assert (seg.detected, seg.stays_low) == (pre < length, pre < length and end == length)
     ids = seg.phase_ids(length + 2).tolist()
@@ -496,7 +504,7 @@ def test_phase_marker_keeps_the_oracle_phases_under_any_chunking() -> None:
         phases = [oracle_phases(kl, threshold=threshold, **rule) for kl in rows]
         bounds = [(pre, end, len(kl)) for (pre, end), kl in zip(phases, rows, strict=True)]
         for column, supervise in enumerate(SUPERVISE):
-            marker = KATPhaseMarker(supervise=supervise, threshold=threshold, **rule)
+            marker = KATPhaseMarker(kat_rule(threshold=threshold, **rule), supervise=supervise)
             chunks = rng.choice(_chunkings(rng, rule["stride"]))
             cuts, metrics, kept = drive_like_engine(marker, rows, chunks, math.nan)
             assert cuts == [-1] * len(rows)  # the engine is never asked to stop a row
@@ -519,7 +527,7 @@ def _random_kl(gen: torch.Generator, batch: int, total: int) -> torch.Tensor:
 
 
 def test_observe_skips_fired_rows_and_returns_minus_one_elsewhere() -> None:
-    term = KATTerminator(window=2, patience=1, threshold=0.5)
+    term = KATTerminator(kat_rule(window=2, patience=1, threshold=0.5))
     term.begin_batch(2, 8)
     kl = torch.tensor([[LOW] * 4, [HIGH] * 4])
     rows, lengths = torch.tensor([0, 1]), torch.tensor([4, 4])
@@ -529,13 +537,13 @@ def test_observe_skips_fired_rows_and_returns_minus_one_elsewhere() -> None:
 
 
 def test_observe_requires_begin_batch() -> None:
-    term = KATTerminator(threshold=0.5)
+    term = KATTerminator(kat_rule(threshold=0.5))
     with pytest.raises(RuntimeError, match="begin_batch"):
         term.observe(torch.tensor([0]), torch.zeros(1, 4), torch.tensor([4]))
 
 
 def test_observe_across_inference_mode_boundaries() -> None:
-    term = KATTerminator(window=2, patience=2, threshold=0.5)
+    term = KATTerminator(kat_rule(window=2, patience=2, threshold=0.5))
     with torch.inference_mode():
         term.begin_batch(1, 8)
     out = term.observe(torch.tensor([0]), torch.full((1, 2), LOW), torch.tensor([2]))
@@ -550,7 +558,7 @@ def test_observe_across_inference_mode_boundaries() -> None:
 
 def _adaptive(**overrides: float) -> KATTerminator:
     settings = dict(window=2, patience=1, quantile=0.5, buffer_size=6, min_buffer=4, warmup_steps=0)
-    return KATTerminator(**(settings | overrides))
+    return KATTerminator(kat_rule(**settings | overrides))
 
 
 def _flat_batch(values: list[float], total: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,7 +631,9 @@ def test_threshold_snapshot_fixed_during_batch() -> None:
 
 
 def test_fixed_threshold_ignores_buffer_state() -> None:
-    term = KATTerminator(window=2, patience=1, threshold=0.05, min_buffer=512, warmup_steps=50)
+    term = KATTerminator(
+        kat_rule(window=2, patience=1, threshold=0.05, min_buffer=512, warmup_steps=50)
+    )
     kl, lengths = _flat_batch([0.0, 0.1])
     cuts, metrics = _run_batch(term, kl, lengths, [4])
     assert cuts.tolist() == [0, -1]
@@ -656,7 +666,15 @@ def _drive(term: Terminator, seed: int, batches: int) -> list:
 
 def _kat_for_state() -> KATTerminator:
     return KATTerminator(
-        window=4, stride=2, patience=2, quantile=0.6, buffer_size=20, min_buffer=8, warmup_steps=3
+        kat_rule(
+            window=4,
+            stride=2,
+            patience=2,
+            quantile=0.6,
+            buffer_size=20,
+            min_buffer=8,
+            warmup_steps=3,
+        )
     )
 
 
@@ -741,12 +759,14 @@ def test_composite_earliest_stop_wins() -> None:
         dict(window=4, patience=2, threshold=0.25),
         dict(window=6, stride=2, patience=3, threshold=0.3),
     ]
-    composite = CompositeTerminator([FixedPrefix(70)] + [KATTerminator(**s) for s in settings])
+    composite = CompositeTerminator(
+        [FixedPrefix(70)] + [KATTerminator(kat_rule(**s)) for s in settings]
+    )
     assert composite.needs_kl
     cuts, metrics = _run_batch(composite, kl, lengths, [13, 40, 57, 80])
     for row in range(8):
         seq = kl[row, : min(int(lengths[row]), 70)]
-        found = [kat_cut(seq, **s) for s in settings]
+        found = [kat_cut(seq, kat_rule(**s)) for s in settings]
         found = [c for c in found if c is not None]
         assert cuts[row].item() == (min(found) if found else -1)
     assert {"kat/threshold", "kat/buffer_size", "kat/active", "kat/cut_rows"} <= metrics.keys()
@@ -770,40 +790,60 @@ def test_composite_state_round_trip() -> None:
 # --- factory, validation, repr ------------------------------------------------------------
 
 
-def test_factory_names() -> None:
-    assert TERMINATOR_NAMES == ("none", "fixed_prefix", "random", "kat", "kat_fixed_prefix")
-    assert isinstance(build_terminator("none"), NoTermination)
-    assert build_terminator("fixed_prefix", budget=1024).budget == 1024
-    assert build_terminator("random", hazard=0.1).hazard == 0.1
-    kat = build_terminator("kat", window=16, quantile=0.9)
-    assert isinstance(kat, KATTerminator) and kat.window == 16 and kat.stride == 16
-    both = build_terminator("kat_fixed_prefix", budget=2048, window=8, patience=2)
-    assert isinstance(both, CompositeTerminator) and both.needs_kl
-    prefix, inner = both.terminators
-    assert prefix.budget == 2048 and inner.window == 8 and inner.patience == 2
+def test_rule_value_stride_defaults_to_window_and_is_frozen() -> None:
+    rule = kat_rule(window=16, quantile=0.9)
+    assert rule == KATRule(16, 16, 4, 0, ThresholdPolicy(quantile=0.9))
+    assert rule.stride == 16 and rule.detection_lag == 16 + 3 * 16
+    assert kat_rule(window=8, stride=2).stride == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rule.window = 8  # type: ignore[misc]
+    fixed = rule.with_fixed_threshold(0.25)
+    assert fixed.threshold.fixed == 0.25 and rule.threshold.fixed is None
+    assert fixed.with_quantile(0.5).threshold == ThresholdPolicy(quantile=0.5)
+    assert kat_rule_from_settings(
+        {"_target_": "x", "window": 8, "stride": None, "patience": 2},
+        {"patience": None, "exempt": 3},
+    ) == kat_rule(window=8, patience=2, exempt=3)
 
 
-def test_factory_unknown_name() -> None:
-    with pytest.raises(ValueError, match="none, fixed_prefix, random, kat, kat_fixed_prefix"):
-        build_terminator("kat_v2")
+def test_threshold_policy_of_a_buffer_and_when_active() -> None:
+    adaptive = ThresholdPolicy(quantile=0.5, buffer_size=8, min_buffer=2, warmup_steps=1)
+    assert adaptive.of(torch.tensor([3.0, 1.0, 2.0, 4.0])) == 2.5
+    assert math.isnan(adaptive.of(torch.empty(0)))
+    assert not adaptive.active(1, 5) and not adaptive.active(2, 0) and adaptive.active(2, 1)
+    fixed = ThresholdPolicy(fixed=0.3)
+    assert fixed.of(torch.tensor([9.0])) == 0.3 and fixed.active(0, 0)
+
+
+def test_kat_calibrated_is_the_quantile_of_the_traces_minima() -> None:
+    traces = [[0.4, 0.4, 0.1, 0.1], [0.5, 0.5, 0.3, 0.3], [0.2]]  # minima 0.1, 0.3; none
+    rule = kat_rule(window=2, patience=1, quantile=0.5)
+    assert kat_calibrated(rule, traces).threshold.fixed == pytest.approx(0.2)
+    assert kat_calibrated(rule.with_fixed_threshold(0.05), traces).threshold.fixed == 0.05
+    assert kat_window_minima(traces, rule).tolist() == pytest.approx([0.1, 0.3, math.inf])
+    assert kat_cuts(traces, rule, threshold=0.2).tolist() == [2, -1, -1]
+    with pytest.raises(ValueError, match="no window of 2 tokens"):
+        kat_calibrated(rule, [[0.1]])
+    with pytest.raises(ValueError, match="needs a threshold"):
+        kat_cut([0.1, 0.1], rule)
 
 
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: KATTerminator(window=0), "window"),
-        (lambda: KATTerminator(stride=0), "stride"),
-        (lambda: KATTerminator(patience=0), "patience"),
-        (lambda: KATTerminator(quantile=1.0), "quantile"),
-        (lambda: KATTerminator(quantile=0.0), "quantile"),
-        (lambda: KATTerminator(min_buffer=5000), "min_buffer"),
-        (lambda: KATTerminator(min_buffer=0), "min_buffer"),
-        (lambda: KATTerminator(warmup_steps=-1), "warmup_steps"),
-        (lambda: KATTerminator(exempt=-1), "exempt"),
-        (lambda: KATTerminator(threshold=math.nan), "threshold"),
-        (lambda: kat_cut([0.0], threshold=0.1, window=0, patience=1), "window"),
-        (lambda: kat_cut([[0.0]], threshold=0.1, window=1, patience=1), "1-D"),
-        (lambda: kat_window_minimum([0.0], window=1, stop=-1), "stop"),
+        (lambda: KATTerminator(kat_rule(window=0)), "window"),
+        (lambda: KATTerminator(kat_rule(stride=0)), "stride"),
+        (lambda: KATTerminator(kat_rule(patience=0)), "patience"),
+        (lambda: KATTerminator(kat_rule(quantile=1.0)), "quantile"),
+        (lambda: KATTerminator(kat_rule(quantile=0.0)), "quantile"),
+        (lambda: KATTerminator(kat_rule(min_buffer=5000)), "min_buffer"),
+        (lambda: KATTerminator(kat_rule(min_buffer=0)), "min_buffer"),
+        (lambda: KATTerminator(kat_rule(warmup_steps=-1)), "warmup_steps"),
+        (lambda: KATTerminator(kat_rule(exempt=-1)), "exempt"),
+        (lambda: KATTerminator(kat_rule(threshold=math.nan)), "threshold"),
+        (lambda: kat_cut([0.0], kat_rule(threshold=0.1, window=0, patience=1)), "window"),
+        (lambda: kat_cut([[0.0]], kat_rule(threshold=0.1, window=1, patience=1)), "1-D"),
+        (lambda: kat_window_minimum([0.0], kat_rule(window=1), stop=-1), "stop"),
         (lambda: FixedPrefix(0), "budget"),
         (lambda: RandomTermination(), "exactly one"),
         (lambda: RandomTermination(hazard=0.1, mean_length=10), "exactly one"),
@@ -822,16 +862,15 @@ def test_validation_errors(make, message: str) -> None:
 def test_reprs_show_settings() -> None:
     assert repr(FixedPrefix(1024)) == "FixedPrefix(budget=1024)"
     assert "hazard=0.01" in repr(RandomTermination(hazard=0.01, exempt=2))
-    text = repr(KATTerminator(window=32, stride=8, exempt=16, threshold=0.1))
+    text = repr(KATTerminator(kat_rule(window=32, stride=8, exempt=16, threshold=0.1)))
     for part in (
         "window=32",
         "stride=8",
         "patience=4",
         "quantile=0.7",
         "exempt=16",
-        "threshold=0.1",
+        "fixed=0.1",
     ):
         assert part in text
-    assert repr(build_terminator("kat_fixed_prefix", budget=8)).startswith(
-        "CompositeTerminator([FixedPrefix(budget=8), KATTerminator("
-    )
+    both = CompositeTerminator([FixedPrefix(8), KATTerminator(kat_rule())])
+    assert repr(both).startswith("CompositeTerminator([FixedPrefix(budget=8), KATTerminator(")

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from kat_research.building import demo_model_info
+from kat_research.building.stages import build_chain, stage_settings, weight_difference
 from kat_research.config import compose
-from kat_research.demo.models import demo_model_info
-from kat_research.demo.testbed_build import build_chain, stage_settings, weight_difference
 
 SHIPPED = ("teacher", "student_large", "student_small")
 

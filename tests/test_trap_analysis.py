@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from kat_research.analysis import trap_analysis
-from kat_research.analysis.detector import Detector
 from kat_research.analysis.runs import kat_buffer, read_checkpoint
-from kat_research.analysis.trap_analysis import StageRollouts, measure
-from kat_research.analysis.verdicts import (
+from kat_research.analysis.trap import analysis as trap_analysis
+from kat_research.analysis.trap import testbed_check
+from kat_research.analysis.trap.analysis import StageRollouts, measure
+from kat_research.analysis.trap.verdicts import (
     CollatzVerifier,
     MathVerifier,
     Verdict,
@@ -27,7 +27,8 @@ from kat_research.analysis.verdicts import (
     wilson_interval,
 )
 from kat_research.config import compose
-from kat_research.data.long_task import CollatzTaskConfig, solution_text
+from kat_research.data.collatz import CollatzTaskConfig, solution_text
+from kat_research.termination import kat_rule
 from kat_research.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +137,7 @@ def _stage(buffer=None) -> StageRollouts:
 
 
 def test_measure_segments_kl_and_cuts_by_hand():
-    detector = Detector(window=2, stride=2, patience=1, quantile=0.7, threshold=0.5)
+    detector = kat_rule(window=2, stride=2, patience=1, quantile=0.7, threshold=0.5)
     results = measure([_stage()], detector, quantiles=[0.5])
     a, b = results.rollouts.itertuples()
     assert a.has_segment and a.onset == 2 and not b.has_segment
@@ -156,7 +157,7 @@ def test_measure_segments_kl_and_cuts_by_hand():
 
 
 def test_measure_prefers_the_checkpoint_buffer():
-    detector = Detector(window=2, stride=2, patience=1, quantile=0.5)
+    detector = kat_rule(window=2, stride=2, patience=1, quantile=0.5)
     results = measure([_stage(buffer=torch.tensor([0.0, 2.0]))], detector, quantiles=[0.9])
     cuts = results.cuts.set_index("threshold_label")
     assert set(cuts.threshold_source) == {"checkpoint buffer"}
@@ -223,3 +224,22 @@ def test_entry_end_to_end_on_a_tiny_run(tiny_kat_run, tmp_path, capsys):
     cmd = [sys.executable, str(ROOT / "scripts" / "plot_trap_analysis.py"), str(out)]
     subprocess.run(cmd, check=True, capture_output=True)
     assert (out / "trap_analysis.png").stat().st_size > 1000
+
+
+def test_testbed_trap_check_entry_on_the_shipped_models(tmp_path, capsys):
+    """The testbed check on the committed models, 8 short rollouts; its KAT rule is the train
+    config's termination.kat (scale=tiny: W=16, stride 8, patience 2) at each quantile."""
+    out = tmp_path / "check"
+    cfg = compose(
+        [f"output_dir={out}", "rollouts=8", "batch_size=8", "max_new_tokens=32", "quantiles=[0.7]"],
+        config_name="analysis_testbed_trap_check",
+    )
+    summary = testbed_check.run(cfg, command="pytest")
+    assert summary["command"] == "pytest"
+    assert summary["rule"].startswith("window 16, stride 8, patience 2, exempt 0")
+    assert sum(summary["categories"].values()) == 8
+    assert set(summary["kat"]) == {"0.7"} and summary["kat"]["0.7"]["threshold"] > 0
+    rows = pd.read_csv(out / "rollouts.csv")
+    assert len(rows) == 8 and rows.length.le(32).all() and "cut_q0.7" in rows
+    assert "forced-loop copy index" in (out / "summary.md").read_text()
+    assert "| quantile q |" in capsys.readouterr().out

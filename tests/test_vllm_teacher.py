@@ -23,7 +23,7 @@ from kat_research.rollout.teachers import (
     TeacherServerFailed,
     TeacherServerUnavailable,
 )
-from kat_research.termination import KATTerminator
+from kat_research.termination import KATTerminator, kat_rule
 from kat_research.training import train
 
 pytestmark = pytest.mark.vllm
@@ -101,7 +101,11 @@ def test_chunks_scored_with_the_prefix_cache_match_the_hf_teacher(engine, teache
 
 
 def _rollout(student, teacher, threshold: float | None, prompts):
-    rule = None if threshold is None else KATTerminator(4, 2, 1, threshold=threshold)
+    rule = (
+        None
+        if threshold is None
+        else KATTerminator(kat_rule(window=4, stride=2, patience=1, threshold=threshold))
+    )
     eng = RolloutEngine(
         student,
         teacher,

@@ -11,21 +11,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.analysis.detector import Detector, resolve_threshold
+from kat_research.analysis.detector import resolve_threshold
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
 from kat_research.analysis.runs import (
     TrainingRun,
-    build_module,
     initial_state,
     kat_buffer,
     load_run,
     load_student,
     read_checkpoint,
+    run_module,
     student_state,
 )
 from kat_research.lit import OPDModule
 from kat_research.models import pick_device
 from kat_research.rollout import Rollout
+from kat_research.termination import KATRule, kat_rule_from_settings
 
 
 @dataclass
@@ -33,7 +34,7 @@ class AnalysisContext:
     run: TrainingRun
     module: OPDModule
     init: dict[str, torch.Tensor]
-    detector: Detector
+    detector: KATRule  # the run's rule with the analysis's overrides (analysis.detector)
     spec: RolloutSpec
     batches: list[dict]
     threshold_from: float | str | None  # None: the analysis picks buffers itself
@@ -43,9 +44,9 @@ class AnalysisContext:
         """Keys used: ``run_dir``, ``device``, ``threshold_from`` (optional),
         ``analysis.detector``, ``analysis.rollouts``."""
         run = load_run(cfg.run_dir)
-        module = build_module(run.cfg, pick_device(cfg.device))
+        module = run_module(run.cfg, pick_device(cfg.device))
         spec = RolloutSpec(**OmegaConf.to_container(cfg.analysis.rollouts, resolve=True))
-        detector = Detector.from_settings(
+        detector = kat_rule_from_settings(
             OmegaConf.to_container(run.cfg.termination.kat, resolve=True),
             OmegaConf.to_container(cfg.analysis.detector, resolve=True),
         )
@@ -76,7 +77,7 @@ class AnalysisContext:
 
     def resolved_detector(
         self, traces: Callable[[], Sequence[torch.Tensor]]
-    ) -> tuple[Detector, str]:
+    ) -> tuple[KATRule, str]:
         """The detector with its threshold: fixed, else the quantile of the KAT buffer of
         checkpoint ``threshold_from``, else of the minima of ``traces()`` (called only then)."""
         if self.threshold_from is None:

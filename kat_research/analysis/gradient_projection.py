@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
-from kat_research.analysis.detector import Detector
+from kat_research.analysis.detector import segment_traces
 from kat_research.analysis.figures import PHASE_COLORS
 from kat_research.analysis.projection import (
     group_ratios,
@@ -37,6 +37,7 @@ from kat_research.analysis.projection import (
 )
 from kat_research.config import CONFIG_DIR
 from kat_research.plotting import new_figure, save_figure
+from kat_research.termination import KATRule
 from kat_research.termination.phases import PHASES, phase_id_matrix
 
 RANDOM = "random"
@@ -73,7 +74,7 @@ def update_bases(
 
 
 def phase_gradients(
-    ctx: AnalysisContext, detector: Detector, params: dict[str, torch.nn.Parameter]
+    ctx: AnalysisContext, detector: KATRule, params: dict[str, torch.nn.Parameter]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """Per phase: the token-mean OPD-loss gradient of each parameter (CPU float32) over the
     prompt set's rollouts, and the number of tokens it averages."""
@@ -81,7 +82,7 @@ def phase_gradients(
     sums = {p: {n: torch.zeros(w.shape) for n, w in params.items()} for p in PHASES}
     tokens = dict.fromkeys(PHASES, 0)
     for rollout in ctx.rollouts(teacher_keep=module.engine.teacher_keep):
-        segments = detector.segment_traces(kl_traces(rollout))
+        segments = segment_traces(kl_traces(rollout), detector)
         ids = phase_id_matrix(segments, rollout.tokens.shape[1]).to(rollout.loss_mask.device)
         for p, phase in enumerate(PHASES):
             mask = rollout.loss_mask & (ids == p)
@@ -178,7 +179,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     gradients[RANDOM] = random_directions(params, cfg.random_seed)
     tokens[RANDOM] = 0
     table, per_matrix = rho_tables(gradients, bases, ks, tokens)
-    table = table.assign(gradient_at=checkpoint, threshold=detector.threshold)
+    table = table.assign(gradient_at=checkpoint, threshold=detector.threshold.fixed)
     table.to_csv(out / "rho.csv", index=False)
     per_matrix.to_csv(out / "rho_per_matrix.csv", index=False)
     save_figure(plot_rho(table), out / "rho.png")
@@ -186,7 +187,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         f"ρ = ‖U_k U_kᵀ g‖²/‖g‖² of per-phase OPD gradients at {checkpoint} "
         f"({len(params)} matrices; tokens per phase: "
         + ", ".join(f"{p} {tokens[p]}" for p in PHASES)
-        + f"; threshold {detector.threshold:.4g} from {source})"
+        + f"; threshold {detector.threshold.fixed:.4g} from {source})"
     )
     shown = table[table.group.isin(["all", "attention", "mlp"])]
     print(

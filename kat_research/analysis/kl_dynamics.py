@@ -22,10 +22,11 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
-from kat_research.analysis.detector import Detector
+from kat_research.analysis.detector import segment_traces
 from kat_research.analysis.figures import shade_phases, window_means
 from kat_research.config import CONFIG_DIR
 from kat_research.plotting import new_figure, save_figure
+from kat_research.termination import KATRule
 from kat_research.termination.phases import PHASES, PhaseSegments
 
 STAGES = ("early", "late")
@@ -127,11 +128,10 @@ def describe(s: Any) -> str:
     )
 
 
-def plot_examples(stages: list[Stage], detector: Detector, n_examples: int) -> Figure:
+def plot_examples(stages: list[Stage], detector: KATRule, n_examples: int) -> Figure:
     """Example traces per stage (rollouts with a segment first), phases shaded."""
     fig = new_figure(n_examples, len(stages), width=5.0, height=2.2)
     axes = fig.subplots(n_examples, len(stages), squeeze=False, sharey=True)
-    stride = detector.stride or detector.window
     for col, stage in enumerate(stages):
         order = sorted(range(len(stage.traces)), key=lambda i: not stage.segments[i].detected)
         for row in range(n_examples):
@@ -142,9 +142,9 @@ def plot_examples(stages: list[Stage], detector: Detector, n_examples: int) -> F
             i = order[row]
             kl = stage.traces[i].numpy()
             ax.plot(np.arange(len(kl)), kl.clip(min=1e-6), lw=0.8, color="tab:blue", label="$d_t$")
-            starts, z = window_means(kl, detector.window, stride)
+            starts, z = window_means(kl, detector.window, detector.stride)
             ax.hlines(z, starts, starts + detector.window, color="tab:red", label="window mean")
-            ax.axhline(detector.threshold, color="k", ls="--", lw=0.8, label="threshold")
+            ax.axhline(detector.threshold.fixed, color="k", ls="--", lw=0.8, label="threshold")
             shade_phases(ax, stage.segments[i])
             ax.set_yscale("log")
             ax.set_title(f"{stage.name} ({stage.checkpoint}), rollout {i}", fontsize=9)
@@ -191,11 +191,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         sampled[name] = (checkpoint, traces)
     detector, source = ctx.resolved_detector(lambda: [t for _, ts in sampled.values() for t in ts])
     stages = [
-        Stage(name, checkpoint, traces, detector.segment_traces(traces))
+        Stage(name, checkpoint, traces, segment_traces(traces, detector))
         for name, (checkpoint, traces) in sampled.items()
     ]
     rollouts = pd.concat([rollout_table(s) for s in stages], ignore_index=True)
-    summary = summarise(rollouts).assign(threshold=detector.threshold, threshold_source=source)
+    summary = summarise(rollouts).assign(
+        threshold=detector.threshold.fixed, threshold_source=source
+    )
     rollouts.to_csv(out / "rollouts.csv", index=False)
     pd.concat([trace_table(s) for s in stages]).to_csv(out / "traces.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)

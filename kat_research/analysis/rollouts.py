@@ -4,12 +4,14 @@ the teacher scoring every token (so each rollout's full KL trace is known)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.data.prompts import PromptCollator
 from kat_research.lit import OPDModule
@@ -45,6 +47,36 @@ def prompt_batches(cfg: DictConfig, module: OPDModule, spec: RolloutSpec) -> lis
     return [collate(chosen[i : i + spec.batch_size]) for i in range(0, spec.n, spec.batch_size)]
 
 
+def uncut_rollouts(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batches: Iterable[dict],
+    sampling: SamplingConfig,
+    *,
+    seed: int,
+    masked_token_ids: Sequence[int] = (),
+    teacher_keep: TeacherKeep = "none",
+    teacher_topk: int | None = None,
+) -> Iterator[Rollout]:
+    """The one way the analyses sample: rollouts of ``student`` over prompt ``batches``
+    (:class:`PromptCollator` outputs) with no termination rule, the teacher scoring every token;
+    one per batch, on the CPU unless ``teacher_keep="hidden"`` (the loss needs it on device)."""
+    engine = RolloutEngine(
+        student,
+        teacher,
+        sampling=sampling,
+        pad_token_id=tokenizer.pad_token_id,
+        teacher_keep=teacher_keep,
+        teacher_topk=teacher_topk,
+        masked_token_ids=masked_token_ids,
+    )
+    generator = torch.Generator(device=student.device).manual_seed(seed)
+    for batch in batches:
+        rollout = engine.generate(batch["input_ids"], batch["attention_mask"], generator)
+        yield rollout if teacher_keep == "hidden" else rollout.to("cpu")
+
+
 def sample_rollouts(
     module: OPDModule,
     batches: list[dict],
@@ -53,25 +85,24 @@ def sample_rollouts(
     teacher_keep: TeacherKeep = "none",
     teacher_topk: int | None = None,
 ) -> Iterator[Rollout]:
-    """Rollouts of the module's current student over ``batches`` (one per batch, on CPU unless
-    ``teacher_keep="hidden"``, which the loss needs on the module's device)."""
+    """:func:`uncut_rollouts` of the module's current student, sampled as the run's ``rollout``
+    settings say unless ``spec`` overrides them."""
     run = module.rollout_settings
     tokenizer = module.tokenizer
-    engine = RolloutEngine(
+    sampling = SamplingConfig(
+        run.temperature if spec.temperature is None else spec.temperature,
+        run.top_p if spec.top_p is None else spec.top_p,
+        run.max_new_tokens if spec.max_new_tokens is None else spec.max_new_tokens,
+        (tokenizer.eos_token_id,),
+    )
+    return uncut_rollouts(
         module.student,
         module.teacher,
-        sampling=SamplingConfig(
-            run.temperature if spec.temperature is None else spec.temperature,
-            run.top_p if spec.top_p is None else spec.top_p,
-            run.max_new_tokens if spec.max_new_tokens is None else spec.max_new_tokens,
-            (tokenizer.eos_token_id,),
-        ),
-        pad_token_id=tokenizer.pad_token_id,
+        tokenizer,
+        batches,
+        sampling,
+        seed=spec.seed,
+        masked_token_ids=token_ids(tokenizer, run.masked_tokens),
         teacher_keep=teacher_keep,
         teacher_topk=teacher_topk,
-        masked_token_ids=token_ids(tokenizer, run.masked_tokens),
     )
-    generator = torch.Generator(device=module.device).manual_seed(spec.seed)
-    for batch in batches:
-        rollout = engine.generate(batch["input_ids"], batch["attention_mask"], generator)
-        yield rollout if teacher_keep == "hidden" else rollout.to("cpu")

@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research import config
+from kat_research.config.build import build_module
 from kat_research.lit import OPDModule
 
 CONFIG_FILES = (".hydra/config.yaml", "csv/hparams.yaml")
@@ -80,10 +80,10 @@ def load_run(path: str | Path) -> TrainingRun:
     return TrainingRun(path, cfg, checkpoints)
 
 
-def build_module(cfg: DictConfig, device: torch.device) -> OPDModule:
+def run_module(cfg: DictConfig, device: torch.device) -> OPDModule:
     """The run's OPD module (student as configured, i.e. before training; frozen teacher)."""
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
-    module = config.build_module(cfg, student, teacher)
+    module = build_module(cfg, student, teacher)
     module.to(device)
     module.teacher.to(device)
     return module

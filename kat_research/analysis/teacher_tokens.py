@@ -22,6 +22,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from wordcloud import WordCloud
 
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
+from kat_research.analysis.detector import segment_traces
 from kat_research.config import CONFIG_DIR
 from kat_research.plotting import new_figure, save_figure
 from kat_research.termination.phases import PHASES, phase_id_matrix
@@ -89,18 +90,18 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     counts = {name: Counter() for name in PHASES}
     positions = dict.fromkeys(PHASES, 0)
     for r in rollouts:
-        ids = phase_id_matrix(detector.segment_traces(kl_traces(r)), r.tokens.shape[1])
+        ids = phase_id_matrix(segment_traces(kl_traces(r), detector), r.tokens.shape[1])
         for name, counter in count_top_tokens(r.teacher_topk_ids, ids).items():
             counts[name].update(counter)
         for p, name in enumerate(PHASES):
             positions[name] += int((ids == p).sum())
     table = top_token_table(counts, ctx.module.tokenizer, cfg.top_n)
-    table = table.assign(checkpoint=checkpoint, threshold=detector.threshold)
+    table = table.assign(checkpoint=checkpoint, threshold=detector.threshold.fixed)
     table.to_csv(out / "top_tokens.csv", index=False)
     save_figure(plot_wordclouds(table, positions, cfg.seed), out / "wordcloud.png")
     print(
         f"teacher top-{cfg.top_k} tokens per phase at {checkpoint} (threshold "
-        f"{detector.threshold:.4g} from {source}; positions "
+        f"{detector.threshold.fixed:.4g} from {source}; positions "
         + ", ".join(f"{p} {n}" for p, n in positions.items())
         + ")"
     )

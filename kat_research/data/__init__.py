@@ -8,16 +8,14 @@ from kat_research.data.prompts import (
     drop_too_long,
     format_prompt,
 )
-from kat_research.data.records import LoadStats
+from kat_research.data.readers import LoadStats
 from kat_research.data.sources import Row, SourceSpec, load_rows
 from kat_research.data.synthetic import (
     ArithmeticProblem,
     ArithmeticTaskConfig,
     exact_integer_match,
-    generate_problems,
     make_problem,
     solution_text,
-    split_problems,
 )
 
 __all__ = [
@@ -33,9 +31,7 @@ __all__ = [
     "drop_too_long",
     "exact_integer_match",
     "format_prompt",
-    "generate_problems",
     "load_rows",
     "make_problem",
     "solution_text",
-    "split_problems",
 ]

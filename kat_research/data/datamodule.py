@@ -17,7 +17,7 @@ from kat_research.data.prompts import (
     SFTCollator,
     drop_too_long,
 )
-from kat_research.data.records import LoadStats
+from kat_research.data.readers import LoadStats
 from kat_research.data.sampler import ResumableBatchSampler
 from kat_research.data.sources import Row, SourceSpec, as_source_spec, load_rows
 

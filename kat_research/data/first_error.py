@@ -9,7 +9,7 @@ A task with a line-by-line verifier implements :class:`FirstErrorTask`:
   judged as a prefix of a line, so an unfinished valid solution has no error;
 - ``category(problem, completion, stop_reason)``: the finished rollout's category, one of
   :data:`CATEGORIES` (correct, then degenerate, capped, wrong in that priority, as
-  ``analysis.trap_check.classify``).
+  ``analysis.trap.check.classify``).
 
 :func:`first_error_task` returns the implementation of a run's ``data.source`` (None for tasks
 without one).
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from kat_research.data.long_task import (
+from kat_research.data.collatz import (
     N_FORMS,
     CollatzTaskConfig,
     next_value,
@@ -43,10 +43,10 @@ class FirstErrorTask(Protocol):
 
 
 class CollatzFirstError:
-    """The testbed's chain verifier (``long_task.verify``) as a :class:`FirstErrorTask`;
+    """The testbed's chain verifier (``collatz.verify``) as a :class:`FirstErrorTask`;
     ``problem`` is the start."""
 
-    name = "collatz chain verifier (long_task.verify)"
+    name = "collatz chain verifier (collatz.verify)"
 
     def __init__(self, task: CollatzTaskConfig) -> None:
         self.task = task

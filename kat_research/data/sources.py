@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kat_research.data import long_task
-from kat_research.data.records import LoadStats, Unreadable, file_records, hub_records
+from kat_research.data import collatz
+from kat_research.data.readers import LoadStats, Unreadable, file_records, hub_records
 from kat_research.data.synthetic import (
     ArithmeticTaskConfig,
     problems_for_split,
@@ -44,7 +44,7 @@ class SourceSpec:
     ``kind="file"``: ``path`` to a ``.jsonl``, ``.json`` (array) or ``.parquet`` file.
     ``kind="hub"``: ``datasets.load_dataset(hub_id, config_name, split=split)``.
     ``kind="synthetic"``: ``n`` arithmetic problems of ``split`` (train/eval) drawn with ``seed``.
-    ``kind="collatz"``: the same for the long-horizon task (``data.long_task``; ``task`` holds
+    ``kind="collatz"``: the same for the long-horizon task (``data.collatz``; ``task`` holds
     its ``CollatzTaskConfig`` settings).
 
     Field names may be dotted paths (``reward_model.ground_truth``; list items by index). A field
@@ -68,7 +68,7 @@ class SourceSpec:
     answer_transform: str = "none"
     limit: int | None = None
     dedup: bool = False
-    task: ArithmeticTaskConfig | long_task.CollatzTaskConfig = field(
+    task: ArithmeticTaskConfig | collatz.CollatzTaskConfig = field(
         default_factory=ArithmeticTaskConfig
     )
     n: int = 10_000
@@ -77,12 +77,12 @@ class SourceSpec:
     def __post_init__(self) -> None:
         if isinstance(self.task, Mapping):  # plain values from Hydra
             task_type = (
-                long_task.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
+                collatz.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
             )
             object.__setattr__(self, "task", task_type(**self.task))
-        task_type = long_task.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
+        task_type = collatz.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
         if self.kind == "collatz" and self.task == ArithmeticTaskConfig():  # the unset default
-            object.__setattr__(self, "task", long_task.CollatzTaskConfig())
+            object.__setattr__(self, "task", collatz.CollatzTaskConfig())
         if self.kind in ("synthetic", "collatz") and not isinstance(self.task, task_type):
             raise ValueError(
                 f"data.source.kind={self.kind} needs data.source.task settings of a "
@@ -221,7 +221,7 @@ def _row(spec: SourceSpec, record: Any, place: str, index: int, stats: LoadStats
 def _synthetic_rows(spec: SourceSpec) -> list[Row]:
     n = spec.n if spec.limit is None else min(spec.n, spec.limit)
     if spec.kind == "collatz":
-        drawn = long_task.problems_for_split(spec.split, n, spec.seed, spec.task)
+        drawn = collatz.problems_for_split(spec.split, n, spec.seed, spec.task)
         return [
             Row(f"{spec.name}:{i}", p.problem, p.answer, p.solution) for i, p in enumerate(drawn)
         ]

@@ -118,12 +118,6 @@ def solution_text(problem: ArithmeticProblem) -> str:
     return "\n".join([*problem.steps, f"\\boxed{{{problem.answer}}}"])
 
 
-def generate_problems(n: int, seed: int, cfg: ArithmeticTaskConfig) -> list[ArithmeticProblem]:
-    """``n`` problems drawn independently (repeats possible), the same for the same seed."""
-    rng = random.Random(seed)
-    return [make_problem(rng, cfg) for _ in range(n)]
-
-
 def is_heldout(problem: str, cfg: ArithmeticTaskConfig) -> bool:
     """Whether a problem string belongs to the eval split (a fixed property of the string)."""
     digest = hashlib.blake2b(problem.encode(), digest_size=8).digest()
@@ -154,15 +148,6 @@ def problems_for_split(
     if len(problems) < n:
         raise ValueError(f"could only draw {len(problems)} of {n} {split} problems from {cfg}")
     return problems
-
-
-def split_problems(
-    n_train: int, n_eval: int, seed: int, cfg: ArithmeticTaskConfig
-) -> tuple[list[ArithmeticProblem], list[ArithmeticProblem]]:
-    """Disjoint (train, eval) problem lists: no eval problem string ever appears in train."""
-    return problems_for_split("train", n_train, seed, cfg), problems_for_split(
-        "eval", n_eval, seed, cfg
-    )
 
 
 def exact_integer_match(answer: str | None, gold: str) -> bool:

@@ -30,9 +30,9 @@ from typing import Any
 
 from hydra.utils import instantiate
 
+from kat_research.building import demo_model_info
 from kat_research.console import quiet
 from kat_research.demo.jobs import demo_config, realised_saving, run_method, run_trap
-from kat_research.demo.models import demo_model_info
 
 
 def accuracy(metrics: dict[str, float]) -> float:

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config import ConfigError, compose
 from kat_research.console import quiet
-from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.data.collatz import CollatzTaskConfig
+from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
 from kat_research.training import train
@@ -70,16 +71,19 @@ def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: i
     rows, _ = load_rows(
         SourceSpec(kind="collatz", split="train", n=n_rollouts, seed=cfg.seed + 1, task=task)
     )
-    kat = OmegaConf.to_container(cfg.termination.kat, resolve=True)
+    data = cfg.data
+    collate = PromptCollator(
+        student.tokenizer, data.max_prompt_tokens, data.instruction, data.get("system")
+    )
     stats = trap_stats(
         student.model.eval(),
         teacher.model,
-        student.tokenizer,
+        collate,
         rows,
         task,
         max_new_tokens=cfg.rollout.max_new_tokens,
         top_p=cfg.rollout.top_p,
-        kat=kat,
+        rule=instantiate(cfg.termination.kat),
         seed=cfg.seed,
     )
     return stats.to_dict()

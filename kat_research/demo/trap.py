@@ -1,6 +1,6 @@
 """The agreement trap on the testbed, measured on the student's own rollouts before OPD: do
 derailed rollouts settle into agreement with the teacher, and would KAT cut them rather than
-the correct ones? (``analysis.trap_check`` defines the categories and the offline rule.)"""
+the correct ones? (``analysis.trap.check`` defines the categories and the offline rule.)"""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kat_research.analysis import trap_check as tc
-from kat_research.analysis.verdicts import score_cuts
-from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.analysis.trap import check as tc
+from kat_research.analysis.trap.verdicts import score_cuts
+from kat_research.data.collatz import CollatzTaskConfig
+from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import Row
+from kat_research.termination import KATRule
 
 
 @dataclass(frozen=True)
@@ -41,23 +42,23 @@ class TrapStats:
 def trap_stats(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: PromptCollator,
     rows: list[Row],
     task: CollatzTaskConfig,
     *,
     max_new_tokens: int,
     top_p: float,
-    kat: dict[str, Any],
+    rule: KATRule,
     horizon: int = 32,
     seed: int = 0,
 ) -> TrapStats:
     """Sample one uncut rollout per row (temperature 1), classify it, compare the KL after
-    derailment with correct rollouts at the same positions, and apply KAT (``kat``: window,
-    stride, patience, quantile, exempt) offline."""
+    derailment with correct rollouts at the same positions, and apply KAT's ``rule`` offline
+    (its threshold the rule's quantile of these rollouts' window minima)."""
     scored = tc.sample_scored_rollouts(
         student,
         teacher,
-        tokenizer,
+        collate,
         rows,
         task,
         max_new_tokens=max_new_tokens,
@@ -66,14 +67,7 @@ def trap_stats(
     )
     kls, verdicts = [r.kl for r in scored], [r.verdict for r in scored]
     after = tc.kl_after_derailment(kls, verdicts, horizon=horizon)
-    cuts = tc.offline_kat_cuts(
-        kls,
-        window=kat["window"],
-        stride=kat["stride"] or kat["window"],
-        patience=kat["patience"],
-        quantile=kat["quantile"],
-        exempt=kat.get("exempt", 0),
-    )
+    cuts = tc.offline_kat_cuts(kls, rule)
     scores = score_cuts([c is not None for c in cuts.cut], [v.category for v in verdicts])
     return TrapStats(
         n_rollouts=len(scored),
@@ -83,7 +77,7 @@ def trap_stats(
         kl_after_derailment=tc.median(after.derailed),
         kl_correct_same_positions=tc.median(after.control),
         sign_test_p=after.sign_test_p,
-        quantile=kat["quantile"],
+        quantile=rule.threshold.quantile,
         threshold=cuts.threshold,
         recall=scores["recall"],
         cut_correct=scores["cut_rate_correct"],

@@ -2,7 +2,7 @@
 ``kat_research.text``)."""
 
 from kat_research.eval.benchmarks import BENCHMARKS, Problem, load_benchmark
-from kat_research.eval.grading import Grader, is_equivalent
+from kat_research.eval.grading import Grader
 from kat_research.eval.metrics import PAPER_BENCHMARKS, macro_average, pass_at_k, summarize
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "PAPER_BENCHMARKS",
     "Grader",
     "Problem",
-    "is_equivalent",
     "load_benchmark",
     "macro_average",
     "pass_at_k",

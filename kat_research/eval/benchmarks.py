@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kat_research.data.records import LoadStats, Unreadable, file_records, hub_records
+from kat_research.data.readers import LoadStats, Unreadable, file_records, hub_records
 from kat_research.text.answers import after_hashes, gold_from_solution
 
 Gold = str | tuple[str, ...]

@@ -183,14 +183,6 @@ def _require_main_thread() -> None:
         )
 
 
-def is_equivalent(answer: str | None, gold: Gold, timeout_s: float = 5.0) -> bool:
-    """Whether ``answer`` matches ``gold`` (see the module docstring); main thread only."""
-    if answer is None:
-        return False
-    _require_main_thread()
-    return grade_outcome(answer, gold_text(gold), timeout_s) == CORRECT
-
-
 def _warm_up() -> None:
     """Load math-verify's grammar in a fresh worker before any timed item reaches it."""
     _parse("1")

@@ -1,12 +1,14 @@
-"""Evaluators: callables that generate with a model, grade, and return metrics plus records."""
+"""Evaluators of the tasks generated in code (the arithmetic task, the collatz testbed task):
+callables that generate with a model, grade, and return metrics plus records."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.data.collatz import CollatzTaskConfig, verify
 from kat_research.data.prompts import format_prompt
 from kat_research.data.sources import Row, SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig, exact_integer_match
@@ -131,3 +133,53 @@ class SyntheticEvaluator(HeldOutEvaluator):
             extract=last_boxed,
             grade_many=lambda pairs: [exact_integer_match(a, g) for a, g in pairs],
         )
+
+
+class CollatzEvaluator(HeldOutEvaluator):
+    """Greedy (by default) accuracy on ``n_problems`` held-out starts; a completion is correct
+    when every line is a valid step and it ends with the box of the last value
+    (``data.collatz.verify``). ``answer`` in the records is the completion's last box."""
+
+    name = "collatz"
+
+    def __init__(
+        self,
+        n_problems: int = 32,
+        seed: int = 0,
+        task: dict | CollatzTaskConfig | None = None,
+        instruction: str = "",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 64,
+    ):
+        self.task = (
+            task if isinstance(task, CollatzTaskConfig) else CollatzTaskConfig(**(task or {}))
+        )
+        rows, _ = load_rows(
+            SourceSpec(kind="collatz", split="eval", n=n_problems, seed=seed, task=self.task)
+        )
+        super().__init__(
+            rows,
+            instruction=instruction,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+    def grade(self, completions: list[Completion]) -> list[SampleRecord]:
+        records = grade_completions(
+            self.name,
+            [r.problem_id for r in self.rows],
+            [r.problem for r in self.rows],  # the gold is the start: the verifier needs it
+            completions,
+            extract=lambda text: text,
+            grade_many=lambda pairs: [
+                verify(start, text, self.task).correct for text, start in pairs
+            ],
+        )
+        return [replace(r, answer=last_boxed(r.completion)) for r in records]

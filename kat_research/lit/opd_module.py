@@ -77,7 +77,7 @@ ROLLOUT_MODES = ("sync", "partial")
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """How rollouts are sampled during training (see ``conf/rollout``)."""
+    """How rollouts are sampled during training (``rollout`` in ``conf/train.yaml``)."""
 
     temperature: float = 1.0
     top_p: float = 1.0

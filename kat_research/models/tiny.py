@@ -116,7 +116,7 @@ def tiny_qwen3_config(
 
 
 def demo_model_config(architecture: Mapping[str, Any]) -> Qwen3Config:
-    """The config of a demo model (``kat_research.demo``): a tiny Qwen3 of ``architecture``
+    """The config of a demo model (``kat_research.building``): a tiny Qwen3 of ``architecture``
     (``tiny_qwen3_config``'s keywords) over the character tokenizer with the compact template."""
     tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
     return tiny_qwen3_config(tokenizer, **architecture)

@@ -82,11 +82,11 @@ def _smollm2(node: DictConfig) -> PretrainedConfig:
 
 
 # The in-code model factories, by the qualified name of the function a ``_target_`` names (it
-# may name a re-export, e.g. kat_research.demo.demo_model), and their config functions.
+# may name a re-export, e.g. kat_research.building.demo_model), and their config functions.
 FACTORY_CONFIGS: dict[str, Callable[[DictConfig], PretrainedConfig]] = {
     "kat_research.models.tiny.tiny_random_model": _tiny_random,
-    "kat_research.demo.models.demo_model": _demo,
-    "kat_research.demo.testbed.shipped_model": _shipped,
+    "kat_research.building.models.demo_model": _demo,
+    "kat_research.building.testbed.shipped_model": _shipped,
     "kat_research.models.smollm2.smollm2_model": _smollm2,
 }
 

@@ -1,7 +1,7 @@
 """Job rows -> a table: mean ± std over seeds per cell, the paper's numbers beside them, and
 cells with unfinished jobs reported as missing instead of averaged over fewer seeds.
 
-The input is one record per job (a DataFrame row, e.g. from ``kat_research.sweep.records``):
+The input is one record per job (a DataFrame row, e.g. from ``kat_research.sweep.job_records``):
 the ``ID_COLUMNS``, one column per sweep axis holding the job's label, and the job's measures
 (``kat_research.tables.measures``) when its ``status`` is ``DONE``.
 
@@ -22,7 +22,7 @@ import pandas as pd
 
 from kat_research.tables.measures import MEASURES
 
-# of a record (commit: the code the job ran, sweep.records)
+# of a record (commit: the code the job ran, sweep.job_records)
 ID_COLUMNS = ("experiment", "scale", "job", "kind", "role", "status", "folder", "commit")
 DONE = "done"  # the status of a finished job: its measures count
 MISSING_LABEL = "-"  # row-axis value of jobs that do not set that axis (e.g. KAT in a budget sweep)

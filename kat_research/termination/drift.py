@@ -8,8 +8,8 @@ scans ``o_t`` with KAT's window scan (``kat._scan``): window means over ``window
 below ``threshold``; the tokens before the first window of that run are kept. This is KAT's
 opposite trigger: KAT cuts where the two models agree (KL persistently low), this rule where
 they drift apart (overlap persistently low). On a finished rollout the same rule is
-``kat_cut(overlap, threshold=..., window=..., ...)``. What is taken from the paper and what is
-a guess is in docs/paper.md ("Other termination rules").
+``kat_cut(overlap, drift.scan.with_fixed_threshold(drift.threshold))``. What is taken from the
+paper and what is a guess is in docs/paper.md ("Other termination rules").
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from kat_research.termination.base import Terminator, signal
-from kat_research.termination.kat import _check_rule, _own_rank_only, _scan, _ScanState
+from kat_research.termination.kat import _own_rank_only, _scan, _ScanState
+from kat_research.termination.kat_rule import KATRule
 
 
 def topk_overlap(
@@ -48,7 +49,8 @@ class OverlapDriftTerminator(Terminator):
     Args:
         k: size of each model's candidate set.
         threshold: a window whose mean overlap is below this (strict) counts as drifted.
-        window, stride, patience, exempt: the window scan, as KAT's (``stride`` None = window).
+        window, stride, patience, exempt: the window scan, a :class:`KATRule` value as KAT's
+            (its threshold policy unused: the threshold here is fixed).
     """
 
     needs_kl = False
@@ -67,9 +69,10 @@ class OverlapDriftTerminator(Terminator):
             raise ValueError(f"k must be >= 1, got {k}")
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        self.stride = _check_rule(window, stride, patience, exempt)
+        self.scan = KATRule(window, stride, patience, exempt)  # type: ignore[arg-type]
         self.overlap_k, self.threshold = k, float(threshold)
-        self.window, self.patience, self.exempt = window, patience, exempt
+        self.window, self.stride = self.scan.window, self.scan.stride
+        self.patience, self.exempt = patience, exempt
         self._batch: _ScanState | None = None
         self._gather: Callable[[torch.Tensor], torch.Tensor] = _own_rank_only
 
@@ -97,9 +100,7 @@ class OverlapDriftTerminator(Terminator):
             signal(self, signals, "topk_overlap"),
             lengths,
             threshold=self.threshold,
-            window=self.window,
-            stride=self.stride,
-            patience=self.patience,
+            rule=self.scan,
         )
 
     def end_batch(self) -> dict[str, float]:

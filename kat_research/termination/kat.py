@@ -9,8 +9,10 @@ resets otherwise; at ``patience`` consecutive low windows the rollout stops and 
 from a non-finite teacher) resets the counter and does not count towards the rollout's
 minimum. The adaptive threshold ``s`` is a quantile of a FIFO buffer of per-rollout minima.
 
-The same scan (:func:`_scan`) serves the online :class:`KATTerminator` and the offline
-:func:`kat_cut` / :func:`kat_window_minimum`, so both give identical cuts.
+The rule's settings are one value, :class:`~kat_research.termination.kat_rule.KATRule`. The
+same scan (:func:`_scan`) serves the online :class:`KATTerminator` and the offline
+:func:`kat_cuts` / :func:`kat_window_minima` (and their one-rollout forms), so both give
+identical cuts; :func:`kat_calibrated` fixes an adaptive rule's threshold on finished rollouts.
 """
 
 from __future__ import annotations
@@ -23,20 +25,7 @@ from typing import Any
 import torch
 
 from kat_research.termination.base import Terminator
-
-
-def _check_rule(window: int, stride: int | None, patience: int, exempt: int) -> int:
-    """Validate the window settings; return the effective stride."""
-    stride = window if stride is None else stride
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if patience < 1:
-        raise ValueError(f"patience must be >= 1, got {patience}")
-    if exempt < 0:
-        raise ValueError(f"exempt must be >= 0, got {exempt}")
-    return stride
+from kat_research.termination.kat_rule import KATRule
 
 
 @dataclass
@@ -68,9 +57,7 @@ def _scan(
     lengths: torch.Tensor,
     *,
     threshold: float,
-    window: int,
-    stride: int,
-    patience: int,
+    rule: KATRule,
 ) -> torch.Tensor:
     """Evaluate every pending window ending at or before ``lengths`` for ``rows``.
 
@@ -79,6 +66,7 @@ def _scan(
     Returns the cut for rows that fire in this call, -1 elsewhere. State is replaced
     out of place (safe across inference-mode boundaries).
     """
+    window, stride, patience = rule.window, rule.stride, rule.patience
     rows, lengths = rows.cpu().long(), lengths.cpu().long()
     cut = torch.full((rows.numel(),), -1, dtype=torch.long)
     next_k = state.next_k[rows]
@@ -113,75 +101,89 @@ def _scan(
     return cut
 
 
-def _scan_sequence(
-    kl: Sequence[float] | torch.Tensor,
-    *,
-    threshold: float,
-    window: int,
-    stride: int | None,
-    patience: int,
-    exempt: int,
-) -> _ScanState:
-    """Run the scan over one whole KL sequence; return its final state (one row)."""
-    stride = _check_rule(window, stride, patience, exempt)
-    seq = torch.as_tensor(kl, dtype=torch.float64)
-    if seq.ndim != 1:
-        raise ValueError(f"kl must be 1-D, got shape {tuple(seq.shape)}")
-    state = _ScanState.fresh(1, stride=stride, exempt=exempt)
-    _scan(
-        state,
-        torch.zeros(1, dtype=torch.long),
-        seq[None],
-        torch.tensor([seq.numel()]),
-        threshold=threshold,
-        window=window,
-        stride=stride,
-        patience=patience,
-    )
+def _padded(traces: Sequence[Sequence[float] | torch.Tensor] | torch.Tensor):
+    """[n, T] float64 KL (NaN past each length) and the lengths [n] of ``traces``: a [n, T]
+    tensor or a sequence of 1-D traces."""
+    if isinstance(traces, torch.Tensor) and traces.ndim == 2:
+        kl = traces.to(torch.float64).cpu()
+        return kl, torch.full((kl.shape[0],), kl.shape[1], dtype=torch.long)
+    seqs = [torch.as_tensor(t, dtype=torch.float64).cpu() for t in traces]
+    for seq in seqs:
+        if seq.ndim != 1:
+            raise ValueError(f"kl must be 1-D, got shape {tuple(seq.shape)}")
+    lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.long)
+    kl = torch.full((len(seqs), int(lengths.max()) if seqs else 0), math.nan, dtype=torch.float64)
+    for row, seq in enumerate(seqs):
+        kl[row, : seq.numel()] = seq
+    return kl, lengths
+
+
+def _scan_all(traces, rule: KATRule, threshold: float) -> _ScanState:
+    """The scan over whole finished traces at one fixed ``threshold``; its final state."""
+    kl, lengths = _padded(traces)
+    state = _ScanState.fresh(kl.shape[0], stride=rule.stride, exempt=rule.exempt)
+    _scan(state, torch.arange(kl.shape[0]), kl, lengths, threshold=threshold, rule=rule)
     return state
 
 
-def kat_cut(
-    kl: Sequence[float] | torch.Tensor,
-    *,
-    threshold: float,
-    window: int,
-    stride: int | None = None,
-    patience: int,
-    exempt: int = 0,
-) -> int | None:
-    """The KAT rule on one finished rollout's KL with a fixed threshold.
+def _fixed(rule: KATRule, threshold: float | None) -> float:
+    threshold = rule.threshold.fixed if threshold is None else threshold
+    if threshold is None:
+        raise ValueError(
+            "an offline KAT scan needs a threshold: pass one, or fix the rule's "
+            "(kat_calibrated, or termination.kat.threshold)"
+        )
+    return float(threshold)
 
-    Returns the cut (tokens kept) or None if the rule never fires.
-    """
-    state = _scan_sequence(
-        kl, threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt
-    )
-    cut = int(state.cut[0])
+
+def kat_cuts(traces, rule: KATRule, threshold: float | None = None) -> torch.Tensor:
+    """The KAT rule on finished rollouts' KL (a [n, T] tensor or n 1-D traces) at a fixed
+    threshold (default: the rule's own fixed one): the cut per trace [n], -1 where it never
+    fires."""
+    return _scan_all(traces, rule, _fixed(rule, threshold)).cut
+
+
+def kat_cut(
+    kl: Sequence[float] | torch.Tensor, rule: KATRule, threshold: float | None = None
+) -> int | None:
+    """:func:`kat_cuts` of one rollout: the cut (tokens kept), or None if the rule never fires."""
+    cut = int(kat_cuts([kl], rule, threshold)[0])
     return cut if cut >= 0 else None
 
 
+def kat_window_minima(traces, rule: KATRule) -> torch.Tensor:
+    """Each trace's minimum finite window mean [n] (+inf where no window was counted): what a
+    finished rollout pushes into KAT's buffer when the rule never fired."""
+    return _scan_all(traces, rule, -math.inf).minimum
+
+
 def kat_window_minimum(
-    kl: Sequence[float] | torch.Tensor,
-    *,
-    window: int,
-    stride: int | None = None,
-    exempt: int = 0,
-    stop: int | None = None,
+    kl: Sequence[float] | torch.Tensor, rule: KATRule, stop: int | None = None
 ) -> float | None:
     """Min finite window mean over evaluation points ``t <= stop`` (default: the whole sequence).
 
     This is what a rollout pushes into the KAT buffer; for a rollout stopped by KAT pass
-    ``stop = cut + window + (patience - 1) * stride``. None if no window was counted.
+    ``stop = cut + rule.detection_lag``. None if no window was counted.
     """
     if stop is not None and stop < 0:
         raise ValueError(f"stop must be >= 0, got {stop}")
-    seq = torch.as_tensor(kl, dtype=torch.float64)
-    state = _scan_sequence(
-        seq[:stop], threshold=-math.inf, window=window, stride=stride, patience=1, exempt=exempt
-    )
-    minimum = float(state.minimum[0])
+    minimum = float(kat_window_minima([torch.as_tensor(kl, dtype=torch.float64)[:stop]], rule)[0])
     return minimum if math.isfinite(minimum) else None
+
+
+def kat_calibrated(rule: KATRule, traces) -> KATRule:
+    """``rule`` with a fixed threshold: its own fixed one, else its quantile of the traces'
+    minimum window means (a full buffer of these rollouts, as the online rule computes it)."""
+    if rule.threshold.fixed is not None:
+        return rule
+    minima = kat_window_minima(traces, rule)
+    minima = minima[minima.isfinite()]
+    if not minima.numel():
+        raise ValueError(
+            f"no window of {rule.window} tokens fits any rollout: lower the window or set a "
+            "fixed threshold"
+        )
+    return rule.with_fixed_threshold(rule.threshold.of(minima))
 
 
 def _own_rank_only(x: torch.Tensor) -> torch.Tensor:
@@ -190,12 +192,12 @@ def _own_rank_only(x: torch.Tensor) -> torch.Tensor:
 
 
 class KATTerminator(Terminator):
-    """Online KAT with an adaptive (buffer quantile) or fixed threshold.
+    """Online KAT: the scan of ``rule`` at every chunk boundary, with its threshold policy.
 
-    Adaptive mode: threshold = ``torch.quantile(buffer, quantile)`` snapshotted at
+    Adaptive policy: threshold = ``torch.quantile(buffer, quantile)`` snapshotted at
     ``begin_batch``; the rule cuts only once the buffer holds >= ``min_buffer`` minima and
     >= ``warmup_steps`` optimizer steps were counted. Minima are collected in every mode
-    (pushed in row order at ``end_batch``). With ``threshold`` set the rule is always active
+    (pushed in row order at ``end_batch``). With a fixed threshold the rule is always active
     with that threshold and the buffer does not affect it.
 
     Under data parallelism (``set_gather``) every rank pushes the minima of all ranks' rows,
@@ -206,33 +208,10 @@ class KATTerminator(Terminator):
     needs_kl = True
     supports_partial = True
 
-    def __init__(
-        self,
-        window: int = 64,
-        stride: int | None = None,
-        patience: int = 4,
-        quantile: float = 0.7,
-        buffer_size: int = 4096,
-        min_buffer: int = 512,
-        warmup_steps: int = 50,
-        exempt: int = 0,
-        threshold: float | None = None,
-    ) -> None:
-        self.stride = _check_rule(window, stride, patience, exempt)
-        if not 0 < quantile < 1:
-            raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-        if not 1 <= min_buffer <= buffer_size:
-            raise ValueError(
-                f"need 1 <= min_buffer <= buffer_size, got min_buffer={min_buffer}, "
-                f"buffer_size={buffer_size}"
-            )
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if threshold is not None and math.isnan(threshold):
-            raise ValueError("threshold must not be NaN")
-        self.window, self.patience, self.quantile = window, patience, quantile
-        self.buffer_size, self.min_buffer = buffer_size, min_buffer
-        self.warmup_steps, self.exempt, self.threshold = warmup_steps, exempt, threshold
+    def __init__(self, rule: KATRule) -> None:
+        if not isinstance(rule, KATRule):
+            raise TypeError(f"KATTerminator takes a KATRule (kat_rule(...)), got {rule!r}")
+        self.rule = rule
         self._buffer = torch.empty(0, dtype=torch.float64)
         self._steps = 0
         self._batch: _ScanState | None = None
@@ -243,7 +222,7 @@ class KATTerminator(Terminator):
     @property
     def chunk_hint(self) -> int:
         """Score in chunks of the stride: every evaluation point is a chunk boundary."""
-        return self.stride
+        return self.rule.stride
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -254,25 +233,20 @@ class KATTerminator(Terminator):
         self, batch_size: int, max_new_tokens: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         self._snapshot_threshold()
-        self._batch = _ScanState.fresh(batch_size, stride=self.stride, exempt=self.exempt)
+        self._batch = _ScanState.fresh(batch_size, stride=self.rule.stride, exempt=self.rule.exempt)
         return super().begin_batch(batch_size, max_new_tokens, generator)
 
     def _snapshot_threshold(self) -> None:
         """The threshold and whether the rule is active, from the buffer as it is now."""
-        if self.threshold is not None:
-            self._batch_threshold, self._batch_active = float(self.threshold), True
-        else:
-            n = self._buffer.numel()
-            self._batch_threshold = (
-                float(torch.quantile(self._buffer, self.quantile)) if n else math.nan
-            )
-            self._batch_active = n >= self.min_buffer and self._steps >= self.warmup_steps
+        policy = self.rule.threshold
+        self._batch_threshold = policy.of(self._buffer)
+        self._batch_active = policy.active(self._buffer.numel(), self._steps)
 
     # partial rollouts: the scan state is per slot and persists across steps; the threshold
     # is snapshotted once per step (as per batch in sync mode) and the minima of the rows that
     # finished during a step enter the buffer at its end, before the next snapshot
     def begin_slots(self, n_slots: int, max_new_tokens: int) -> None:
-        self._batch = _ScanState.fresh(n_slots, stride=self.stride, exempt=self.exempt)
+        self._batch = _ScanState.fresh(n_slots, stride=self.rule.stride, exempt=self.rule.exempt)
         self._finished: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def begin_step(self) -> None:
@@ -282,7 +256,7 @@ class KATTerminator(Terminator):
         self, slots: torch.Tensor, max_new_tokens: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         state = self._current_batch()
-        fresh = _ScanState.fresh(slots.numel(), stride=self.stride, exempt=self.exempt)
+        fresh = _ScanState.fresh(slots.numel(), stride=self.rule.stride, exempt=self.rule.exempt)
         index = (slots.cpu().long(),)
         for name in ("counter", "run_start", "minimum", "next_k", "cut"):
             setattr(state, name, getattr(state, name).index_put(index, getattr(fresh, name)))
@@ -300,7 +274,9 @@ class KATTerminator(Terminator):
         minimum = self._gather(torch.cat([m for m, _ in done]))
         cut = self._gather(torch.cat([c for _, c in done]))
         self._finished = []
-        self._buffer = torch.cat([self._buffer, minimum[minimum.isfinite()]])[-self.buffer_size :]
+        self._buffer = torch.cat([self._buffer, minimum[minimum.isfinite()]])[
+            -self.rule.threshold.buffer_size :
+        ]
         return {
             "kat/threshold": self._batch_threshold,
             "kat/buffer_size": float(self._buffer.numel()),
@@ -315,15 +291,14 @@ class KATTerminator(Terminator):
             kl,
             lengths,
             threshold=self._batch_threshold if self._batch_active else -math.inf,
-            window=self.window,
-            stride=self.stride,
-            patience=self.patience,
+            rule=self.rule,
         )
 
     def end_batch(self) -> dict[str, float]:
         batch = self._current_batch()
         minimum, cut = self._gather(batch.minimum), self._gather(batch.cut)
-        self._buffer = torch.cat([self._buffer, minimum[minimum.isfinite()]])[-self.buffer_size :]
+        kept = torch.cat([self._buffer, minimum[minimum.isfinite()]])
+        self._buffer = kept[-self.rule.threshold.buffer_size :]
         self._batch = None
         return {
             "kat/threshold": self._batch_threshold,
@@ -343,7 +318,7 @@ class KATTerminator(Terminator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         buffer = torch.as_tensor(state["buffer"], dtype=torch.float64).flatten().cpu()
-        self._buffer = buffer[-self.buffer_size :].clone()
+        self._buffer = buffer[-self.rule.threshold.buffer_size :].clone()
         self._steps = int(state["optimizer_steps"])
 
     def _current_batch(self) -> _ScanState:
@@ -352,10 +327,4 @@ class KATTerminator(Terminator):
         return self._batch
 
     def __repr__(self) -> str:
-        fixed = "" if self.threshold is None else f", threshold={self.threshold}"
-        return (
-            f"KATTerminator(window={self.window}, stride={self.stride}, "
-            f"patience={self.patience}, quantile={self.quantile}, "
-            f"buffer_size={self.buffer_size}, min_buffer={self.min_buffer}, "
-            f"warmup_steps={self.warmup_steps}, exempt={self.exempt}{fixed})"
-        )
+        return f"KATTerminator({self.rule!r})"

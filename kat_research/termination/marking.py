@@ -10,11 +10,10 @@ of KAT's own online scan (threshold and buffer as in :class:`KATTerminator`), so
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from kat_research.termination.kat import KATTerminator
+from kat_research.termination.kat_rule import KATRule
 from kat_research.termination.phases import segments_at_cut
 
 # Settings of ``supervise``, in the order of ``phase_bounds``' columns (tokens each one keeps).
@@ -25,16 +24,16 @@ class KATPhaseMarker(KATTerminator):
     """KAT's detector without the stop: every rollout runs to EOS or the length cap, and only
     the phases named by ``supervise`` (``pre``, ``pre+agreement`` or ``all``) keep loss_mask=1.
 
-    Takes :class:`KATTerminator`'s settings; logs the mean tokens per rollout of each phase
-    (``kat/pre_tokens``, ``kat/agreement_tokens``, ``kat/post_tokens``).
+    Takes KAT's rule whole, as :class:`KATTerminator` does; logs the mean tokens per rollout of
+    each phase (``kat/pre_tokens``, ``kat/agreement_tokens``, ``kat/post_tokens``).
     """
 
     supports_partial = False  # its phase bounds are computed per sync batch
 
-    def __init__(self, supervise: str = "pre", **kat: Any) -> None:
+    def __init__(self, rule: KATRule, supervise: str = "pre") -> None:
         if supervise not in SUPERVISE:
             raise ValueError(f"supervise must be one of {', '.join(SUPERVISE)}, got {supervise!r}")
-        super().__init__(**kat)
+        super().__init__(rule)
         self.supervise = supervise
         self._bounds: torch.Tensor | None = None
 
@@ -50,11 +49,8 @@ class KATPhaseMarker(KATTerminator):
             segments = segments_at_cut(
                 kl[row, :length].detach().cpu(),
                 cut if cut >= 0 else None,
+                self.rule,
                 threshold=self._batch_threshold,
-                window=self.window,
-                stride=self.stride,
-                patience=self.patience,
-                exempt=self.exempt,
             )
             bounds.append((segments.pre_end, segments.agreement_end, segments.length))
         return torch.tensor(bounds, dtype=torch.long).reshape(-1, 3)
@@ -83,4 +79,4 @@ class KATPhaseMarker(KATTerminator):
         return metrics
 
     def __repr__(self) -> str:
-        return f"KATPhaseMarker(supervise={self.supervise!r}, {super().__repr__()})"
+        return f"KATPhaseMarker({self.rule!r}, supervise={self.supervise!r})"

@@ -1,9 +1,10 @@
 """Split a rollout into pre-agreement / agreement / post-agreement tokens with KAT's detector.
 
-Windows, threshold and counter are exactly KAT's (:func:`kat_research.termination.kat.kat_cut`
-is the only scan used): window k covers tokens ``[k*stride, k*stride + window)``, a window is
-low when its finite mean is ``< threshold``, and the detector fires on the first run of
-``patience`` consecutive low windows. For a rollout of ``length`` tokens:
+Windows, threshold and counter are exactly KAT's (a :class:`~kat_research.termination.
+kat_rule.KATRule`, and :func:`~kat_research.termination.kat.kat_cut` is the only scan used):
+window k covers tokens ``[k*stride, k*stride + window)``, a window is low when its finite mean
+is ``< threshold``, and the detector fires on the first run of ``patience`` consecutive low
+windows. For a rollout of ``length`` tokens:
 
 - **pre-agreement** ``[0, pre_end)``: everything before the detected run; ``pre_end`` is KAT's
   cut (the first token of the run's first window), or ``length`` when the detector never fires;
@@ -20,11 +21,12 @@ KATPhaseMarker`) and the analyses of ``kat_research.analysis``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kat_research.termination.kat import kat_cut
+from kat_research.termination.kat_rule import KATRule
 
 PHASES = ("pre", "agreement", "post")
 PRE, AGREEMENT, POST = range(len(PHASES))
@@ -60,29 +62,19 @@ class PhaseSegments:
         return ids
 
 
-def agreement_end(
-    kl: torch.Tensor,
-    cut: int,
-    *,
-    threshold: float,
-    window: int,
-    stride: int,
-    patience: int,
-    exempt: int = 0,
-) -> int:
+def agreement_end(kl: torch.Tensor, cut: int, rule: KATRule, *, threshold: float) -> int:
     """End of the low-KL run that KAT detects at ``cut`` in one rollout's KL [length].
 
     Every run before the detected one is shorter than ``patience``, so for ``p >= patience``
     KAT still cuts at ``cut`` iff the run holds at least ``p`` low windows: a binary search
     over ``p`` finds the run's length with the KAT scan itself.
     """
-    length = kl.numel()
+    length, window, stride = kl.numel(), rule.window, rule.stride
     last_window = (length - window) // stride
-    rule = dict(threshold=threshold, window=window, stride=stride, exempt=exempt)
-    lo, hi = patience, last_window - cut // stride + 1
+    lo, hi = rule.patience, last_window - cut // stride + 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if kat_cut(kl, patience=mid, **rule) == cut:
+        if kat_cut(kl, replace(rule, patience=mid), threshold) == cut:
             lo = mid
         else:
             hi = mid - 1
@@ -93,36 +85,28 @@ def agreement_end(
 def segments_at_cut(
     kl: Sequence[float] | torch.Tensor,
     cut: int | None,
+    rule: KATRule,
     *,
-    threshold: float,
-    window: int,
-    stride: int | None = None,
-    patience: int,
-    exempt: int = 0,
+    threshold: float | None = None,
 ) -> PhaseSegments:
     """Phase boundaries of one rollout's KL [length] given KAT's cut on it (None: no detection),
-    e.g. the cut the online rule found."""
+    e.g. the cut the online rule found at ``threshold`` (default: the rule's fixed one)."""
     seq = torch.as_tensor(kl, dtype=torch.float64)
     length = seq.numel()
     if cut is None:
         return PhaseSegments(length, length, length)
-    stride = window if stride is None else stride
-    rule = dict(threshold=threshold, window=window, stride=stride, exempt=exempt)
-    return PhaseSegments(length, cut, agreement_end(seq, cut, patience=patience, **rule))
+    threshold = rule.threshold.fixed if threshold is None else threshold
+    if threshold is None:
+        raise ValueError("segments_at_cut needs a threshold: pass one or fix the rule's")
+    return PhaseSegments(length, cut, agreement_end(seq, cut, rule, threshold=threshold))
 
 
 def segment_phases(
-    kl: Sequence[float] | torch.Tensor,
-    *,
-    threshold: float,
-    window: int,
-    stride: int | None = None,
-    patience: int,
-    exempt: int = 0,
+    kl: Sequence[float] | torch.Tensor, rule: KATRule, *, threshold: float | None = None
 ) -> PhaseSegments:
-    """Phase boundaries of one rollout's per-token KL (see the module docstring)."""
-    rule = dict(threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt)
-    return segments_at_cut(kl, kat_cut(kl, **rule), **rule)
+    """Phase boundaries of one rollout's per-token KL (see the module docstring) at
+    ``threshold`` (default: the rule's fixed one)."""
+    return segments_at_cut(kl, kat_cut(kl, rule, threshold), rule, threshold=threshold)
 
 
 def phase_id_matrix(segments: Sequence[PhaseSegments], width: int) -> torch.Tensor:

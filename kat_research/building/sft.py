@@ -1,4 +1,4 @@
-"""Supervised fine-tuning as a LightningModule: how the demo's teacher and student start.
+"""Supervised fine-tuning as a LightningModule: how the testbed's and the demo's models start.
 
 Works for any causal LM: the batch carries ``labels`` with -100 on prompt and padding.
 """

@@ -1,41 +1,47 @@
-"""The testbed's trap check (issue 14; `make testbed-trap-check`): builds (first use) or loads the
-cached testbed teacher and student, then reports
+"""The testbed's trap check (issue 14; `make testbed-trap-check`): loads the testbed teacher and
+student of a train config (``train_overrides``), then reports
 
 1. the teacher's forced-loop probe (top-1 accuracy on each repeated copy of a line);
 2. the KL of derailed student rollouts after derailment against correct rollouts at the same
    positions;
 3. KAT's offline cut rate on derailed vs correct rollouts (Fisher's exact test).
 
-    python scripts/testbed_trap_check.py [--rollouts 256] [--out DIR] [hydra override ...]
+    python -m kat_research.analysis.trap.testbed_check [rollouts=128] [output_dir=DIR] ...
 
-Rollouts are the student's own (temperature 1, top-p 1, cap --max-new-tokens) on training-split
-prompts, as OPD samples them, scored by the teacher; nothing is planted. Writes
-``summary.json``, ``summary.md`` and ``rollouts.csv`` to --out and prints the Markdown.
+Rollouts are the student's own (temperature 1, top-p 1, cap ``max_new_tokens``) on
+training-split prompts, encoded by the config's data settings and sampled by the analyses' one
+sampler, scored by the teacher; nothing is planted. KAT's rule is the train config's
+``termination.kat`` (``analysis.detector`` overrides it), at each of ``quantiles``. Writes
+``summary.json``, ``summary.md`` and ``rollouts.csv`` to ``output_dir`` and prints the Markdown.
+Settings: conf/analysis_testbed_trap_check.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
+import shlex
 import time
-from pathlib import Path
 
+import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from kat_research.analysis import trap_check as tc
-from kat_research.config import compose
-from kat_research.data.long_task import CollatzTaskConfig
-from kat_research.data.prompts import format_prompt
+from kat_research.analysis.context import output_dir
+from kat_research.analysis.trap import check as tc
+from kat_research.building import demo_model_info
+from kat_research.config import CONFIG_DIR, compose
+from kat_research.data.collatz import CollatzTaskConfig
+from kat_research.data.prompts import PromptCollator, format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
-from kat_research.demo.models import demo_model_info
 from kat_research.models import load_causal_lm
 from kat_research.provenance import code_commit
 from kat_research.rollout import RolloutEngine, SamplingConfig
-
-PRESETS = ["data=collatz", "model/teacher=testbed", "model/student=testbed_large"]
+from kat_research.runtime import set_torch_threads
+from kat_research.termination import kat_rule_from_settings
 
 
 @torch.no_grad()
@@ -158,50 +164,42 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rollouts", type=int, default=256, help="student rollouts (one per prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="rollout cap")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="prompt draw and sampling seed")
-    p.add_argument("--window", type=int, default=16, help="KAT window W")
-    p.add_argument("--stride", type=int, default=8, help="KAT stride")
-    p.add_argument("--patience", type=int, default=2, help="KAT patience")
-    p.add_argument("--quantiles", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    p.add_argument("--horizon", type=int, default=32, help="tokens after derailment compared")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--out", default="results/testbed_trap_check")
-    p.add_argument("--teacher-dir", help="a saved testbed model to use instead of the preset's")
-    p.add_argument("--student-dir", help="a saved testbed model to use instead of the preset's")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides of the testbed presets")
-    return p.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = compose([*PRESETS, *args.overrides])
-    task = CollatzTaskConfig(**cfg.data.source.task)
+def run(cfg: DictConfig, command: str) -> dict:
+    """The check ``cfg`` (conf/analysis_testbed_trap_check.yaml) describes, recorded as run by
+    ``command``; the summary it wrote."""
+    set_torch_threads(cfg.threads)
+    train_cfg = compose(list(cfg.train_overrides))
+    task = CollatzTaskConfig(**train_cfg.data.source.task)
     start = time.perf_counter()
     teacher = (
-        load_causal_lm(args.teacher_dir, trainable=False)
-        if args.teacher_dir
-        else instantiate(cfg.model.teacher)
+        load_causal_lm(cfg.teacher_dir, trainable=False)
+        if cfg.teacher_dir
+        else instantiate(train_cfg.model.teacher)
     )
     student = (
-        load_causal_lm(args.student_dir, trainable=False)
-        if args.student_dir
-        else instantiate(cfg.model.student)
+        load_causal_lm(cfg.student_dir, trainable=False)
+        if cfg.student_dir
+        else instantiate(train_cfg.model.student)
     )
     tokenizer = teacher.tokenizer
-    built_s = time.perf_counter() - start
+    data = train_cfg.data
+    collate = PromptCollator(
+        tokenizer, data.max_prompt_tokens, data.instruction, data.get("system")
+    )
+    rule = kat_rule_from_settings(
+        OmegaConf.to_container(train_cfg.termination.kat, resolve=True),
+        OmegaConf.to_container(cfg.analysis.detector, resolve=True),
+    )
     summary: dict = {
-        "overrides": [*PRESETS, *args.overrides],
-        "args": {k: v for k, v in vars(args).items() if k != "overrides"},
+        "command": command,
+        "train_overrides": list(cfg.train_overrides),
+        "settings": {
+            k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"
+        },
+        "rule": str(rule),
         "teacher": {k: v for k, v in demo_model_info(teacher.name).items() if k != "sft"},
         "student": {k: v for k, v in demo_model_info(student.name).items() if k != "sft"},
-        "models_ready_s": built_s,
+        "models_ready_s": time.perf_counter() - start,
         "commit": code_commit(),
     }
 
@@ -220,18 +218,18 @@ def main() -> None:
     summary["forced_loop_kl"] = {"loop": loop_kl, "correct_lines": control_kl}
 
     rows, _ = load_rows(
-        SourceSpec(kind="collatz", split="train", n=args.rollouts, seed=1000 + args.seed, task=task)
+        SourceSpec(kind="collatz", split="train", n=cfg.rollouts, seed=1000 + cfg.seed, task=task)
     )
     t0 = time.perf_counter()
     scored = tc.sample_scored_rollouts(
         student.model,
         teacher.model,
-        tokenizer,
+        collate,
         rows,
         task,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
     )
     kls = [r.kl for r in scored]
     verdicts = [r.verdict for r in scored]
@@ -254,7 +252,7 @@ def main() -> None:
     }
     after = {}
     for name, use_loop in (("after_error", False), ("after_loop_onset", True)):
-        res = tc.kl_after_derailment(kls, verdicts, horizon=args.horizon, use_loop_onset=use_loop)
+        res = tc.kl_after_derailment(kls, verdicts, horizon=cfg.horizon, use_loop_onset=use_loop)
         after[name] = {
             "n": len(res.derailed),
             "n_without_control": res.n_without_control,
@@ -268,18 +266,15 @@ def main() -> None:
     summary["kl_after_derailment"] = after
     summary["kat"] = {}
     cuts_at = {}
-    for q in args.quantiles:
-        cuts = tc.offline_kat_cuts(
-            kls, window=args.window, stride=args.stride, patience=args.patience, quantile=q
-        )
+    for q in cfg.quantiles:
+        cuts = tc.offline_kat_cuts(kls, rule.with_quantile(q))
         cuts_at[q] = cuts
         summary["kat"][str(q)] = {
             **tc.cut_rate_table(cuts, verdicts),
             "cut_after_onset_share": tc.cut_after_onset_share(cuts, verdicts),
         }
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(cfg)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(out / "rollouts.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -292,7 +287,7 @@ def main() -> None:
                 "onset",
                 "loop_onset",
                 "mean_kl",
-                *[f"cut_q{q}" for q in args.quantiles],
+                *[f"cut_q{q}" for q in cfg.quantiles],
                 "text",
             ]
         )
@@ -306,12 +301,21 @@ def main() -> None:
                     v.onset,
                     v.loop_onset,
                     f"{float(k.mean()):.4f}",
-                    *[cuts_at[q].cut[i] for q in args.quantiles],
+                    *[cuts_at[q].cut[i] for q in cfg.quantiles],
                     r["text"],
                 ]
             )
     (out / "summary.md").write_text(markdown(summary) + "\n")
     print(markdown(summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="analysis_testbed_trap_check")
+def main(cfg: DictConfig) -> None:
+    cfg.output_dir = HydraConfig.get().runtime.output_dir
+    overrides = list(HydraConfig.get().overrides.task)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run(cfg, shlex.join(["python", "-m", "kat_research.analysis.trap.testbed_check", *overrides]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ A trace is ``high_kl`` everywhere except a trap of ``segment_length`` tokens at 
 Noise is multiplicative and mean-preserving: ``d_t = m_t * exp(noise * eps - noise**2 / 2)``,
 eps ~ N(0, 1), so larger ``noise`` gives spikier traces with the same mean.
 
-Detection runs the online KAT rule itself (:class:`KATTerminator`, batched over traces).
+Detection is KAT's own scan (:func:`~kat_research.termination.kat_cuts`, batched over traces).
 A detection (cut c) on a trace with onset τ is a hit when the first window of the detected run
 overlaps the trap, ``τ - window < c < τ + segment_length``; any other detection is a false
 alarm. Delay = tokens generated after τ until the rule fires, ``c + window +
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kat_research.termination import KATTerminator
+from kat_research.termination import KATRule
 
 
 @dataclass(frozen=True)
@@ -70,53 +70,14 @@ def planted_traces(
     return PlantedTraces(mean * torch.exp(noise * eps - noise**2 / 2), onsets)
 
 
-def _rule(n: int, window: int, stride: int | None, patience: int, threshold: float):
-    return KATTerminator(
-        window=window,
-        stride=stride,
-        patience=patience,
-        threshold=threshold,
-        buffer_size=max(n, 1),
-        min_buffer=1,
-    )
-
-
-def detect(
-    kl: torch.Tensor, *, threshold: float, window: int, stride: int | None, patience: int
-) -> torch.Tensor:
-    """KAT's cut per trace of a [n, T] batch (-1 where the rule never fires)."""
-    n, length = kl.shape
-    rule = _rule(n, window, stride, patience, threshold)
-    rule.begin_batch(n, length)
-    cuts = rule.observe(torch.arange(n), kl, torch.full((n,), length))
-    rule.end_batch()
-    return cuts
-
-
-def window_minima(kl: torch.Tensor, *, window: int, stride: int | None) -> torch.Tensor:
-    """Each trace's minimum window mean: what KAT's buffer collects (rule never firing)."""
-    n, length = kl.shape
-    rule = _rule(n, window, stride, 1, -math.inf)
-    rule.begin_batch(n, length)
-    rule.observe(torch.arange(n), kl, torch.full((n,), length))
-    rule.end_batch()
-    return rule.buffer
-
-
 def score(
-    cuts: torch.Tensor,
-    onsets: torch.Tensor,
-    *,
-    segment_length: int,
-    window: int,
-    stride: int,
-    patience: int,
+    cuts: torch.Tensor, onsets: torch.Tensor, *, segment_length: int, rule: KATRule
 ) -> dict[str, float]:
     """Precision, recall, false-alarm rate on trap-free traces, mean delay and onset error."""
     trap, fired = onsets >= 0, cuts >= 0
-    hit = trap & fired & (cuts > onsets - window) & (cuts < onsets + segment_length)
+    hit = trap & fired & (cuts > onsets - rule.window) & (cuts < onsets + segment_length)
     hits, detections = int(hit.sum()), int(fired.sum())
-    delay = (cuts + window + (patience - 1) * stride - onsets)[hit].double()
+    delay = (cuts + rule.detection_lag - onsets)[hit].double()
     nan = math.nan
     return {
         "precision": hits / detections if detections else nan,

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from kat_research.demo.models import demo_model, demo_model_info
+from kat_research.building.models import demo_model, demo_model_info
 from kat_research.models.cache import publish_folder
 
 log = logging.getLogger(__name__)

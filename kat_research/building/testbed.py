@@ -1,8 +1,8 @@
 """How the long-horizon testbed's teacher and students come about, like real base and instruct
-models: pre-training on copy-rich documents (``data.long_task.pretraining_documents``), then
+models: pre-training on copy-rich documents (``data.collatz.pretraining_documents``), then
 SFT on worked solutions with a share of those documents kept in the mixture.
 
-``collatz_setup`` gives ``demo.models.train_sft_model`` the data of both phases and the
+``collatz_setup`` gives ``building.models.train_sft_model`` the data of both phases and the
 held-out evaluator; the ``sft`` settings it reads beyond the arithmetic models' are
 ``pretrain_steps``, ``n_documents``, ``copy_fraction``, ``eval_problems`` and the optional
 ``form_weights`` (the model's phrasing style: odds of the three forms in its training text;
@@ -17,15 +17,15 @@ from typing import Any
 
 import lightning as L
 
-from kat_research.data.long_task import CollatzTaskConfig, pretraining_documents
-from kat_research.data.sources import SourceSpec, load_rows
-from kat_research.data.token_mixture import (
+from kat_research.building.token_mixture import (
     ExampleDataModule,
     document_examples,
     mix,
     sft_examples,
 )
-from kat_research.eval.long_task import CollatzEvaluator
+from kat_research.data.collatz import CollatzTaskConfig, pretraining_documents
+from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.eval.tasks import CollatzEvaluator
 from kat_research.models import LoadedModel, load_causal_lm
 
 META_FILE = "demo_model.json"  # how a saved testbed or demo model was trained

@@ -1,9 +1,6 @@
-"""The config leaf: where conf/ lives, how a config is composed, the checks a config must pass
-before any model is loaded, and the OPD module a training config describes.
-
-Entry points (train, evaluate, plan, reproduce, demo, the analyses) import this module; no
-library subpackage does. It imports neither Lightning nor the models at import time.
-"""
+"""The checks a composed config must pass before any model is loaded: override syntax, keys
+each consumer accepts, every value's range, the termination rule's settings and data files.
+Each failure is a :class:`~kat_research.config.ConfigError` naming the key to change."""
 
 from __future__ import annotations
 
@@ -11,53 +8,22 @@ import dataclasses
 import difflib
 import inspect
 import math
-import os
 import re
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from kat_research.provenance import PACKAGE_ROOT
+from kat_research.config import CONFIG_DIR, ConfigError
 
 if TYPE_CHECKING:
-    from kat_research.lit import OPDModule
-    from kat_research.models import LoadedModel
-    from kat_research.rollout.teachers import TopKSource
     from kat_research.termination.base import Terminator
 
 _ABSENT = object()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-# ${run_id:} in conf/hydra/default.yaml: unique per process (pid + random), the same for every
-# folder one process names (a -m sweep's jobs share their sweep folder).
-RUN_ID = f"{os.getpid():x}{secrets.token_hex(2)}"
-OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
-# ${first:a,b,...}: the first value that is not null (an explicit run_dir, else the default).
-OmegaConf.register_new_resolver(
-    "first", lambda *values: next((v for v in values if v is not None), None), replace=True
-)
-# ${package_root:}: the folder holding the kat_research package (the repository of a source
-# install), for files that ship with the code wherever a run is launched from.
-OmegaConf.register_new_resolver("package_root", lambda: str(PACKAGE_ROOT), replace=True)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
-
-
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API)."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def _rules(terminator: Terminator) -> list[Terminator]:
@@ -275,9 +241,9 @@ def check_runnable(cfg: DictConfig) -> Terminator:
     cap = cfg.rollout.max_new_tokens
     kat = next((k for k in _rule_keys(cfg) if k.endswith(".kat")), "method.terminator")
     for rule in _rules(terminator):
-        if isinstance(rule, KATTerminator) and rule.window + rule.exempt > cap:
+        if isinstance(rule, KATTerminator) and rule.rule.window + rule.rule.exempt > cap:
             raise ConfigError(
-                f"KAT window {rule.window} (+ exempt {rule.exempt}) exceeds "
+                f"KAT window {rule.rule.window} (+ exempt {rule.rule.exempt}) exceeds "
                 f"rollout.max_new_tokens={cap}: no window could ever be evaluated. Lower "
                 f"{kat}.window or raise rollout.max_new_tokens."
             )
@@ -334,19 +300,6 @@ def check_teacher_backend(cfg: DictConfig) -> None:
         )
 
 
-def connect_teacher(cfg: DictConfig) -> TopKSource | None:
-    """The served teacher's top-k source (``teacher.backend=vllm``), else None. A teacher server
-    that does not answer raises ``TeacherServerUnavailable`` here, before any model loads."""
-    if OmegaConf.select(cfg, "teacher.backend", default="hf") != "vllm":
-        return None
-    from kat_research.rollout.teachers import connect_source
-
-    def save_teacher(folder: str) -> None:
-        instantiate(cfg.model.teacher).model.save_pretrained(folder)
-
-    return connect_source(OmegaConf.to_container(cfg.teacher.vllm, resolve=True), save_teacher)
-
-
 def _check_partial(cfg: DictConfig, terminator: Terminator) -> None:
     """What ``rollout.mode=partial`` cannot run with, named before any model loads."""
     if cfg.rollout.get("mode", "sync") != "partial":
@@ -373,45 +326,3 @@ def _check_partial(cfg: DictConfig, terminator: Terminator) -> None:
             f"method={cfg.method.name}: its rule {terminator!r} has no per-row state for "
             "partial rollouts; use rollout.mode=sync"
         )
-
-
-def build_scheduler(cfg: DictConfig) -> Any:
-    """The LR schedule factory, or None for a constant rate (``scheduler=none``; settings a
-    scale gives the schedule are then unused)."""
-    node = cfg.get("scheduler")
-    return instantiate(node) if node and "_target_" in node else None
-
-
-def build_module(
-    cfg: DictConfig,
-    student: LoadedModel,
-    teacher: LoadedModel | TopKSource,
-    terminator: Terminator | None = None,
-) -> OPDModule:
-    """The OPD LightningModule ``cfg`` describes, around already loaded models (or a served
-    teacher's top-k source, :func:`connect_teacher`)."""
-    from kat_research.data.first_error import first_error_task
-    from kat_research.lit import OPDModule
-    from kat_research.models import LoadedModel
-    from kat_research.rollout.teachers import ServedTeacher
-
-    options: dict[str, Any] = {}
-    if terminator is not None:
-        options["terminator"] = terminator
-    if cfg.get("cut_verdicts", False):
-        options["verdict_task"] = first_error_task(cfg.data.source)
-    if isinstance(teacher, LoadedModel):
-        scorer = teacher.model
-    else:
-        scorer = ServedTeacher(teacher, served_topk(cfg))
-    return OPDModule(
-        student.model,
-        scorer,
-        student.tokenizer,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=build_scheduler(cfg),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        rollout=OmegaConf.to_container(cfg.rollout, resolve=True),
-        seed=cfg.seed,
-        **options,
-    )

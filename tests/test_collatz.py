@@ -11,10 +11,11 @@ from collections import Counter
 import pytest
 import torch
 
-from kat_research.analysis import trap_check as tc
-from kat_research.data import long_task as lt
+from kat_research.analysis.trap import check as tc
+from kat_research.data import collatz as lt
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig
+from kat_research.termination import kat_rule
 
 CFG = lt.CollatzTaskConfig()
 # 29 -> 86 -> 43 -> 128 -> 64 -> 32 -> 16 -> 8 -> 4, by hand: 3*29-1=86, 3*43-1=128, halvings
@@ -165,7 +166,7 @@ def test_offline_kat_cuts_by_hand():
     a = torch.tensor([1.0, 1.0, 0.2, 0.2, 1.0, 1.0])  # windows 1, 0.2, 1 -> min 0.2
     b = torch.tensor([1.0, 1.0, 1.0, 1.0])  # min 1
     c = torch.tensor([0.5, 0.5, 0.0, 0.0])  # windows 0.5, 0 -> min 0
-    cuts = tc.offline_kat_cuts([a, b, c], window=2, stride=2, patience=1, quantile=0.5)
+    cuts = tc.offline_kat_cuts([a, b, c], kat_rule(window=2, stride=2, patience=1, quantile=0.5))
     assert cuts.threshold == pytest.approx(0.2)  # median of minima (0.2, 1, 0)
     assert cuts.cut == [None, None, 2]  # 0.2 is not < 0.2; c fires at its second window
     verdicts = [
@@ -218,7 +219,7 @@ def test_forced_loop_probes_on_tiny_models():
 
 @pytest.mark.slow
 def test_collatz_models_pretrain_then_sft(tmp_path):
-    from kat_research.demo.models import train_sft_model
+    from kat_research.building import train_sft_model
 
     sft = {
         "pretrain_steps": 3,

@@ -1,7 +1,7 @@
 """Rows against unique problems (and unique (problem, answer) pairs) of every local data file
 the presets read: does any carry DAPO-Math's accidental duplication?
 
-    python scripts/count_duplicates.py --data-dir data > results/dataset_duplicates.md
+    python scripts/count_repeated_problems.py --data-dir data > results/dataset_duplicates.md
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="paths.data_dir")
     args = parser.parse_args()
     commit = code_commit()
-    print(f"`python scripts/count_duplicates.py --data-dir {args.data_dir}` at commit {commit}\n")
+    command = f"python scripts/count_repeated_problems.py --data-dir {args.data_dir}"
+    print(f"`{command}` at commit {commit}\n")
     print("| file | rows read | usable rows | unique problems | unique (problem, answer) |")
     print("|---|---|---|---|---|")
     root = Path(args.data_dir)

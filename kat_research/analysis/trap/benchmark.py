@@ -1,14 +1,14 @@
 """Planted-trap benchmark for the KAT detector (not in the paper): how to set W and patience.
 
 Over a grid of noise levels and trap lengths, synthetic KL traces with known trap onsets
-(:mod:`kat_research.analysis.planted`) are scored for three detectors at each window size W:
+(:mod:`kat_research.analysis.trap.planted`) are scored for three detectors at each window size W:
 
 - ``kat``: adaptive threshold (the ``quantile`` of calibration traces' minimum window means,
   i.e. a full KAT buffer) with ``patience`` consecutive low windows;
 - ``fixed_threshold``: the same persistence with a fixed absolute threshold;
 - ``no_persistence``: the adaptive threshold with patience 1.
 
-    python -m kat_research.analysis.trap_benchmark
+    python -m kat_research.analysis.trap.benchmark
 
 Writes ``benchmark.csv`` (one row per cell x window x detector) and ``benchmark.png``.
 """
@@ -16,6 +16,7 @@ Writes ``benchmark.csv`` (one row per cell x window x detector) and ``benchmark.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import hydra
 import numpy as np
@@ -26,9 +27,10 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.analysis.context import output_dir
-from kat_research.analysis.planted import TraceSpec, detect, planted_traces, score, window_minima
+from kat_research.analysis.trap.planted import TraceSpec, planted_traces, score
 from kat_research.config import CONFIG_DIR
 from kat_research.plotting import new_figure, save_figure
+from kat_research.termination import kat_calibrated, kat_cuts, kat_rule
 
 DETECTORS = ("kat", "fixed_threshold", "no_persistence")
 METRICS = ("precision", "recall", "delay_mean")
@@ -47,26 +49,26 @@ def benchmark(cfg: DictConfig) -> pd.DataFrame:
         test = planted_traces(grid.n, spec, **draw)
         calibration = planted_traces(grid.n_calibration, spec, **draw)
         for window in det.windows:
-            stride = window if det.stride is None else det.stride
-            minima = window_minima(calibration.kl, window=window, stride=stride)
-            adaptive = float(torch.quantile(minima, det.quantile))
-            settings = {
-                "kat": (adaptive, det.patience),
-                "fixed_threshold": (det.fixed_threshold, det.patience),
-                "no_persistence": (adaptive, 1),
+            base = kat_rule(
+                window=window, stride=det.stride, patience=det.patience, quantile=det.quantile
+            )
+            adaptive = kat_calibrated(base, calibration.kl)  # a full buffer of calibration minima
+            rules = {
+                "kat": adaptive,
+                "fixed_threshold": base.with_fixed_threshold(det.fixed_threshold),
+                "no_persistence": replace(adaptive, patience=1),
             }
-            for name, (threshold, patience) in settings.items():
-                rule = dict(window=window, stride=stride, patience=patience)
-                cuts = detect(test.kl, threshold=threshold, **rule)
-                metrics = score(cuts, test.onsets, segment_length=segment_length, **rule)
+            for name, rule in rules.items():
+                cuts = kat_cuts(test.kl, rule)
+                metrics = score(cuts, test.onsets, segment_length=segment_length, rule=rule)
                 rows.append(
                     {
                         "noise": noise,
                         "segment_length": segment_length,
                         "window": window,
                         "detector": name,
-                        "threshold": threshold,
-                        "patience": patience,
+                        "threshold": rule.threshold.fixed,
+                        "patience": rule.patience,
                         **metrics,
                     }
                 )

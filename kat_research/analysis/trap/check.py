@@ -13,7 +13,7 @@ Three measurements, all on the student's own uncut rollouts (nothing is planted)
    test (:func:`fisher_exact`).
 
 Rollouts are classified by :func:`classify`: ``correct`` (the verifier accepts it),
-``degenerate`` (the repetition rule ``long_task.repetition_onset``: some line text or step
+``degenerate`` (the repetition rule ``collatz.repetition_onset``: some line text or step
 result value occurs a third time), ``capped`` (not degenerate, ran to the token cap) and
 ``wrong`` (stopped by itself, rejected). The derailment onset is the first token of the first
 line the verifier rejects; the KL "after" it starts at the next line, so the error line itself
@@ -32,7 +32,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kat_research.data.long_task import (
+from kat_research.analysis.rollouts import uncut_rollouts
+from kat_research.data.collatz import (
     N_FORMS,
     CollatzTaskConfig,
     is_valid_step,
@@ -43,11 +44,11 @@ from kat_research.data.long_task import (
     trajectory,
     verify,
 )
-from kat_research.data.prompts import format_prompt
+from kat_research.data.prompts import PromptCollator, format_prompt
 from kat_research.data.sources import Row
 from kat_research.losses import per_token_reverse_kl
-from kat_research.rollout import RolloutEngine, SamplingConfig
-from kat_research.termination.kat import kat_cut, kat_window_minimum
+from kat_research.rollout import SamplingConfig
+from kat_research.termination import KATRule, kat_calibrated, kat_cuts
 
 CATEGORIES = ("correct", "wrong", "degenerate", "capped")
 
@@ -85,7 +86,7 @@ def token_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
 def sample_scored_rollouts(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: PromptCollator,
     rows: Sequence[Row],
     cfg: CollatzTaskConfig,
     *,
@@ -95,25 +96,17 @@ def sample_scored_rollouts(
     batch_size: int = 32,
     seed: int = 0,
 ) -> list[ScoredRollout]:
-    """One uncut rollout per row, sampled by the student as OPD samples it, the teacher scoring
-    every token (full reverse KL), each classified by :func:`classify`."""
-    engine = RolloutEngine(
-        student,
-        teacher,
-        sampling=SamplingConfig(temperature, top_p, max_new_tokens, (tokenizer.eos_token_id,)),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    generator = torch.Generator().manual_seed(seed)
+    """One uncut rollout per row (prompts encoded by ``collate``, the run's data settings),
+    sampled by the analyses' one sampler (``rollouts.uncut_rollouts``: the student as OPD
+    samples, the teacher scoring every token, full reverse KL), each classified by
+    :func:`classify`."""
+    tokenizer = collate.tokenizer
+    sampling = SamplingConfig(temperature, top_p, max_new_tokens, (tokenizer.eos_token_id,))
+    chunks = [rows[lo : lo + batch_size] for lo in range(0, len(rows), batch_size)]
+    batches = (collate(chunk) for chunk in chunks)
     out = []
-    for lo in range(0, len(rows), batch_size):
-        batch = rows[lo : lo + batch_size]
-        enc = tokenizer(
-            [format_prompt(tokenizer, r.problem, "") for r in batch],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        rollout = engine.generate(enc.input_ids, enc.attention_mask, generator)
+    sampled = uncut_rollouts(student, teacher, tokenizer, batches, sampling, seed=seed)
+    for batch, rollout in zip(chunks, sampled, strict=True):
         for b, row in enumerate(batch):
             length = int(rollout.lengths[b])
             stop = rollout.stop_reason[b]
@@ -320,29 +313,12 @@ class OfflineCuts:
     cut: list[int | None]  # tokens kept per rollout, None when the rule never fires
 
 
-def offline_kat_cuts(
-    kls: Sequence[torch.Tensor],
-    *,
-    window: int,
-    stride: int,
-    patience: int,
-    quantile: float,
-    exempt: int = 0,
-) -> OfflineCuts:
-    """The threshold is ``quantile`` of the rollouts' window minima (what KAT's buffer holds,
-    computed with ``torch.quantile`` as the online rule does); then ``kat_cut`` per rollout."""
-    minima = [kat_window_minimum(kl, window=window, stride=stride, exempt=exempt) for kl in kls]
-    finite = torch.tensor([m for m in minima if m is not None], dtype=torch.float64)
-    if not finite.numel():
-        raise ValueError(f"no rollout is long enough for one window of {window} tokens")
-    threshold = float(torch.quantile(finite, quantile))
-    cuts = [
-        kat_cut(
-            kl, threshold=threshold, window=window, stride=stride, patience=patience, exempt=exempt
-        )
-        for kl in kls
-    ]
-    return OfflineCuts(threshold, cuts)
+def offline_kat_cuts(kls: Sequence[torch.Tensor], rule: KATRule) -> OfflineCuts:
+    """KAT's cuts on uncut rollouts, its threshold (unless fixed) the rule's quantile of the
+    rollouts' window minima (what KAT's buffer holds; :func:`kat_calibrated`)."""
+    fixed = kat_calibrated(rule, kls)
+    cuts = [c if c >= 0 else None for c in kat_cuts(kls, fixed).tolist()]
+    return OfflineCuts(float(fixed.threshold.fixed), cuts)
 
 
 def binomial_two_sided(k: int, n: int) -> float:

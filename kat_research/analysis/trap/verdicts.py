@@ -1,6 +1,6 @@
 """What the task's verifier says about a rollout, and how well KAT's cuts agree with it.
 
-Every rollout gets one exclusive category, in this priority (as ``trap_check.classify``):
+Every rollout gets one exclusive category, in this priority (as ``check.classify``):
 
 1. ``correct``: the verifier accepts it;
 2. ``degenerate``: the repetition rule fires;
@@ -9,8 +9,8 @@ Every rollout gets one exclusive category, in this priority (as ``trap_check.cla
 
 The verifier is the task's own:
 
-- ``data.source.kind=collatz`` (the testbed): the chain verifier ``long_task.verify``; the
-  repetition rule is ``long_task.repetition_onset`` (some line text or step result value
+- ``data.source.kind=collatz`` (the testbed): the chain verifier ``collatz.verify``; the
+  repetition rule is ``collatz.repetition_onset`` (some line text or step result value
   occurs a third time);
 - any other data (GSM8K, MATH, the synthetic arithmetic task): math grading (``eval.grading.
   Grader``, math-verify) of the completion's final answer (``text.answers.extract_answer``: the
@@ -35,8 +35,8 @@ from typing import Any
 
 import pandas as pd
 
-from kat_research.analysis.trap_check import CATEGORIES, classify, fisher_exact
-from kat_research.data.long_task import CollatzTaskConfig
+from kat_research.analysis.trap.check import CATEGORIES, classify, fisher_exact
+from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.eval.grading import Grader
 from kat_research.text.answers import extract_answer
 
@@ -86,12 +86,11 @@ def free_text_category(answer_correct: bool, stop_reason: str, degenerate: bool)
 
 
 class CollatzVerifier:
-    """The testbed's chain verifier (``trap_check.classify``); ``problem`` is the start."""
+    """The testbed's chain verifier (``check.classify``); ``problem`` is the start."""
 
-    name = "collatz chain verifier (long_task.verify)"
+    name = "collatz chain verifier (collatz.verify)"
     repetition_rule = (
-        "long_task.repetition_onset: some line text or some step result value occurs for the "
-        "3rd time"
+        "collatz.repetition_onset: some line text or some step result value occurs for the 3rd time"
     )
 
     def __init__(self, task: CollatzTaskConfig):

@@ -4,7 +4,7 @@ ones?
 For the early and late checkpoint of a training run (any method; OPD is the main case; by
 default the student before training and after its last step), N uncut rollouts (no
 termination rule; the run's sampling settings and cap; the teacher scoring every token), each
-judged by the task's verifier (``analysis.verdicts``: correct / wrong / degenerate / capped),
+judged by the task's verifier (``trap.verdicts``: correct / wrong / degenerate / capped),
 and per checkpoint:
 
 - the share with a persistent low-KL segment (``termination.phases``, KAT's own detector at
@@ -19,7 +19,7 @@ The threshold is the quantile of the KAT buffer saved in the analysed checkpoint
 itself used at that point of training); a checkpoint without one (an OPD run) uses the
 quantile of its rollouts' own minimum window means. The output says which.
 
-    python -m kat_research.analysis.trap_analysis run_dir=<training job folder>
+    python -m kat_research.analysis.trap.analysis run_dir=<training job folder>
 
 Writes ``rollouts.csv``, ``crosstab.csv``, ``onsets.csv``, ``cuts.csv``, ``summary.md`` and
 ``trap_analysis.png`` into ``output_dir``.
@@ -31,7 +31,7 @@ import logging
 import math
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,11 @@ from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research import config
 from kat_research.analysis.context import AnalysisContext, kl_traces, output_dir
-from kat_research.analysis.detector import Detector, resolve_threshold
+from kat_research.analysis.detector import resolve_threshold, segment_traces
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
-from kat_research.analysis.trap_check import CATEGORIES
-from kat_research.analysis.verdicts import (
+from kat_research.analysis.trap.check import CATEGORIES
+from kat_research.analysis.trap.verdicts import (
     CollatzVerifier,
     MathVerifier,
     Verdict,
@@ -57,11 +56,12 @@ from kat_research.analysis.verdicts import (
     score_cuts,
 )
 from kat_research.config import CONFIG_DIR
+from kat_research.config.build import build_module
 from kat_research.lit import OPDModule
 from kat_research.models import LoadedModel, pick_device
 from kat_research.plotting import new_figure, save_figure
 from kat_research.provenance import code_commit
-from kat_research.termination.kat import kat_cut
+from kat_research.termination import KATRule, kat_cuts, kat_rule_from_settings
 
 log = logging.getLogger(__name__)
 STAGES = ("early", "late")
@@ -88,7 +88,7 @@ class Results:
     crosstab: pd.DataFrame
     onsets: pd.DataFrame
     cuts: pd.DataFrame
-    detectors: dict[str, tuple[Detector, str]] = field(default_factory=dict)  # per stage
+    detectors: dict[str, tuple[KATRule, str]] = field(default_factory=dict)  # per stage
 
 
 def decode(tokenizer: Any, ids: list[int], stop_reason: str) -> str:
@@ -127,18 +127,8 @@ def sample_stage(
     return StageRollouts(name, checkpoint, traces, verdicts, records, buffer)
 
 
-def _cuts(traces: Sequence[torch.Tensor], detector: Detector) -> list[int | None]:
-    return [
-        kat_cut(
-            t,
-            threshold=detector.threshold,
-            window=detector.window,
-            stride=detector.stride,
-            patience=detector.patience,
-            exempt=detector.exempt,
-        )
-        for t in traces
-    ]
+def _cuts(traces: Sequence[torch.Tensor], detector: KATRule) -> list[int | None]:
+    return [c if c >= 0 else None for c in kat_cuts(traces, detector).tolist()]
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -146,11 +136,11 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def rollout_table(
-    stage: StageRollouts, detector: Detector, cuts_at: dict[str, list[int | None]]
+    stage: StageRollouts, detector: KATRule, cuts_at: dict[str, list[int | None]]
 ) -> pd.DataFrame:
     """One row per rollout: verdict, length, segment and its onset, KL before/after the onset,
     KAT's cut at each threshold label (NaN: not cut)."""
-    segments = detector.segment_traces(stage.traces)
+    segments = segment_traces(stage.traces, detector)
     rows = []
     for i, (kl, seg, verdict, record) in enumerate(
         zip(stage.traces, segments, stage.verdicts, stage.records, strict=True)
@@ -211,20 +201,20 @@ def onset_table(rollouts: pd.DataFrame) -> pd.DataFrame:
 
 
 def stage_detectors(
-    stage: StageRollouts, detector: Detector, quantiles: Sequence[float]
-) -> dict[str, tuple[Detector, str]]:
+    stage: StageRollouts, detector: KATRule, quantiles: Sequence[float]
+) -> dict[str, tuple[KATRule, str]]:
     """The detector at the run's own setting (label ``run``) and at each of ``quantiles``
     (``q0.5`` ...), each with its threshold and where it came from: the stage's KAT buffer,
     else its rollouts' window minima (or the run's fixed threshold, for ``run``)."""
     out = {"run": resolve_threshold(detector, stage.buffer, lambda: stage.traces)}
     for q in quantiles:
-        adaptive = replace(detector, quantile=float(q), threshold=None)
+        adaptive = detector.with_quantile(float(q))
         out[f"q{q:g}"] = resolve_threshold(adaptive, stage.buffer, lambda: stage.traces)
     return out
 
 
 def measure(
-    stages: Sequence[StageRollouts], detector: Detector, quantiles: Sequence[float]
+    stages: Sequence[StageRollouts], detector: KATRule, quantiles: Sequence[float]
 ) -> Results:
     """All tables from the sampled stages (``detector``: the run's KAT settings)."""
     frames, crosstabs, cut_rows, detectors = [], [], [], {}
@@ -243,8 +233,8 @@ def measure(
                     "stage": stage.name,
                     "checkpoint": stage.checkpoint,
                     "threshold_label": label,
-                    "quantile": d.quantile if d.threshold is not None else math.nan,
-                    "threshold": d.threshold,
+                    "quantile": d.threshold.quantile,
+                    "threshold": d.threshold.fixed,
                     "threshold_source": source,
                     **score_cuts(flags, table.category.tolist()),
                 }
@@ -336,7 +326,7 @@ def _num(x: float, fmt: str = ".3f") -> str:
     return "–" if x is None or not math.isfinite(float(x)) else format(float(x), fmt)
 
 
-def markdown(results: Results, header: list[str], verifier: Verifier, detector: Detector) -> str:
+def markdown(results: Results, header: list[str], verifier: Verifier, detector: KATRule) -> str:
     """The Markdown summary: header lines, definitions, then every table."""
     lines = [*header, "- figure: trap_analysis.png beside this file (every number is below)", ""]
     lines += [
@@ -345,7 +335,7 @@ def markdown(results: Results, header: list[str], verifier: Verifier, detector: 
         "- categories are exclusive, in the priority correct > degenerate > capped (ran to the "
         "length cap) > wrong (stopped by itself, rejected); derailed = not correct.",
         f"- low-KL segment = KAT's detector (termination.phases) with window {detector.window}, "
-        f"stride {detector.stride or detector.window}, patience {detector.patience}, exempt "
+        f"stride {detector.stride}, patience {detector.patience}, exempt "
         f"{detector.exempt}; its onset is the cut KAT would make, so at the run's threshold "
         "'has a segment' and 'KAT cuts it' are the same rollouts.",
         "- precision = cut derailed / cut; recall = cut derailed / derailed; Wilson 95% "
@@ -354,8 +344,8 @@ def markdown(results: Results, header: list[str], verifier: Verifier, detector: 
     ]
     for stage, (d, source) in results.detectors.items():
         lines.append(
-            f"- {stage}: threshold {d.threshold:.4g} = quantile {d.quantile} of the "
-            f"{source}" + (" (fixed)" if source == "fixed" else "")
+            f"- {stage}: threshold {d.threshold.fixed:.4g} = quantile {d.threshold.quantile} "
+            f"of the {source}" + (" (fixed)" if source == "fixed" else "")
         )
     lines += ["", "## Categories against the low-KL segment (at the run's threshold)", ""]
     lines += [
@@ -405,7 +395,7 @@ def markdown(results: Results, header: list[str], verifier: Verifier, detector: 
 
 
 def write_results(
-    out: Path, results: Results, header: list[str], verifier: Verifier, detector: Detector
+    out: Path, results: Results, header: list[str], verifier: Verifier, detector: KATRule
 ) -> str:
     """Write the CSVs, the figure and the Markdown summary into ``out``; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
@@ -491,7 +481,7 @@ def measure_pair(
     """The same analysis for one student/teacher pair outside a training run (``cfg``: a train
     config naming the data, the sampling settings and KAT's settings): ``n`` uncut rollouts
     of ``cfg.data``'s prompts; the threshold is the quantile of their window minima."""
-    module = config.build_module(cfg, student, teacher)
+    module = build_module(cfg, student, teacher)
     device = pick_device(None)
     module.to(device)
     module.teacher.to(device)
@@ -505,7 +495,7 @@ def measure_pair(
     stage = sample_stage(
         "student", "pair", module, prompt_batches(cfg, module, spec), spec, verifier
     )
-    detector = Detector.from_settings(OmegaConf.to_container(cfg.termination.kat, resolve=True))
+    detector = kat_rule_from_settings(OmegaConf.to_container(cfg.termination.kat, resolve=True))
     results = measure([stage], detector, quantiles)
     header = [
         "# Trap analysis: KAT's cuts against the verifier (a teacher/student pair)",
@@ -525,7 +515,7 @@ def measure_pair(
 def main(cfg: DictConfig) -> None:
     cfg.output_dir = HydraConfig.get().runtime.output_dir
     overrides = list(HydraConfig.get().overrides.task)
-    run(cfg, shlex.join(["python", "-m", "kat_research.analysis.trap_analysis", *overrides]))
+    run(cfg, shlex.join(["python", "-m", "kat_research.analysis.trap.analysis", *overrides]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""The demo's teacher and student: tiny Qwen3 models trained by SFT on the synthetic task.
+"""Tiny Qwen3 models trained by SFT on a built-in task: the stages of the testbed's models
+(``collatz``, :mod:`kat_research.building.testbed`) and the ``model/*/demo`` presets'
+arithmetic models (``synthetic``).
 
-Trained on first use and cached under ``<cache_dir>/demo/<role>-<settings hash>``; later runs
-(and every job of a sweep) load the cached copy through the ordinary loader.
+A ``demo_model`` is trained on first use and cached under
+``<cache_dir>/demo/<role>-<settings hash>``; later runs (and every job of a sweep) load the
+cached copy through the ordinary loader.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.building import testbed
+from kat_research.building.sft import SFTModule
+from kat_research.building.testbed import META_FILE, TaskSetup
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
-from kat_research.demo import testbed
-from kat_research.demo.testbed import META_FILE, TaskSetup
 from kat_research.eval.tasks import SyntheticEvaluator
-from kat_research.lit import SFTModule, warmup_cosine
+from kat_research.lit import warmup_cosine
 from kat_research.lit.eval_callback import EvalCallback
 from kat_research.lit.step_log import StepLog
 from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
@@ -113,7 +117,7 @@ def train_sft_model(
 
     ``kind`` names the task (``data.source.kind``: ``synthetic`` arithmetic or the long
     ``collatz`` task, whose models are first pre-trained on copy-rich documents for
-    ``sft.pretrain_steps`` steps; see ``demo.testbed``). Held-out greedy accuracy is measured
+    ``sft.pretrain_steps`` steps; see ``building.testbed``). Held-out greedy accuracy is measured
     every ``sft.eval_every`` steps (0: at the end only); with ``sft.target_accuracy`` set,
     training stops at the first check that reaches it. With ``sft.init_from`` (optional) the
     weights start from that saved model instead of a random init.

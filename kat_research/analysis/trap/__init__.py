@@ -1,0 +1,13 @@
+"""The agreement trap, in one place: do rollouts that went wrong settle into agreement with the
+teacher, and does KAT cut them rather than correct ones?
+
+- ``verdicts``: how a rollout is judged (the collatz chain verifier, or math grading plus a
+  repetition rule);
+- ``check``: the testbed's probes (forced loops, KL after derailment, offline cut rates);
+- ``testbed_check``: ``python -m kat_research.analysis.trap.testbed_check``, those probes on the
+  shipped testbed models (``make testbed-trap-check``);
+- ``analysis``: ``python -m kat_research.analysis.trap.analysis``, a training run's rollouts at
+  two checkpoints against KAT's segments and cuts;
+- ``planted`` / ``benchmark``: ``python -m kat_research.analysis.trap.benchmark``, KAT on
+  synthetic traces with planted traps.
+"""
