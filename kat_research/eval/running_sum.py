@@ -1,0 +1,60 @@
+"""Accuracy on the held-out split of the running-total task, graded by its line verifier."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kat_research.data.running_sum import RunningSumConfig, verify
+from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.eval.runner import Completion, SampleRecord, grade_completions
+from kat_research.eval.tasks import HeldOutEvaluator
+from kat_research.text.answers import last_boxed
+
+
+class RunningSumEvaluator(HeldOutEvaluator):
+    """Accuracy (greedy by default) on ``n_problems`` held-out problems; a completion is correct
+    when every line adds the next item to the previous total (any phrasing) and the last line
+    boxes the total (``data.running_sum.verify``). ``answer`` in the records is the
+    completion's last box."""
+
+    name = "running_sum"
+
+    def __init__(
+        self,
+        n_problems: int = 32,
+        seed: int = 0,
+        task: dict | RunningSumConfig | None = None,
+        instruction: str = "",
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 64,
+    ):
+        self.task = task if isinstance(task, RunningSumConfig) else RunningSumConfig(**(task or {}))
+        rows, _ = load_rows(
+            SourceSpec(kind="running_sum", split="eval", n=n_problems, seed=seed, task=self.task)
+        )
+        super().__init__(
+            rows,
+            instruction=instruction,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+    def grade(self, completions: list[Completion]) -> list[SampleRecord]:
+        records = grade_completions(
+            self.name,
+            [r.problem_id for r in self.rows],
+            [r.problem for r in self.rows],  # the gold is the problem: the verifier needs it
+            completions,
+            extract=lambda text: text,
+            grade_many=lambda pairs: [
+                verify(problem, text, self.task).correct for text, problem in pairs
+            ],
+        )
+        return [replace(r, answer=last_boxed(r.completion)) for r in records]
