@@ -189,6 +189,23 @@ def test_solution_lengths_in_tokens():
     assert len(longest.text) + 3 <= data.max_prompt_tokens
 
 
+def test_the_preset_keeps_every_problem_within_its_token_limits():
+    """The data preset, built as a run builds it (prompts for OPD, prompt + solution for SFT),
+    drops no problem as too long, and the tokenizer knows every character of the task."""
+    from hydra.utils import instantiate
+
+    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
+    data = configs()[0]
+    for mode in ("prompts", "sft"):
+        module = instantiate(data, source={"n": 2000}, mode=mode)
+        module.attach_tokenizer(tokenizer)
+        module.setup("fit")
+        assert module.source.kind == "running_sum" and module.source.n == 2000
+        assert module.stats["n_dropped_too_long"] == 0 and module.stats["n_rows"] == 2000
+    text = "\n".join(r.problem + "\n" + r.solution for r in train_rows(data.source.seed)[:500])
+    assert tokenizer.unk_token_id not in tokenizer(text).input_ids
+
+
 # ---- the verifier, by hand -------------------------------------------------------------
 
 # 1000 + 10 = 1010, 1010 + 20 = 1030
