@@ -18,7 +18,7 @@ from kat_research.data import running_sum as rs
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.testbed_build import stage_settings
 from kat_research.eval.runner import Completion
-from kat_research.eval.running_sum import RunningSumEvaluator
+from kat_research.eval.running_sum import RunningSumEvaluator, valid_line_share
 from kat_research.models import build_char_tokenizer
 from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
 
@@ -269,6 +269,14 @@ def test_evaluator_grades_with_the_verifier():
     records = ev.grade(completions)
     assert [r.correct for r in records] == [True, False]
     assert records[0].answer == ev.rows[0].answer
+    # the first row: all lines valid; the second: none
+    assert valid_line_share({r.problem_id: r.problem for r in ev.rows}, records, task()) == 0.5
+    half = "\n".join(good.split("\n")[:4]) + "\n1+1=3"  # 4 valid item lines, then an error
+    n_items = len(rs.parse_problem(ev.rows[0].problem).items)
+    record = ev.grade([[Completion(half, 10, "eos")], [Completion(good, 1, "eos")]])[:1]
+    assert valid_line_share({r.problem_id: r.problem for r in ev.rows}, record, task()) == (
+        4 / n_items
+    )
 
 
 # ---- the recipe on tiny settings --------------------------------------------------------
@@ -298,3 +306,4 @@ def test_running_sum_models_train(tmp_path):
         tmp_path / "m", architecture=architecture, sft=sft, task={}, kind="running_sum"
     )
     assert meta["sft_steps"] == 2 and 0 <= meta["running_sum/accuracy"] <= 1
+    assert 0 <= meta["running_sum/valid_line_share"] <= 1  # the evaluator's progress metric

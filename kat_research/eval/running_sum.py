@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kat_research.data.running_sum import RunningSumConfig, verify
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kat_research.data.running_sum import RunningSumConfig, parse_problem, verify
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.eval.runner import Completion, SampleRecord, grade_completions
-from kat_research.eval.tasks import HeldOutEvaluator
+from kat_research.eval.tasks import EvalResult, HeldOutEvaluator
 from kat_research.text.answers import last_boxed
+
+
+def valid_line_share(
+    problems: dict[str, str], records: list[SampleRecord], task: RunningSumConfig
+) -> float:
+    """Mean over ``records`` of the share of their problem's item lines that are valid before
+    the first error (``problems``: problem id -> problem text)."""
+    shares = []
+    for record in records:
+        problem = parse_problem(problems[record.problem_id])
+        n_valid = verify(problem, record.completion, task).n_valid
+        shares.append(min(n_valid, len(problem.items)) / len(problem.items))
+    return sum(shares) / max(1, len(shares))
 
 
 class RunningSumEvaluator(HeldOutEvaluator):
@@ -45,6 +61,16 @@ class RunningSumEvaluator(HeldOutEvaluator):
             batch_size=batch_size,
             seed=seed,
         )
+
+    def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> EvalResult:
+        """The held-out metrics plus ``running_sum/valid_line_share``: the mean share of a
+        problem's item lines written correctly before the first error (progress that exact
+        accuracy does not show yet)."""
+        result = super().__call__(model, tokenizer)
+        result.metrics[f"{self.name}/valid_line_share"] = valid_line_share(
+            {r.problem_id: r.problem for r in self.rows}, result.records, self.task
+        )
+        return result
 
     def grade(self, completions: list[Completion]) -> list[SampleRecord]:
         records = grade_completions(
