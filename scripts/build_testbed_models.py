@@ -1,12 +1,14 @@
 """Rebuild the long-horizon testbed's models from their stage chain (`make testbed-models`).
 
-    python scripts/build_testbed_models.py [--install] [hydra override ...]
+    python scripts/build_testbed_models.py [--install] [--config-name NAME] [override ...]
+
+``--config-name testbed_models_running_sum`` builds the running-total task's chain instead.
 
 Trains every stage of conf/testbed_models.yaml in order (cached under paths.cache_dir, so a
 rerun continues where it stopped), then prints each shipped model's held-out greedy accuracy
 beside the committed one's (assets/testbed/<name>/demo_model.json) and how far their weights
 differ (0 when the rebuild is bitwise identical). --install replaces the
-committed folders with the rebuilt ones.
+committed folders (<assets_dir>/<install_dir>/<name>) with the rebuilt ones.
 """
 
 from __future__ import annotations
@@ -25,28 +27,32 @@ from kat_research.config import compose
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--install", action="store_true", help="replace assets/testbed/*")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of testbed_models.yaml")
+    parser.add_argument(
+        "--config-name", default="testbed_models", help="the chain's config in conf/"
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of that config")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = compose(args.overrides, config_name="testbed_models")
+    cfg = compose(args.overrides, config_name=args.config_name)
     folders = build_chain(cfg)
+    metric = f"{cfg.data.source.kind}/accuracy"
     print(
         "| model | stage | rebuilt accuracy | committed accuracy | weights: max abs difference |"
         "\n|---|---|---|---|---|"
     )
     for name, stage in cfg.shipped.items():
-        rebuilt = demo_model_info(folders[stage])["collatz/accuracy"]
-        committed_dir = Path(cfg.paths.assets_dir) / "testbed" / name
+        rebuilt = demo_model_info(folders[stage])[metric]
+        committed_dir = Path(cfg.paths.assets_dir) / cfg.install_dir / name
         if committed_dir.is_dir():
-            committed = f"{demo_model_info(committed_dir)['collatz/accuracy']:.3f}"
+            committed = f"{demo_model_info(committed_dir)[metric]:.3f}"
             difference = weight_difference(folders[stage], committed_dir)
             weights = "0 (bitwise equal)" if difference == 0 else f"{difference:.3g}"
         else:
             committed = weights = "none committed"
         print(f"| {name} | {stage} | {rebuilt:.3f} | {committed} | {weights} |")
     if args.install:
-        install(folders, dict(cfg.shipped), cfg.paths.assets_dir)
+        install(folders, dict(cfg.shipped), Path(cfg.paths.assets_dir) / cfg.install_dir)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,11 @@ def _arithmetic_setup(tokenizer: Any, sft: dict[str, Any], task: dict[str, Any])
     return TaskSetup(data, SyntheticEvaluator(n_problems=256, task=task), None)
 
 
-TASK_SETUPS = {"synthetic": _arithmetic_setup, "collatz": testbed.collatz_setup}
+TASK_SETUPS = {
+    "synthetic": _arithmetic_setup,
+    "collatz": testbed.collatz_setup,
+    "running_sum": testbed.running_sum_setup,
+}
 
 
 def train_sft_model(

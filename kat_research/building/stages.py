@@ -1,8 +1,10 @@
 """Rebuild the testbed's committed models from their stage chain (``conf/testbed_models.yaml``).
 
-Each stage is a cached ``demo_model`` (pre-training and SFT on the collatz task); a stage with
+Each stage is a cached ``demo_model`` (pre-training and SFT on ``data.source.kind``, the
+collatz or running-sum task); a stage with
 ``from`` continues its parent's weights. ``install`` copies the shipped stages into
-``<assets_dir>/testbed/<name>``, the folders the ``model/*/testbed*`` presets load.
+``<assets_dir>/<install_dir>/<name>`` (``testbed/``: the folders the ``model/*/testbed*``
+presets load).
 """
 
 from __future__ import annotations
@@ -66,18 +68,19 @@ def build_chain(cfg: DictConfig) -> dict[str, Path]:
             architecture=stage["architecture"],
             sft=sft,
             task=task,
-            kind="collatz",
+            kind=cfg.data.source.kind,
         )
         folders[name] = Path(model.name)
-        accuracy = demo_model_info(model.name)["collatz/accuracy"]
+        accuracy = demo_model_info(model.name)[f"{cfg.data.source.kind}/accuracy"]
         log.info("stage %s: held-out greedy accuracy %.3f (%s)", name, accuracy, model.name)
     return folders
 
 
-def install(folders: dict[str, Path], shipped: dict[str, str], assets_dir: str | Path) -> None:
-    """Copy each shipped stage to ``<assets_dir>/testbed/<name>``, replacing what is there."""
+def install(folders: dict[str, Path], shipped: dict[str, str], folder: str | Path) -> None:
+    """Copy each shipped stage to ``<folder>/<name>`` (``<assets_dir>/<install_dir>``),
+    replacing what is there."""
     for name, stage in shipped.items():
-        target = Path(assets_dir) / "testbed" / name
+        target = Path(folder) / name
         if target.exists():
             shutil.rmtree(target)
         with publish_folder(target) as tmp:

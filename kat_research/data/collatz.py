@@ -291,14 +291,14 @@ def _repeated_lines(start: int, rng: random.Random, cfg: CollatzTaskConfig) -> s
 _NOISE_CHARS = string.ascii_lowercase + string.digits + "+-*/:=() "
 
 
-def _repeated_span(rng: random.Random, cfg: CollatzTaskConfig) -> str:
+def repeated_span(rng: random.Random, max_chars: int) -> str:
     """Random characters in which a random span is repeated verbatim several times."""
     parts = []
-    while sum(map(len, parts)) < cfg.max_chars - 40:
+    while sum(map(len, parts)) < max_chars - 40:
         noise = "".join(rng.choice(_NOISE_CHARS) for _ in range(rng.randint(0, 12)))
         span = "".join(rng.choice(_NOISE_CHARS) for _ in range(rng.randint(3, 15)))
         parts.append(noise + "\n".join([span] * rng.randint(2, 6)))
-    return "\n".join(parts)[: cfg.max_chars]
+    return "\n".join(parts)[:max_chars]
 
 
 DOCUMENT_KINDS = ("trajectory", "repeated_lines", "repeated_span")
@@ -323,5 +323,5 @@ def pretraining_documents(
         elif kind == "repeated_lines":
             docs.append(_repeated_lines(start, rng, cfg))
         else:
-            docs.append(_repeated_span(rng, cfg))
+            docs.append(repeated_span(rng, cfg.max_chars))
     return docs

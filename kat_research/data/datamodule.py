@@ -19,7 +19,7 @@ from kat_research.data.prompts import (
 )
 from kat_research.data.readers import LoadStats
 from kat_research.data.sampler import ResumableBatchSampler
-from kat_research.data.sources import Row, SourceSpec, as_source_spec, load_rows
+from kat_research.data.sources import GENERATED_KINDS, Row, SourceSpec, as_source_spec, load_rows
 
 MODES = ("prompts", "sft")
 DEFAULT_SYNTHETIC_VAL_SIZE = 256
@@ -40,9 +40,7 @@ def _log_counts(
     if load_stats.n_skipped:
         line += f"; {load_stats}"
     line += dropped
-    repeats = (
-        spec.kind not in ("synthetic", "collatz") and stats["n_rows"] > stats["n_unique_prompts"]
-    )
+    repeats = spec.kind not in GENERATED_KINDS and stats["n_rows"] > stats["n_unique_prompts"]
     if repeats:  # the synthetic train split repeats problems by design
         line += "; repeated prompts kept (set data.source.dedup=true to drop them)"
     unexpected = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kat_research.data import collatz
+from kat_research.data import collatz, running_sum
 from kat_research.data.readers import LoadStats, Unreadable, file_records, hub_records
 from kat_research.data.synthetic import (
     ArithmeticTaskConfig,
@@ -22,9 +22,17 @@ from kat_research.data.synthetic import (
 )
 from kat_research.text.answers import after_hashes, last_boxed
 
-KINDS = ("synthetic", "collatz", "file", "hub")
+KINDS = ("synthetic", "collatz", "running_sum", "file", "hub")
 ANSWER_TRANSFORMS = ("none", "gsm8k", "last_boxed")
 _MISSING = object()  # a field path that does not resolve
+# The tasks generated in code, by kind: their settings class (``data.source.task``).
+TASK_CONFIGS = {
+    "synthetic": ArithmeticTaskConfig,
+    "collatz": collatz.CollatzTaskConfig,
+    "running_sum": running_sum.RunningSumConfig,
+}
+GENERATED_KINDS = tuple(TASK_CONFIGS)
+TaskConfig = ArithmeticTaskConfig | collatz.CollatzTaskConfig | running_sum.RunningSumConfig
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,8 @@ class SourceSpec:
     ``kind="hub"``: ``datasets.load_dataset(hub_id, config_name, split=split)``.
     ``kind="synthetic"``: ``n`` arithmetic problems of ``split`` (train/eval) drawn with ``seed``.
     ``kind="collatz"``: the same for the long-horizon task (``data.collatz``; ``task`` holds
-    its ``CollatzTaskConfig`` settings).
+    its ``CollatzTaskConfig`` settings); ``kind="running_sum"``: the running-total task
+    (``data.running_sum``, ``RunningSumConfig``).
 
     Field names may be dotted paths (``reward_model.ground_truth``; list items by index). A field
     holding a chat message list gives its last user message. With ``answer_field`` /
@@ -68,22 +77,17 @@ class SourceSpec:
     answer_transform: str = "none"
     limit: int | None = None
     dedup: bool = False
-    task: ArithmeticTaskConfig | collatz.CollatzTaskConfig = field(
-        default_factory=ArithmeticTaskConfig
-    )
+    task: TaskConfig = field(default_factory=ArithmeticTaskConfig)
     n: int = 10_000
     seed: int = 0
 
     def __post_init__(self) -> None:
+        task_type = TASK_CONFIGS.get(self.kind, ArithmeticTaskConfig)
         if isinstance(self.task, Mapping):  # plain values from Hydra
-            task_type = (
-                collatz.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
-            )
             object.__setattr__(self, "task", task_type(**self.task))
-        task_type = collatz.CollatzTaskConfig if self.kind == "collatz" else ArithmeticTaskConfig
-        if self.kind == "collatz" and self.task == ArithmeticTaskConfig():  # the unset default
-            object.__setattr__(self, "task", collatz.CollatzTaskConfig())
-        if self.kind in ("synthetic", "collatz") and not isinstance(self.task, task_type):
+        if self.kind != "synthetic" and self.task == ArithmeticTaskConfig():  # the unset default
+            object.__setattr__(self, "task", task_type())
+        if self.kind in GENERATED_KINDS and not isinstance(self.task, task_type):
             raise ValueError(
                 f"data.source.kind={self.kind} needs data.source.task settings of a "
                 f"{task_type.__name__}, got a {type(self.task).__name__}"
@@ -99,7 +103,7 @@ class SourceSpec:
             raise ValueError("a file data source needs data.source.path")
         if self.kind == "hub" and not self.hub_id:
             raise ValueError("a hub data source needs data.source.hub_id")
-        if self.kind in ("synthetic", "collatz") and self.dedup:
+        if self.kind in GENERATED_KINDS and self.dedup:
             raise ValueError(
                 "data.source.dedup applies to file and hub sources; the synthetic train split "
                 "draws problems with repeats by design: set data.source.dedup=false"
@@ -118,7 +122,7 @@ class SourceSpec:
         """A short name for row ids and messages."""
         if self.kind == "file":
             return Path(str(self.path)).stem
-        if self.kind in ("synthetic", "collatz"):
+        if self.kind in GENERATED_KINDS:
             return f"{self.kind}-{self.split}"
         return str(self.hub_id)
 
@@ -220,8 +224,9 @@ def _row(spec: SourceSpec, record: Any, place: str, index: int, stats: LoadStats
 
 def _synthetic_rows(spec: SourceSpec) -> list[Row]:
     n = spec.n if spec.limit is None else min(spec.n, spec.limit)
-    if spec.kind == "collatz":
-        drawn = collatz.problems_for_split(spec.split, n, spec.seed, spec.task)
+    if spec.kind in ("collatz", "running_sum"):
+        task = collatz if spec.kind == "collatz" else running_sum
+        drawn = task.problems_for_split(spec.split, n, spec.seed, spec.task)
         return [
             Row(f"{spec.name}:{i}", p.problem, p.answer, p.solution) for i, p in enumerate(drawn)
         ]
@@ -236,7 +241,7 @@ def load_rows(spec: SourceSpec | Mapping[str, Any]) -> tuple[list[Row], LoadStat
     """The rows of a source and what was skipped on the way (with ``dedup``, repeats count as
     ``duplicate`` skips)."""
     spec = as_source_spec(spec)
-    if spec.kind in ("synthetic", "collatz"):
+    if spec.kind in GENERATED_KINDS:
         rows = _synthetic_rows(spec)
         return rows, LoadStats(spec.name, n_read=len(rows))
     if spec.kind == "file":
