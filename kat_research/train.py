@@ -1,7 +1,7 @@
 """`python -m kat_research.train [overrides]` (console script `kat-train`): one OPD job, or a
 sweep with `-m`, driven by the Hydra config in conf/ (entry config conf/train.yaml).
 
-The job itself is :func:`kat_research.training.train`. A config that cannot run, a run folder
+The job itself is :func:`kat_research.training.job.train`. A config that cannot run, a run folder
 that is not this run's and a broken checkpoint end the command with one line saying what to
 change (exit status 2); ``verbose=true`` shows the traceback instead.
 """
@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.config.checks import check_overrides
-from kat_research.run_folder import CheckpointError, RunFolderError
-from kat_research.training import train
+from kat_research.training.folder import CheckpointError, RunFolderError
+from kat_research.training.job import train
 
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError)  # what the user can fix
 

@@ -8,7 +8,7 @@ human-readable account):
                        Qwen3 student + teacher (float32, highest matmul precision), greedy, the
                        teacher scoring online, half the rows stopped early; generated tokens
                        equal and per-token KL within 1e-3
-  b_training           OPD, KAT and Top-K LSM steps through kat_research.training.train
+  b_training           OPD, KAT and Top-K LSM steps through kat_research.training.job.train
                        (experiment=smollm2_gsm8k, trainer=gpu: bf16-mixed, teacher in bfloat16,
                        data from tests/fixtures/data) finish with finite losses; the KAT run is
                        then extended by one step and resumes from its checkpoint
@@ -456,8 +456,8 @@ def training(
     """Each method through the real training entry, the KAT run resumed for one step, then
     KAT with partial rollouts (rollout.mode=partial) for the methods' steps."""
     from kat_research.config import compose
-    from kat_research.run_folder import resume_checkpoint
-    from kat_research.training import train
+    from kat_research.training.folder import resume_checkpoint
+    from kat_research.training.job import train
 
     def config(method: str, folder: Path, steps: int, *extra: str):
         return compose(

@@ -17,7 +17,7 @@ from kat_research.analysis.runs import kat_buffer, load_run, read_checkpoint
 from kat_research.analysis.trap import benchmark as trap_benchmark
 from kat_research.config import CONFIG_DIR
 from kat_research.termination.phases import PHASES
-from kat_research.training import train
+from kat_research.training.job import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = Path(CONFIG_DIR)

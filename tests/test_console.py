@@ -4,7 +4,7 @@ the bare train command's plan, and a diverged run's result line."""
 from __future__ import annotations
 
 from kat_research.console import Progress, duration, result_line
-from kat_research.training import plan_line
+from kat_research.training.job import plan_line
 
 
 class Clock:

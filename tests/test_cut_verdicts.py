@@ -20,7 +20,7 @@ from kat_research.lit.cut_verdicts import (
     verdict_counts,
     verdict_metrics,
 )
-from kat_research.training import train
+from kat_research.training.job import train
 
 TASK = CollatzTaskConfig()  # x even -> x/2, x odd -> 3x-1, stop below 5
 COLLATZ = CollatzFirstError(TASK)

@@ -21,7 +21,7 @@ from kat_research import config
 from kat_research.data.sampler import ResumableBatchSampler
 from kat_research.losses import token_weights
 from kat_research.termination import KATTerminator, kat_rule
-from kat_research.training import train
+from kat_research.training.job import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

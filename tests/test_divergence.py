@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kat_research import training
 from kat_research.console import result_line
 from kat_research.lit.divergence import (
     DivergenceGuard,
@@ -32,6 +31,7 @@ from kat_research.models.vocab_check import (
 )
 from kat_research.rollout import RolloutEngine, SamplingConfig, check_head_reproduces_logits
 from kat_research.rollout.sampling import NonFiniteLogitsError, sample_next_token
+from kat_research.training import job as training
 
 NAN, INF = float("nan"), float("inf")
 

@@ -22,7 +22,7 @@ from kat_research.eval.runner import Completion
 from kat_research.eval.suite import BenchmarkEvaluator, BenchmarkSettings
 from kat_research.evaluate import evaluate, resolve_model
 from kat_research.models import build_tiny_qwen3, load_causal_lm, save_tiny_model
-from kat_research.training import train
+from kat_research.training.job import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from kat_research.termination import (
     repetition_cut,
     topk_overlap,
 )
-from kat_research.training import train
+from kat_research.training.job import train
 
 
 def _feed(rule, series: list[float], signal: str, chunk: int) -> tuple[int, int]:

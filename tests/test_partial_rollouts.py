@@ -289,7 +289,7 @@ def test_partial_training_runs_and_resumes_dropping_carried_rows(debug_config, t
     flight when the checkpoint was written."""
     import pandas as pd
 
-    from kat_research.training import train
+    from kat_research.training.job import train
 
     steps = ["method=kat", "rollout.mode=partial", "rollout.max_staleness=1", "logger=csv"]
     full = tmp_path / "full"

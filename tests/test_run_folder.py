@@ -17,7 +17,7 @@ import pytest
 from kat_research.config import ConfigError
 from kat_research.config.checks import check_runnable
 from kat_research.lit.checkpoint_hooks import set_peak_lr
-from kat_research.run_folder import (
+from kat_research.training.folder import (
     CheckpointError,
     RunFolderError,
     check_checkpoint,
@@ -27,7 +27,7 @@ from kat_research.run_folder import (
     resume_checkpoint,
     trim_metrics,
 )
-from kat_research.training import train
+from kat_research.training.job import train
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ["train/loss", "train/kl", "len/generated", "kat/threshold", "kat/buffer_size"]
@@ -233,7 +233,7 @@ def test_a_held_folder_is_refused_and_a_dead_holder_leaves_it_free(debug_config,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
     code = (
         "import pathlib, sys, time\n"
-        "from kat_research.run_folder import hold\n"
+        "from kat_research.training.folder import hold\n"
         "with hold(pathlib.Path(sys.argv[1])):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(60)\n"
@@ -348,7 +348,7 @@ def test_a_new_learning_rate_takes_effect_on_resume(checkpoints, debug_config, t
 
 
 def test_an_interrupted_run_says_how_to_continue(debug_config, tmp_path, monkeypatch, caplog):
-    import kat_research.training as training
+    import kat_research.training.job as training
 
     original = training.OPDModule.training_step
 

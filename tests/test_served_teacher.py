@@ -21,7 +21,7 @@ from kat_research.rollout.teachers import (
     TeacherServerUnavailable,
 )
 from kat_research.termination import KATTerminator, kat_rule
-from kat_research.training import train
+from kat_research.training.job import train
 
 
 def test_topk_tail_kl_by_hand():
@@ -244,7 +244,7 @@ def test_training_with_a_served_teacher(debug_config, tmp_path, tiny_pair):
 
 
 def test_server_down_at_start_fails_before_any_model_loads(debug_config, tmp_path, monkeypatch):
-    import kat_research.training as training
+    import kat_research.training.job as training
 
     loaded = []
     monkeypatch.setattr(training, "instantiate", lambda node, **kw: loaded.append(node))

@@ -7,7 +7,7 @@ import pytest
 from data_paths import FIXTURE_DATA
 
 from kat_research import config
-from kat_research.training import train
+from kat_research.training.job import train
 
 pytestmark = pytest.mark.slow
 

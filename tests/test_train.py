@@ -15,7 +15,7 @@ import torch
 
 from kat_research.config import ConfigError
 from kat_research.models import VocabularyMismatchError, build_char_tokenizer, save_tiny_model
-from kat_research.training import train
+from kat_research.training.job import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

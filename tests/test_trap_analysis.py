@@ -29,7 +29,7 @@ from kat_research.analysis.trap.verdicts import (
 from kat_research.config import compose
 from kat_research.data.collatz import CollatzTaskConfig, solution_text
 from kat_research.termination import kat_rule
-from kat_research.training import train
+from kat_research.training.job import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from conftest import VLLM_TEST_SETTINGS
 
 from kat_research.models import load_causal_lm
 from kat_research.rollout import RolloutEngine, SamplingConfig
-from kat_research.training import train
+from kat_research.training.job import train
 
 pytestmark = pytest.mark.vllm
 

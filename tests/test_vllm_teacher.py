@@ -24,7 +24,7 @@ from kat_research.rollout.teachers import (
     TeacherServerUnavailable,
 )
 from kat_research.termination import KATTerminator, kat_rule
-from kat_research.training import train
+from kat_research.training.job import train
 
 pytestmark = pytest.mark.vllm
 

@@ -18,7 +18,7 @@ from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
-from kat_research.training import train
+from kat_research.training.job import train
 
 
 def demo_config(

@@ -3,7 +3,7 @@
 Lightning deletes an existing ``metrics.csv`` when its logger starts, so a resumed run would lose
 the rows of the steps before its checkpoint. This logger keeps them and appends; the caller
 first drops the rows of the steps the resumed run logs again
-(:func:`kat_research.run_folder.trim_metrics`).
+(:func:`kat_research.training.folder.trim_metrics`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run one prepared job: `python -m kat_research.sweep.job <job folder>`.
 
 Reads ``job.json``, composes its config, saves it as ``.hydra/config.yaml`` (like a Hydra job),
-runs training (``kat_research.training.train``: with ``resume=auto`` it continues from the
+runs training (``kat_research.training.job.train``: with ``resume=auto`` it continues from the
 newest checkpoint an earlier attempt left in the folder) or a model evaluation, then records
 parameter counts and the job's hyperparameters and final metrics for TensorBoard's HPARAMS tab.
 Output goes to ``job.log``; ``status.json`` follows the job (running, with pid and host ->
@@ -33,7 +33,7 @@ from kat_research.sweep.evaluate_model import evaluate_model
 from kat_research.sweep.hparams import write_hparams
 from kat_research.sweep.spec import EVALUATE, ROLES, Job
 from kat_research.sweep.state import DONE, FAILED, RUNNING, write_status
-from kat_research.training import train
+from kat_research.training.job import train
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from kat_research.lit.eval_callback import EvalCallback
 from kat_research.lit.teacher_failure import TeacherFailureCheckpoint
 from kat_research.models import LoadedModel, check_vocab_agreement
 from kat_research.models.vocab_check import check_finite_weights
-from kat_research.run_folder import Resume, claim, hold, resume_checkpoint, trim_metrics
 from kat_research.runtime import set_torch_threads, warn_if_oversubscribed
+from kat_research.training.folder import Resume, claim, hold, resume_checkpoint, trim_metrics
 
 if TYPE_CHECKING:
     from kat_research.termination.base import Terminator
@@ -116,7 +116,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     A folder holding an earlier attempt of the same run continues from its newest checkpoint
     (``resume=auto``); a finished run returns its summary without training again. The folder
-    is held for the job (:func:`kat_research.run_folder.hold`): a second run on it is refused."""
+    is held for the job (:func:`kat_research.training.folder.hold`): a second run on it is
+    refused."""
     start = time.perf_counter()
     quiet(cfg.get("verbose", False))
     output_dir = Path(cfg.paths.output_dir)
