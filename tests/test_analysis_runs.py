@@ -71,18 +71,21 @@ PAPER_SCALE = {
     "trap_benchmark": ["analysis/benchmark=length_4096"],
     "trap_analysis": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
     "testbed_trap_check": ["analysis/detector=kat_paper"],
+    "smollm2_trap": [],  # its own pair and KAT rule (train_overrides), no paper scale
 }
+NOT_OF_A_RUN = ("trap_benchmark", "testbed_trap_check", "smollm2_trap")  # no run_dir
+REDRAWING = ("trap_plot",)  # redraws figures in the folders it is given: no results folder
 
 
 def test_every_analysis_has_an_entry_config():
     assert sorted(p.stem for p in CONF.glob("analysis_*.yaml")) == sorted(
-        f"analysis_{name}" for name in PAPER_SCALE
+        f"analysis_{name}" for name in (*PAPER_SCALE, *REDRAWING)
     )
 
 
 @pytest.mark.parametrize("name,paper", PAPER_SCALE.items(), ids=list(PAPER_SCALE))
 def test_every_analysis_config_composes_at_both_scales(name, paper):
-    run = [] if name in ("trap_benchmark", "testbed_trap_check") else ["run_dir=x"]
+    run = [] if name in NOT_OF_A_RUN else ["run_dir=x"]
     for overrides in ([], paper):
         cfg = compose_config(f"analysis_{name}", *run, *overrides)
         assert cfg.name == name and str(cfg.output_dir).endswith(f"results/{name}")

@@ -1,5 +1,6 @@
-"""Analyses' pure parts: the detector's threshold sources, gradient projection ratios, and the
-planted-trap benchmark's traces, detection and scoring (phase segmentation: test_termination)."""
+"""Analyses' pure parts: the detector's threshold sources, gradient projection ratios, the
+planted-trap benchmark's traces, detection and scoring (phase segmentation: test_termination),
+and the shared sampler's progress lines."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from kat_research.analysis.projection import (
     projection_ratios,
     top_left_singular_vectors,
 )
+from kat_research.analysis.rollouts import uncut_rollouts
 from kat_research.analysis.trap.planted import TraceSpec, planted_traces, score
+from kat_research.console import Progress
+from kat_research.rollout import SamplingConfig
 from kat_research.termination import kat_calibrated, kat_cuts, kat_rule, kat_rule_from_settings
 
 HIGH, LOW = 1.0, 0.01
@@ -143,3 +147,42 @@ def test_persistence_ignores_decoys_that_fool_patience_one() -> None:
     five = score(kat_cuts(traces.kl, patient), traces.onsets, segment_length=48, rule=patient)
     assert one["false_alarm_rate"] == 1.0 and one["precision"] == 0.0
     assert five["precision"] == five["recall"] == 1.0
+
+
+# --- the shared sampler's progress ---------------------------------------------------------------
+
+
+def test_the_analysis_sampler_reports_rollouts_tokens_per_second_and_time_left(
+    tiny_pair, char_tokenizer, prompts
+) -> None:
+    """Four batches of one prompt, each taking 5 s on a fake clock and generating exactly 10
+    tokens (no stop token): a line after the first batch, the next once ``every_s`` = 8 s
+    passed, none for the last batch (its caller reports the result)."""
+    now, lines = [100.0], []
+
+    def batches():
+        for b in range(4):
+            now[0] += 5.0
+            yield {k: prompts[k][b : b + 1] for k in ("input_ids", "attention_mask")}
+
+    progress = Progress(
+        "early (step3)", 4, unit="rollout", every_s=8, write=lines.append, clock=lambda: now[0]
+    )
+    student, teacher = tiny_pair
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10, stop_token_ids=())
+    sampled = uncut_rollouts(
+        student.model,
+        teacher.model,
+        char_tokenizer,
+        batches(),
+        sampling,
+        seed=0,
+        progress=progress,
+    )
+    assert [int(r.lengths.sum()) for r in sampled] == [10] * 4
+    assert lines == [
+        # 1 rollout, 10 tokens in 5 s; 3 left at 5 s each
+        "early (step3): rollout 1/4 (25%), 2 tokens/s, 5 s/rollout, about 15 s left",
+        # 3 rollouts, 30 tokens in 15 s (the second batch came 5 s after the first line)
+        "early (step3): rollout 3/4 (75%), 2 tokens/s, 5 s/rollout, about 5 s left",
+    ]

@@ -1,8 +1,10 @@
 """The trap analysis (issue 14, item 2): verdicts, cut scores and intervals against hand-computed
-values, then the entry end to end on a tiny debug=fast KAT run."""
+values, then the entry end to end on a tiny debug=fast KAT run, the figure redrawn from its
+tables, and the SmolLM2 pair's entry (its config; end to end: slow)."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -11,11 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from data_paths import FIXTURE_DATA
 
 from kat_research.analysis.runs import kat_buffer, read_checkpoint
 from kat_research.analysis.trap import analysis as trap_analysis
-from kat_research.analysis.trap import testbed_check
+from kat_research.analysis.trap import smollm2, testbed_check
 from kat_research.analysis.trap.analysis import StageRollouts, measure
+from kat_research.analysis.trap.plot import read_results
+from kat_research.analysis.trap.smollm2 import sft_solution
 from kat_research.analysis.trap.verdicts import (
     CollatzVerifier,
     MathVerifier,
@@ -219,11 +224,87 @@ def test_entry_end_to_end_on_a_tiny_run(tiny_kat_run, tmp_path, capsys):
     assert "command: `pytest`" in text and "N = 8" in text and "commit:" in text
     assert set(results.rollouts.category) <= {"correct", "wrong", "degenerate", "capped"}
     assert "KAT's offline cuts" in capsys.readouterr().out
-    # the figure can be redrawn from the written tables alone (scripts/plot_trap_analysis.py)
+    # the figure can be redrawn from the written tables alone (kat_research.analysis.trap.plot),
+    # writing nothing where it is launched
     (out / "trap_analysis.png").unlink()
-    cmd = [sys.executable, str(ROOT / "scripts" / "plot_trap_analysis.py"), str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "kat_research.analysis.trap.plot", f"folders=[{out}]"]
+    done = subprocess.run(cmd, cwd=launch, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "trap_analysis.png").stat().st_size > 1000
+    assert f"wrote {out / 'trap_analysis.png'}" in done.stdout and not any(launch.iterdir())
+
+
+def test_redrawing_a_folder_without_the_tables_names_what_is_missing(tmp_path):
+    (tmp_path / "cuts.csv").write_text("stage\n")
+    with pytest.raises(FileNotFoundError, match=r"no rollouts.csv, crosstab.csv, onsets.csv \(set"):
+        read_results(tmp_path)
+
+
+# --- the SmolLM2 pair (kat_research.analysis.trap.smollm2) ---------------------------------------
+
+
+def test_smollm2_sft_target_follows_the_prompts_instruction():
+    answer = "Half of 48 is <<48/2=24>>24.\n#### 24"
+    assert sft_solution(answer) == "Half of 48 is 24.\nThe final answer is \\boxed{24}."
+    with pytest.raises(ValueError, match="without a '####' line"):
+        sft_solution("no final line")
+
+
+def test_smollm2_entry_composes_its_train_config():
+    """The entry's knobs reach the train config it reads; extra overrides come last."""
+    cfg = compose(
+        [
+            f"paths.data_dir={FIXTURE_DATA}",
+            "student_layers=12",
+            "max_new_tokens=64",
+            'extra_train_overrides=["termination.kat.quantile=0.9"]',
+        ],
+        config_name="analysis_smollm2_trap",
+    )
+    train_cfg = smollm2.train_config(cfg)
+    assert train_cfg.model.student.num_layers == 12 and train_cfg.rollout.max_new_tokens == 64
+    assert train_cfg.paths.data_dir == str(FIXTURE_DATA)  # the entry's paths reach the run's
+    assert train_cfg.data.source.path == f"{FIXTURE_DATA}/gsm8k/test.jsonl"  # held out from SFT
+    kat = train_cfg.termination.kat
+    assert (kat.window, kat.stride, kat.patience, kat.quantile) == (16, 8, 2, 0.9)
+    with pytest.raises(ValueError, match="teacher_accuracy must be >= 0"):
+        smollm2.train_config(compose(["teacher_accuracy=-1"], config_name="analysis_smollm2_trap"))
+    missing = compose(["paths.data_dir=/nonexistent"], config_name="analysis_smollm2_trap")
+    with pytest.raises(FileNotFoundError, match="set paths.data_dir"):
+        smollm2.train_config(missing)
+
+
+@pytest.mark.slow
+def test_smollm2_entry_runs_the_sft_then_the_analysis(tmp_path):
+    """The real pair, shrunk: a 2-layer student, 2 SFT steps, 2 rollouts of up to 24 tokens."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = compose(
+        [
+            f"output_dir={out}",
+            f"paths.data_dir={FIXTURE_DATA}",
+            f"paths.cache_dir={cache}",
+            "student_layers=2",
+            "sft.steps=2",
+            "sft.batch_size=2",
+            "rollouts=2",
+            "batch_size=2",
+            "max_new_tokens=24",  # KAT's window is 16
+        ],
+        config_name="analysis_smollm2_trap",
+    )
+    smollm2.run(cfg, command="pytest")
+    rows = pd.read_csv(out / "rollouts.csv")
+    assert len(rows) == 2 and rows.length.le(24).all()
+    text = (out / "summary.md").read_text()
+    assert "command: `pytest`" in text and "first 2 layers after 2 SFT steps x 2" in text
+    (sft,) = (cache / "trap_analysis").glob("smollm2-gsm8k-sft-*/sft.json")
+    assert '"steps": 2' in sft.read_text()
 
 
 def test_testbed_trap_check_entry_on_the_shipped_models(tmp_path, capsys):

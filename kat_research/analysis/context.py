@@ -66,9 +66,10 @@ class AnalysisContext:
         load_student(self.module, path, self.init)
         return label
 
-    def rollouts(self, **engine: Any) -> Iterator[Rollout]:
-        """Rollouts of the current student over the prompt set (``sample_rollouts`` kwargs)."""
-        return sample_rollouts(self.module, self.batches, self.spec, **engine)
+    def rollouts(self, label: str, **engine: Any) -> Iterator[Rollout]:
+        """Rollouts of the current student over the prompt set, progress lines labelled
+        ``label`` (``sample_rollouts`` kwargs)."""
+        return sample_rollouts(self.module, self.batches, self.spec, label=label, **engine)
 
     def weights(self, spec: float | str) -> dict[str, torch.Tensor]:
         """The student's weights at checkpoint ``spec`` (CPU), without loading them."""

@@ -74,14 +74,15 @@ def update_bases(
 
 
 def phase_gradients(
-    ctx: AnalysisContext, detector: KATRule, params: dict[str, torch.nn.Parameter]
+    ctx: AnalysisContext, detector: KATRule, params: dict[str, torch.nn.Parameter], label: str
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """Per phase: the token-mean OPD-loss gradient of each parameter (CPU float32) over the
-    prompt set's rollouts, and the number of tokens it averages."""
+    prompt set's rollouts (progress lines labelled ``label``), and the number of tokens it
+    averages."""
     module = ctx.module
     sums = {p: {n: torch.zeros(w.shape) for n, w in params.items()} for p in PHASES}
     tokens = dict.fromkeys(PHASES, 0)
-    for rollout in ctx.rollouts(teacher_keep=module.engine.teacher_keep):
+    for rollout in ctx.rollouts(label, teacher_keep=module.engine.teacher_keep):
         segments = segment_traces(kl_traces(rollout), detector)
         ids = phase_id_matrix(segments, rollout.tokens.shape[1]).to(rollout.loss_mask.device)
         for p, phase in enumerate(PHASES):
@@ -173,9 +174,9 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     bases = update_bases(init, final, list(params), ks[-1], ctx.module.device)
     checkpoint = ctx.use(cfg.gradient_at)
     detector, source = ctx.resolved_detector(
-        lambda: [t for r in ctx.rollouts() for t in kl_traces(r)]
+        lambda: [t for r in ctx.rollouts(f"threshold ({checkpoint})") for t in kl_traces(r)]
     )
-    gradients, tokens = phase_gradients(ctx, detector, params)
+    gradients, tokens = phase_gradients(ctx, detector, params, f"gradients ({checkpoint})")
     gradients[RANDOM] = random_directions(params, cfg.random_seed)
     tokens[RANDOM] = 0
     table, per_matrix = rho_tables(gradients, bases, ks, tokens)

@@ -187,7 +187,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     sampled = {}
     for name in STAGES:
         checkpoint = ctx.use(cfg.checkpoints[name])
-        traces = [t for r in ctx.rollouts() for t in kl_traces(r)]
+        traces = [t for r in ctx.rollouts(f"{name} ({checkpoint})") for t in kl_traces(r)]
         sampled[name] = (checkpoint, traces)
     detector, source = ctx.resolved_detector(lambda: [t for _, ts in sampled.values() for t in ts])
     stages = [

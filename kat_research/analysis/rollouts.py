@@ -1,5 +1,7 @@
 """Sample analysis rollouts: a fixed set of the run's training prompts, no termination rule,
-the teacher scoring every token (so each rollout's full KL trace is known)."""
+the teacher scoring every token (so each rollout's full KL trace is known). Sampling reports
+its progress (rollouts done, tokens/s, time left) as :class:`kat_research.console.Progress`
+lines."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kat_research.console import Progress
 from kat_research.data.prompts import PromptCollator
 from kat_research.lit import OPDModule
 from kat_research.lit.opd_module import token_ids
@@ -58,10 +61,16 @@ def uncut_rollouts(
     masked_token_ids: Sequence[int] = (),
     teacher_keep: TeacherKeep = "none",
     teacher_topk: int | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[Rollout]:
     """The one way the analyses sample: rollouts of ``student`` over prompt ``batches``
     (:class:`PromptCollator` outputs) with no termination rule, the teacher scoring every token;
-    one per batch, on the CPU unless ``teacher_keep="hidden"`` (the loss needs it on device)."""
+    one per batch, on the CPU unless ``teacher_keep="hidden"`` (the loss needs it on device).
+    ``progress`` (unit: rollout; default a ``rollouts`` line without a total) is told the
+    rollouts done and tokens generated after each batch; its clock starts at the first batch,
+    so time the caller spends on each yielded rollout counts towards the pace."""
+    if progress is None:
+        progress = Progress("rollouts", None, unit="rollout")
     engine = RolloutEngine(
         student,
         teacher,
@@ -72,8 +81,13 @@ def uncut_rollouts(
         masked_token_ids=masked_token_ids,
     )
     generator = torch.Generator(device=student.device).manual_seed(seed)
+    done = tokens = 0
+    progress.start()
     for batch in batches:
         rollout = engine.generate(batch["input_ids"], batch["attention_mask"], generator)
+        done += len(rollout.lengths)
+        tokens += int(rollout.lengths.sum())
+        progress.update(done, tokens)
         yield rollout if teacher_keep == "hidden" else rollout.to("cpu")
 
 
@@ -84,9 +98,10 @@ def sample_rollouts(
     *,
     teacher_keep: TeacherKeep = "none",
     teacher_topk: int | None = None,
+    label: str = "rollouts",
 ) -> Iterator[Rollout]:
     """:func:`uncut_rollouts` of the module's current student, sampled as the run's ``rollout``
-    settings say unless ``spec`` overrides them."""
+    settings say unless ``spec`` overrides them; progress lines start with ``label``."""
     run = module.rollout_settings
     tokenizer = module.tokenizer
     sampling = SamplingConfig(
@@ -105,4 +120,5 @@ def sample_rollouts(
         masked_token_ids=token_ids(tokenizer, run.masked_tokens),
         teacher_keep=teacher_keep,
         teacher_topk=teacher_topk,
+        progress=Progress(label, sum(len(b["input_ids"]) for b in batches), unit="rollout"),
     )

@@ -85,7 +85,9 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     out = output_dir(cfg)
     ctx = AnalysisContext.from_config(cfg)
     checkpoint = ctx.use(cfg.checkpoint)
-    rollouts = list(ctx.rollouts(teacher_keep="topk", teacher_topk=cfg.top_k))
+    rollouts = list(
+        ctx.rollouts(f"teacher tokens ({checkpoint})", teacher_keep="topk", teacher_topk=cfg.top_k)
+    )
     detector, source = ctx.resolved_detector(lambda: [t for r in rollouts for t in kl_traces(r)])
     counts = {name: Counter() for name in PHASES}
     positions = dict.fromkeys(PHASES, 0)

@@ -8,6 +8,10 @@ teacher, and does KAT cut them rather than correct ones?
   shipped testbed models (``make testbed-trap-check``);
 - ``analysis``: ``python -m kat_research.analysis.trap.analysis``, a training run's rollouts at
   two checkpoints against KAT's segments and cuts;
+- ``smollm2``: ``python -m kat_research.analysis.trap.smollm2``, the same on a real pair
+  (SmolLM2-135M-Instruct and its SFT'd first layers, on GSM8K);
+- ``plot``: ``python -m kat_research.analysis.trap.plot``, a trap analysis's figure redrawn from
+  its tables;
 - ``planted`` / ``benchmark``: ``python -m kat_research.analysis.trap.benchmark``, KAT on
   synthetic traces with planted traps.
 """

@@ -27,7 +27,6 @@ Writes ``rollouts.csv``, ``crosstab.csv``, ``onsets.csv``, ``cuts.csv``, ``summa
 
 from __future__ import annotations
 
-import logging
 import math
 import shlex
 from collections.abc import Sequence
@@ -63,7 +62,6 @@ from kat_research.plotting import new_figure, save_figure
 from kat_research.provenance import code_commit
 from kat_research.termination import KATRule, kat_cuts, kat_rule_from_settings
 
-log = logging.getLogger(__name__)
 STAGES = ("early", "late")
 Verifier = CollatzVerifier | MathVerifier
 
@@ -108,7 +106,8 @@ def sample_stage(
 ) -> StageRollouts:
     """Uncut rollouts of the module's current student over ``batches``, judged."""
     traces, verdicts, records = [], [], []
-    for batch, rollout in zip(batches, sample_rollouts(module, batches, spec), strict=True):
+    sampled = sample_rollouts(module, batches, spec, label=f"{name} ({checkpoint})")
+    for batch, rollout in zip(batches, sampled, strict=True):
         ids = [rollout.tokens[b, :n].tolist() for b, n in enumerate(rollout.lengths.tolist())]
         texts = [
             decode(module.tokenizer, t, s) for t, s in zip(ids, rollout.stop_reason, strict=True)
@@ -123,7 +122,6 @@ def sample_stage(
                 batch["problem_ids"], rollout.stop_reason, ids, texts, strict=True
             )
         ]
-        log.info("%s (%s): %d/%d rollouts", name, checkpoint, len(records), spec.n)
     return StageRollouts(name, checkpoint, traces, verdicts, records, buffer)
 
 

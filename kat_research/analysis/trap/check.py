@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.analysis.rollouts import uncut_rollouts
+from kat_research.console import Progress
 from kat_research.data.collatz import (
     N_FORMS,
     CollatzTaskConfig,
@@ -105,7 +106,10 @@ def sample_scored_rollouts(
     chunks = [rows[lo : lo + batch_size] for lo in range(0, len(rows), batch_size)]
     batches = (collate(chunk) for chunk in chunks)
     out = []
-    sampled = uncut_rollouts(student, teacher, tokenizer, batches, sampling, seed=seed)
+    progress = Progress("student rollouts", len(rows), unit="rollout")
+    sampled = uncut_rollouts(
+        student, teacher, tokenizer, batches, sampling, seed=seed, progress=progress
+    )
     for batch, rollout in zip(chunks, sampled, strict=True):
         for b, row in enumerate(batch):
             length = int(rollout.lengths[b])
