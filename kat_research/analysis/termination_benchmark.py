@@ -12,7 +12,8 @@ Rules (each through its own online protocol, ``offline_rules.offline_kept``):
   minimum window means (``kat_calibrated``, as the trap analyses calibrate it), at each of
   ``kat_quantiles``; ``kat s=...``: at each fixed threshold of ``kat_thresholds``;
 - ``random (matched)``: ``termination.random`` with the hazard at which it keeps, in
-  expectation, as many tokens as the first KAT rule (``offline_rules.matched_hazard``);
+  expectation, as many tokens as the train config's KAT quantile (else the first KAT rule;
+  ``offline_rules.matched_hazard``), drawn with ``seed``;
 - every ``termination.<name>`` of ``rules``; ``progressive_horizon`` at each of ``horizon_steps``.
 
 Scores per rule (:func:`score_rule`): tokens kept (mean, share of generated), and against the
@@ -188,7 +189,8 @@ def rules_kept(
         kept[name] = torch.where(cuts >= 0, cuts, traces.lengths)
         settings[name] = str(rule)
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    matched_to = kat_rules[0][0]
+    own = f"kat q={base.threshold.quantile}"  # the train config's own rule, if benchmarked
+    matched_to = own if own in kept else kat_rules[0][0]
     random_cfg = train_cfg.termination.random
     exempt = int(random_cfg.exempt)
     target = float(kept[matched_to].double().mean())
