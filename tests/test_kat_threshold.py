@@ -3,6 +3,7 @@ and their sums by phase of training, against hand-computed values."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -75,6 +76,24 @@ def test_phase_table_sums_by_phase(run_dir):
     saved = phase_table(steps, phases=2, reference=reference)
     assert saved["saved"].tolist() == pytest.approx([0.0, 400.0])
     assert saved["saved_share"].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_summary_check_sets_recovered_beside_exact_totals(run_dir):
+    from kat_research.analysis.kat_threshold import summary_check
+
+    table = phase_table(step_counts(read_metrics(run_dir)), phases=2)
+    assert summary_check(run_dir, table) is None  # no summary.json
+    verdicts = {
+        "n_cut": 15,
+        "n_cut_derailed": 11,
+        "n_dropped_derailed": 250,
+        "n_dropped_valid": 150,
+    }
+    (run_dir / "summary.json").write_text(json.dumps({"cut_verdicts": verdicts}))
+    assert summary_check(run_dir, table) == (
+        "recovered from the shares / logged exactly (summary.json): cut rows 15 / 15, cut on "
+        "derailed prefixes 11 / 11, dropped tokens 400 / 400"
+    )
 
 
 def test_bad_inputs_are_named(tmp_path, run_dir):

@@ -17,6 +17,7 @@ Settings: conf/analysis_kat_threshold.yaml.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shlex
@@ -51,6 +52,22 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run_dir must be a training job's folder")
     return pd.read_csv(path).groupby("step", as_index=False).first()
+
+
+def summary_check(run_dir: str | Path, table: pd.DataFrame) -> str | None:
+    """The recovered totals (cut rows, cut on derailed prefixes, dropped tokens) beside the
+    exact ones the run summed (``summary.json``'s ``cut_verdicts``); None without them."""
+    path = Path(run_dir) / "summary.json"
+    verdicts = json.loads(path.read_text()).get("cut_verdicts") if path.exists() else None
+    if not verdicts:
+        return None
+    exact = verdicts["n_dropped_derailed"] + verdicts["n_dropped_valid"]
+    return (
+        f"recovered from the shares / logged exactly (summary.json): cut rows "
+        f"{table['cut'].sum():.0f} / {verdicts['n_cut']:.0f}, cut on derailed prefixes "
+        f"{table['cut_derailed'].sum():.0f} / {verdicts['n_cut_derailed']:.0f}, dropped tokens "
+        f"{table['dropped'].sum():.0f} / {exact:.0f}"
+    )
 
 
 def _zero(x: pd.Series) -> pd.Series:
@@ -204,6 +221,9 @@ def run(cfg: DictConfig, command: str) -> pd.DataFrame:
         "kept prefix is derailed when it holds the verifier's first error; dropped tokens are "
         "those generated after the cut (the detection lag), on derailed or valid prefixes.",
     ]
+    check = summary_check(cfg.run_dir, table)
+    if check:
+        header.append(check)
     report = Path(cfg.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(table, header)
