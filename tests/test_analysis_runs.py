@@ -71,6 +71,8 @@ PAPER_SCALE = {
     "trap_benchmark": ["analysis/benchmark=length_4096"],
     "trap_analysis": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
     "testbed_trap_check": ["analysis/detector=kat_paper"],
+    "termination_benchmark": ["batch_size=4"],
+    "kat_threshold": ["phases=4"],
 }
 
 
@@ -82,7 +84,8 @@ def test_every_analysis_has_an_entry_config():
 
 @pytest.mark.parametrize("name,paper", PAPER_SCALE.items(), ids=list(PAPER_SCALE))
 def test_every_analysis_config_composes_at_both_scales(name, paper):
-    run = [] if name in ("trap_benchmark", "testbed_trap_check") else ["run_dir=x"]
+    no_run = ("trap_benchmark", "testbed_trap_check", "termination_benchmark")
+    run = [] if name in no_run else ["run_dir=x"]
     for overrides in ([], paper):
         cfg = compose_config(f"analysis_{name}", *run, *overrides)
         assert cfg.name == name and str(cfg.output_dir).endswith(f"results/{name}")
