@@ -139,11 +139,14 @@ def test_engine_records_topk_overlap_on_request(tiny_pair, prompts, char_tokeniz
         RolloutEngine(student, None, sampling=sampling, pad_token_id=pad, overlap_k=3)
 
 
-def test_benchmark_end_to_end_debug(compose_config, tmp_path):
+@pytest.mark.parametrize("data", ["collatz", "synthetic"])
+def test_benchmark_end_to_end_debug(compose_config, tmp_path, data):
+    """The debug preset on the testbed's task (a line verifier: first errors) and on the
+    synthetic arithmetic task (graded answers only: no first error, precision undefined)."""
     from kat_research.analysis.termination_benchmark import run
 
     cfg = compose_config(
-        f"train_overrides=['debug=fast','data=collatz','paths.cache_dir={tmp_path}/cache']",
+        f"train_overrides=['debug=fast','data={data}','paths.cache_dir={tmp_path}/cache']",
         "rollouts=8",
         "batch_size=4",
         "kat_thresholds=[0.05]",
@@ -174,3 +177,5 @@ def test_benchmark_end_to_end_debug(compose_config, tmp_path):
     assert (per_rollout["kept[fixed_prefix]"] <= per_rollout["generated"]).all()
     # FixedPrefix(budget=6) of the debug preset keeps min(6, generated)
     assert (per_rollout["kept[fixed_prefix]"] == per_rollout["generated"].clip(upper=6)).all()
+    if data == "synthetic":  # no line verifier: no first error, so no right cut
+        assert per_rollout["error"].isna().all() and (table["n_with_error"] == 0).all()

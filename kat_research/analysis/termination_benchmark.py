@@ -116,9 +116,9 @@ def score_rule(kept: Sequence[int], judged: Sequence[Judged]) -> dict[str, float
         **share(right, sum(cut), "precision"),
         **share(right, with_error, "recall"),
         **{
-            f"{name}_{part}" if part else name: by_category[f"{name}{suffix}"]
+            f"{name}_derailed{suffix}": by_category[f"{name}{suffix}"]
             for name in ("precision", "recall")
-            for part, suffix in (("derailed", ""), ("derailed_lo", "_lo"), ("derailed_hi", "_hi"))
+            for suffix in ("", "_lo", "_hi")
         },
         "cut_rate_correct": by_category["cut_rate_correct"],
         "cut_rate_correct_lo": by_category["cut_rate_correct_lo"],
@@ -166,7 +166,7 @@ def judge(
     return out
 
 
-def traces_tokens(rollouts: Sequence[Rollout]) -> int:
+def generated_tokens(rollouts: Sequence[Rollout]) -> int:
     """Tokens generated so far."""
     return sum(int(r.lengths.sum()) for r in rollouts)
 
@@ -285,7 +285,7 @@ def run(cfg: DictConfig, command: str) -> pd.DataFrame:
         overlap_k=overlap_k,
     ):
         rollouts.append(rollout)
-        progress.update(sum(r.batch_size for r in rollouts), int(traces_tokens(rollouts)))
+        progress.update(sum(r.batch_size for r in rollouts), int(generated_tokens(rollouts)))
     sample_s = time.perf_counter() - start
     data_source = OmegaConf.to_container(train_cfg.data.source, resolve=True)
     judged = judge(rollouts, batches, tokenizer, data_source, dict(cfg.verifier))
