@@ -166,6 +166,16 @@ figure-trap-benchmark: install
 testbed-trap-check: install
 	OMP_NUM_THREADS=1 $(PY) -m kat_research.analysis.trap.testbed_check $(ARGS)
 
+# The termination benchmark (issue 23): every termination rule applied offline to the same 256
+# uncut rollouts of the testbed's smaller student, scored against the verifier (tokens kept, cut
+# precision / recall, cut position relative to the first error), into
+# results/termination_benchmark.{md,csv}; under a minute on one core (measured: 27 s of
+# sampling). BENCH_ARGS (not ARGS, which reproduce-all passes to the training sweeps): Hydra
+# overrides of conf/analysis_termination_benchmark.yaml, e.g. BENCH_ARGS="rollouts=1024".
+.PHONY: termination-benchmark
+termination-benchmark: install
+	OMP_NUM_THREADS=1 $(PY) -m kat_research.analysis.termination_benchmark $(BENCH_ARGS)
+
 # Rebuild the testbed's committed models (assets/testbed) from their stage chain
 # (conf/testbed_models.yaml; ~42 min with one thread, cached per stage so a rerun continues) and
 # print their held-out accuracy and weights beside the committed ones'.
@@ -209,7 +219,7 @@ REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNC
 
 reproduce-all: reproduce-table1 reproduce-table2 reproduce-ablation-prefix \
 	reproduce-ablation-kat-prefix reproduce-ablation-quantile reproduce-ablation-stagewise \
-	reproduce-ablation-topk
+	reproduce-ablation-topk termination-benchmark
 
 # Table 1: 2 students x 4 methods x 3 seeds + teacher + 2 students before (27 jobs).
 reproduce-table1: install

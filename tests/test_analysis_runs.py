@@ -72,8 +72,10 @@ PAPER_SCALE = {
     "trap_analysis": ["analysis/detector=kat_paper", "analysis.rollouts.batch_size=4"],
     "testbed_trap_check": ["analysis/detector=kat_paper"],
     "smollm2_trap": [],  # its own pair and KAT rule (train_overrides), no paper scale
+    "termination_benchmark": ["batch_size=4"],
+    "kat_threshold": ["phases=4"],
 }
-NOT_OF_A_RUN = ("trap_benchmark", "testbed_trap_check", "smollm2_trap")  # no run_dir
+NOT_OF_A_RUN = ("trap_benchmark", "testbed_trap_check", "smollm2_trap", "termination_benchmark")
 REDRAWING = ("trap_plot",)  # redraws figures in the folders it is given: no results folder
 
 

@@ -56,7 +56,7 @@ class AnalysisContext:
             init=initial_state(module),
             detector=detector,
             spec=spec,
-            batches=prompt_batches(run.cfg, module, spec),
+            batches=prompt_batches(run.cfg, module.tokenizer, spec),
             threshold_from=cfg.get("threshold_from"),
         )
 

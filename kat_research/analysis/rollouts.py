@@ -35,18 +35,19 @@ class RolloutSpec:
     top_p: float | None = None
 
 
-def prompt_batches(cfg: DictConfig, module: OPDModule, spec: RolloutSpec) -> list[dict]:
-    """``spec.n`` training prompts of the run (drawn with ``spec.seed``), in batches."""
+def prompt_batches(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, spec: RolloutSpec
+) -> list[dict]:
+    """``spec.n`` training prompts of the run config ``cfg`` (drawn with ``spec.seed``),
+    encoded by its data settings, in batches."""
     data = instantiate(cfg.data)
-    data.attach_tokenizer(module.tokenizer)
+    data.attach_tokenizer(tokenizer)
     data.setup("fit")
     rows = data.train_rows
     if spec.n > len(rows):
         raise ValueError(f"asked for {spec.n} rollouts but the run has {len(rows)} prompts")
     chosen = [rows[i] for i in random.Random(spec.seed).sample(range(len(rows)), spec.n)]
-    collate = PromptCollator(
-        module.tokenizer, data.max_prompt_tokens, data.instruction, data.system
-    )
+    collate = PromptCollator(tokenizer, data.max_prompt_tokens, data.instruction, data.system)
     return [collate(chosen[i : i + spec.batch_size]) for i in range(0, spec.n, spec.batch_size)]
 
 
@@ -62,10 +63,13 @@ def uncut_rollouts(
     teacher_keep: TeacherKeep = "none",
     teacher_topk: int | None = None,
     progress: Progress | None = None,
+    overlap_k: int | None = None,
 ) -> Iterator[Rollout]:
     """The one way the analyses sample: rollouts of ``student`` over prompt ``batches``
     (:class:`PromptCollator` outputs) with no termination rule, the teacher scoring every token;
     one per batch, on the CPU unless ``teacher_keep="hidden"`` (the loss needs it on device).
+    Each records the per-token KL and the student's log-prob of the sampled token, and with
+    ``overlap_k`` the top-k overlap (what the termination rules read, ``termination.SIGNALS``).
     ``progress`` (unit: rollout; default a ``rollouts`` line without a total) is told the
     rollouts done and tokens generated after each batch; its clock starts at the first batch,
     so time the caller spends on each yielded rollout counts towards the pace."""
@@ -79,6 +83,7 @@ def uncut_rollouts(
         teacher_keep=teacher_keep,
         teacher_topk=teacher_topk,
         masked_token_ids=masked_token_ids,
+        overlap_k=overlap_k,
     )
     generator = torch.Generator(device=student.device).manual_seed(seed)
     done = tokens = 0

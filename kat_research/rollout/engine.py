@@ -77,7 +77,7 @@ class _Buffers:
     kl: torch.Tensor
     teacher_logprobs: torch.Tensor
     teacher_finite: torch.Tensor
-    topk_overlap: torch.Tensor | None  # only when the terminator reads it
+    topk_overlap: torch.Tensor | None  # only when the terminator reads it or overlap_k is set
 
     @classmethod
     def allocate(
@@ -114,6 +114,8 @@ class RolloutEngine:
         masked_token_ids: generated positions holding these ids are left out of ``loss_mask``.
         backend: where the student's tokens come from (default: the student decodes itself,
             :class:`HFBackend`); see :func:`kat_research.rollout.build_backend`.
+        overlap_k: record the ``topk_overlap`` signal at this k (``Rollout.topk_overlap``) even
+            when no rule reads it (offline analyses); a rule that reads it sets its own k.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class RolloutEngine:
         teacher_topk: int | None = None,
         masked_token_ids: Sequence[int] = (),
         backend: StudentBackend | None = None,
+        overlap_k: int | None = None,
     ):
         if teacher_keep not in ("none", "hidden", "topk"):
             raise ValueError(f"teacher_keep must be none/hidden/topk, got {teacher_keep!r}")
@@ -143,6 +146,10 @@ class RolloutEngine:
             raise ValueError(f"unknown terminator signals {sorted(unknown)}; valid: {SIGNALS}")
         if "topk_overlap" in signals and not terminator.overlap_k:
             raise ValueError(f"{terminator!r} reads topk_overlap but sets no overlap_k >= 1")
+        if "topk_overlap" in signals and overlap_k not in (None, terminator.overlap_k):
+            raise ValueError(f"overlap_k={overlap_k} but {terminator!r} reads another k")
+        if overlap_k is not None and (overlap_k < 1 or teacher is None):
+            raise ValueError(f"overlap_k needs a teacher and k >= 1, got {overlap_k}")
         if teacher is None and teacher_keep != "none":
             raise ValueError("teacher_keep needs a teacher")
         if teacher_keep == "topk" and (teacher_topk is None or teacher_topk < 1):
@@ -168,6 +175,7 @@ class RolloutEngine:
         self.sampling = sampling
         self.pad_token_id = pad_token_id
         self.terminator = terminator
+        self.overlap_k = terminator.overlap_k if "topk_overlap" in signals else overlap_k
         self.teacher_keep = teacher_keep
         self.teacher_topk = teacher_topk
         self.masked_token_ids = tuple(masked_token_ids)
@@ -225,7 +233,7 @@ class _RolloutRun:
         terminator = engine.terminator
         self.signals = terminator.signals if terminator is not None else ()
         self.buf = _Buffers.allocate(
-            batch, self.width, engine.pad_token_id, self.device, "topk_overlap" in self.signals
+            batch, self.width, engine.pad_token_id, self.device, engine.overlap_k is not None
         )
         self.prompt_len = self.prompt_mask.sum(-1)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -337,7 +345,7 @@ class _RolloutRun:
             kl[finite] = teacher_topk_tail_kl(flat_s[finite], top_lp[finite], top_ids[finite])
         recorded = [("kl", kl), ("teacher_logprobs", lq), ("teacher_finite", finite)]
         if self.buf.topk_overlap is not None:
-            k = self.e.terminator.overlap_k
+            k = self.e.overlap_k
             if t_logits is not None:
                 overlap = topk_overlap(flat_s, flat_t, k)
             elif chunk.topk_ids.shape[-1] >= k:
@@ -416,6 +424,7 @@ class _RolloutRun:
             teacher_topk_logprobs=self._gather_kept_topk(width, 0),
             teacher_topk_ids=self._gather_kept_topk(width, 1),
             n_teacher_nonfinite=n_nonfinite,
+            topk_overlap=None if buf.topk_overlap is None else buf.topk_overlap[:, :width],
             terminator_metrics=terminator.end_batch() if terminator is not None else {},
         )
 

@@ -54,6 +54,7 @@ class Rollout:
     teacher_hidden: torch.Tensor | None = None  # [B, T, H] teacher final hidden state
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K] teacher log q, top-K
     teacher_topk_ids: torch.Tensor | None = None  # [B, T, K] long, ids of those tokens
+    topk_overlap: torch.Tensor | None = None  # [B, T] float, the engine's overlap_k signal
     n_teacher_nonfinite: int = 0  # generated positions dropped for non-finite teacher logits
     timings: dict[str, float] = field(default_factory=dict)  # seconds: total, teacher, ...
     terminator_metrics: dict[str, float] = field(default_factory=dict)  # from end_batch()

@@ -491,7 +491,7 @@ def measure_pair(
         timeout_s=5.0,
     )
     stage = sample_stage(
-        "student", "pair", module, prompt_batches(cfg, module, spec), spec, verifier
+        "student", "pair", module, prompt_batches(cfg, module.tokenizer, spec), spec, verifier
     )
     detector = kat_rule_from_settings(OmegaConf.to_container(cfg.termination.kat, resolve=True))
     results = measure([stage], detector, quantiles)
