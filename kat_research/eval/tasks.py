@@ -1,5 +1,5 @@
-"""Evaluators of the tasks generated in code (the arithmetic task, the collatz testbed task):
-callables that generate with a model, grade, and return metrics plus records."""
+"""Evaluators of the tasks generated in code (the arithmetic task, the collatz and running-sum
+testbed tasks): callables that generate with a model, grade, and return metrics plus records."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kat_research.data import running_sum
 from kat_research.data.collatz import CollatzTaskConfig, verify
 from kat_research.data.prompts import format_prompt
-from kat_research.data.sources import Row, SourceSpec, load_rows
+from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.data.synthetic import ArithmeticTaskConfig, exact_integer_match
 from kat_research.eval.runner import (
     Completion,
@@ -42,27 +42,39 @@ def accuracy_metrics(name: str, records: list[SampleRecord]) -> dict[str, float]
 
 
 class HeldOutEvaluator:
-    """Accuracy on the held-out rows of a task generated in code: generate ``n_samples``
-    completions per row (greedy by default), grade them with :meth:`grade`, report
-    :func:`accuracy_metrics`. Subclasses load their rows and define the grading."""
+    """Accuracy on ``n_problems`` held-out problems of a task generated in code (its
+    ``data.source`` kind is the evaluator's ``name``, its settings a ``task_type``): generate
+    ``n_samples`` completions per problem (greedy by default), grade them with :meth:`grade`,
+    report :func:`accuracy_metrics`. Subclasses set the task and the grading, and the defaults
+    that fit their solutions (``default_problems``, ``default_max_new_tokens``)."""
 
     name = ""
+    task_type: type = ArithmeticTaskConfig
+    default_problems = 32
+    default_max_new_tokens = 256
 
     def __init__(
         self,
-        rows: list[Row],
-        *,
-        instruction: str,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        n_samples: int,
-        batch_size: int,
-        seed: int,
+        n_problems: int | None = None,
+        seed: int = 0,
+        task: dict | object | None = None,
+        instruction: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 64,
     ):
-        self.rows = rows
+        self.task = task if isinstance(task, self.task_type) else self.task_type(**(task or {}))
+        n = self.default_problems if n_problems is None else n_problems
+        self.rows, _ = load_rows(
+            SourceSpec(kind=self.name, split="eval", n=n, seed=seed, task=self.task)
+        )
         self.instruction = instruction
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.max_new_tokens = (
+            self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        )
+        self.temperature, self.top_p = temperature, top_p
         self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
 
     def grade(self, completions: list[Completion]) -> list[SampleRecord]:
@@ -95,35 +107,9 @@ class SyntheticEvaluator(HeldOutEvaluator):
     """
 
     name = "synthetic"
-
-    def __init__(
-        self,
-        n_problems: int = 256,
-        seed: int = 0,
-        task: dict | ArithmeticTaskConfig | None = None,
-        instruction: str = "",
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        n_samples: int = 1,
-        batch_size: int = 64,
-    ):
-        task_cfg = (
-            task if isinstance(task, ArithmeticTaskConfig) else ArithmeticTaskConfig(**(task or {}))
-        )
-        rows, _ = load_rows(
-            SourceSpec(kind="synthetic", split="eval", n=n_problems, seed=seed, task=task_cfg)
-        )
-        super().__init__(
-            rows,
-            instruction=instruction,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            seed=seed,
-        )
+    task_type = ArithmeticTaskConfig
+    default_problems = 256
+    default_max_new_tokens = 64
 
     def grade(self, completions: list[Completion]) -> list[SampleRecord]:
         return grade_completions(
@@ -142,35 +128,7 @@ class CollatzEvaluator(HeldOutEvaluator):
     (``data.collatz.verify``). ``answer`` in the records is the completion's last box."""
 
     name = "collatz"
-
-    def __init__(
-        self,
-        n_problems: int = 32,
-        seed: int = 0,
-        task: dict | CollatzTaskConfig | None = None,
-        instruction: str = "",
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        n_samples: int = 1,
-        batch_size: int = 64,
-    ):
-        self.task = (
-            task if isinstance(task, CollatzTaskConfig) else CollatzTaskConfig(**(task or {}))
-        )
-        rows, _ = load_rows(
-            SourceSpec(kind="collatz", split="eval", n=n_problems, seed=seed, task=self.task)
-        )
-        super().__init__(
-            rows,
-            instruction=instruction,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            seed=seed,
-        )
+    task_type = CollatzTaskConfig
 
     def grade(self, completions: list[Completion]) -> list[SampleRecord]:
         records = grade_completions(
@@ -206,37 +164,8 @@ class RunningSumEvaluator(HeldOutEvaluator):
     completion's last box."""
 
     name = "running_sum"
-
-    def __init__(
-        self,
-        n_problems: int = 32,
-        seed: int = 0,
-        task: dict | running_sum.RunningSumConfig | None = None,
-        instruction: str = "",
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        n_samples: int = 1,
-        batch_size: int = 64,
-    ):
-        self.task = (
-            task
-            if isinstance(task, running_sum.RunningSumConfig)
-            else running_sum.RunningSumConfig(**(task or {}))
-        )
-        rows, _ = load_rows(
-            SourceSpec(kind="running_sum", split="eval", n=n_problems, seed=seed, task=self.task)
-        )
-        super().__init__(
-            rows,
-            instruction=instruction,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            seed=seed,
-        )
+    task_type = running_sum.RunningSumConfig
+    default_max_new_tokens = 512
 
     def __call__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> EvalResult:
         """The held-out metrics plus ``running_sum/valid_line_share``: the mean share of a
