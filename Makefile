@@ -52,7 +52,7 @@ test-vllm: install-vllm
 bench-vllm: install-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_backends.py --smollm2
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_eval_backends.py
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(PY_VLLM) scripts/bench_teacher_backends.py
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 $(PY_VLLM) scripts/bench_teacher_backends.py
 
 # TRL lives in its own venv too, so that its pins never move .venv's: torch 2.13.0+cpu (the
 # local wheel) first, then trl 1.16 beside this package. scripts/bench_vs_trl.py runs there.

@@ -579,9 +579,8 @@ def peak_memory(device: str) -> int:
 def measure_loss(kind: str, mode: str, device: str, scale: Scale, chunk_size: int) -> dict:
     """One loss forward + backward (``mode``: chunked_fp32, chunked_bf16 under autocast, or
     naive with every logit materialised); peak extra memory over the inputs."""
-    from bench_loss_memory import make_inputs, naive_loss
-
     from kat_research.losses import opd_loss
+    from kat_research.losses.naive import make_inputs, naive_loss
 
     shape = (scale.loss_n, scale.loss_vocab, scale.loss_hidden)
     inputs = make_inputs(kind, *shape, chunk_size, device)
@@ -734,9 +733,8 @@ def vllm_section(report: Report, entry: dict, device: str, scale: Scale, cache: 
             f"built against its own torch) exceeds the {CARRY_LIMIT_MIB} MiB carry limit"
         )
         return
-    from bench_teacher_backends import add_arguments, bench_teacher
-
     from kat_research.models.smollm2 import smollm2_model
+    from kat_research.rollout.teachers.throughput import add_arguments, bench_teacher
 
     torch.set_num_threads(scale.threads)
     parser = argparse.ArgumentParser()

@@ -240,3 +240,33 @@ def test_conf_resolvers_are_registered_at_or_below_config():
 def test_target_unit_rejects_missing_modules(target):
     with pytest.raises(AssertionError, match="names no module"):
         target_unit(target)
+
+
+def imported_names(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (absolute imports, any depth)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_script_imports_another_script():
+    """Code that two scripts share belongs in the package: a script importing another works
+    only when run from scripts/ and hides shared code from the tests."""
+    scripts = {p.stem: p for p in (ROOT / "scripts").glob("*.py")}
+    offenders = {
+        name: sorted(imported_names(path) & (scripts.keys() - {name}))
+        for name, path in scripts.items()
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_imported_names_sees_nested_and_from_imports(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import a.b\nfrom c import d\ndef f():\n    from e.f import g\nfrom . import h\n"
+    )
+    assert imported_names(script) == {"a", "c", "e"}
