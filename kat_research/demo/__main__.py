@@ -3,9 +3,9 @@ long-horizon testbed.
 
 The committed testbed teacher and smaller student (assets/testbed) are distilled with standard
 OPD and KAT-OPD side by side (so that their wall times share the machine's load), then with
-RandomTerm at KAT's mean generated length, each through the same training entry point as any
-experiment (`experiment=demo`). Beside RandomTerm, the student's own rollouts before OPD are
-checked for the agreement trap. It prints the comparison table, KAT's realised compute saving
+RandomTerm whose mean length cap is KAT's mean generated length, each through the same training
+entry point as any experiment (`experiment=demo`). Beside RandomTerm, the student's own rollouts
+before OPD are checked for the agreement trap. It prints the comparison table, KAT's realised compute saving
 and the trap statistics.
 
     python -m kat_research.demo [--methods opd kat] [--no-random-term] [--trap-rollouts 128]
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     if second:
         print(
-            "\nrandom_term ran after them, beside the trap statistics, at KAT's mean generated "
-            "length: its wall time is not measured under the same load as theirs."
+            "\nrandom_term ran after them, beside the trap statistics, with KAT's mean generated "
+            "length as its mean length cap (rows that end by themselves first make it generate "
+            "less): its wall time is not measured under the same load as theirs."
         )
     if trap is not None:
         print("\n" + trap_text(trap))
