@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The offline end-to-end demo on the long-horizon testbed: distils the committed teacher into the
-# smaller student with OPD and KAT-OPD side by side, then RandomTerm (mean length cap: KAT's mean length) beside
-# the trap statistics; prints the table, KAT's realised compute saving and the trap numbers.
+# smaller student with OPD and KAT-OPD side by side, then RandomTerm (mean length cap: KAT's mean
+# length) beside the trap statistics; prints the table, KAT's realised compute saving and the
+# trap numbers.
 demo: install
 	$(PY) -m kat_research.demo
 

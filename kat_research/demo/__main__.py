@@ -5,8 +5,8 @@ The committed testbed teacher and smaller student (assets/testbed) are distilled
 OPD and KAT-OPD side by side (so that their wall times share the machine's load), then with
 RandomTerm whose mean length cap is KAT's mean generated length, each through the same training
 entry point as any experiment (`experiment=demo`). Beside RandomTerm, the student's own rollouts
-before OPD are checked for the agreement trap. It prints the comparison table, KAT's realised compute saving
-and the trap statistics.
+before OPD are checked for the agreement trap. It prints the comparison table, KAT's realised
+compute saving and the trap statistics.
 
     python -m kat_research.demo [--methods opd kat] [--no-random-term] [--trap-rollouts 128]
                                 [--jobs 2] [--output-dir outputs/demo] [override ...]
