@@ -35,6 +35,7 @@ from kat_research.data.collatz import repeated_span
 
 SPLITS = ("train", "eval")
 N_FORMS = 3
+LABELS = "abcdefghijklmnopqrstuvwxyz"  # item labels, in list order, when ``labels`` is on
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class RunningSumConfig:
     ``heldout_fraction`` of the answers (by a hash of the answer) form the eval split.
     ``max_chars`` bounds a pre-training document. ``form_weights`` are the relative odds of the
     three phrasings when text is generated (a model's style; the verifier accepts all).
+    ``labels`` writes a letter before every item, in the prompt and on its line
+    (``5237:a45 b12`` / ``a:5237+45=5282``), so the next item is found by matching its label
+    rather than by finding the previous item, wherever a phrasing put it.
     """
 
     start_min: int = 1000
@@ -57,6 +61,7 @@ class RunningSumConfig:
     heldout_fraction: float = 0.15
     max_chars: int = 480
     form_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    labels: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_min <= self.start_max:
@@ -68,6 +73,8 @@ class RunningSumConfig:
                 "need 1 <= min_items <= max_items <= the number of item values "
                 f"(items are distinct), got {self}"
             )
+        if self.labels and self.max_items > len(LABELS):
+            raise ValueError(f"labels allow at most {len(LABELS)} items, got {self.max_items}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         weights = tuple(float(w) for w in self.form_weights)
@@ -78,15 +85,22 @@ class RunningSumConfig:
 
 @dataclass(frozen=True)
 class Problem:
-    """A start and the items to add to it."""
+    """A start and the items to add to it (``labelled``: written with their labels)."""
 
     start: int
     items: tuple[int, ...]
+    labelled: bool = False
 
     @property
     def text(self) -> str:
-        """The prompt, ``start:item item ...``."""
-        return f"{self.start}:" + " ".join(map(str, self.items))
+        """The prompt, ``start:item item ...`` (``start:aitem bitem ...`` when labelled)."""
+        return f"{self.start}:" + " ".join(
+            f"{self.label(i)}{item}" for i, item in enumerate(self.items)
+        )
+
+    def label(self, index: int) -> str:
+        """The label written before item ``index`` (empty when unlabelled)."""
+        return LABELS[index] if self.labelled else ""
 
     @property
     def answer(self) -> int:
@@ -107,29 +121,37 @@ class Problem:
         return [(t, self.items[i:]) for i, t in enumerate(totals)]
 
 
-_PROBLEM = re.compile(r"(\d+):(\d+(?: \d+)*)")
+_PROBLEM = re.compile(r"(\d+):([a-z]?\d+(?: [a-z]?\d+)*)")
 
 
 def parse_problem(text: str) -> Problem:
-    """The problem written as ``text`` (its prompt)."""
+    """The problem written as ``text`` (its prompt), labelled or not."""
     match = _PROBLEM.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"not a running-sum problem (start:item item ...): {text!r}")
-    return Problem(int(match[1]), tuple(int(x) for x in match[2].split()))
+    words = match[2].split() if match else []
+    labelled = bool(words) and words[0][0].isalpha()
+    expected = [LABELS[i] if labelled else "" for i in range(len(words))]
+    if not match or len(words) > len(LABELS) or [w.rstrip("0123456789") for w in words] != expected:
+        raise ValueError(
+            f"not a running-sum problem (start:item item ... or start:aitem bitem ...): {text!r}"
+        )
+    return Problem(int(match[1]), tuple(int(w.lstrip(LABELS)) for w in words), labelled)
 
 
-def step_line(total: int, item: int, form: int) -> str:
-    """The line adding ``item`` to ``total`` in phrasing ``form`` (0..2)."""
+def step_line(total: int, item: int, form: int, label: str = "") -> str:
+    """The line adding ``item`` to ``total`` in phrasing ``form`` (0..2), after ``label:``
+    when a label is given."""
     result = total + item
-    return (f"{total}+{item}={result}", f"{item}+{total}={result}", f"{result}={total}+{item}")[
+    body = (f"{total}+{item}={result}", f"{item}+{total}={result}", f"{result}={total}+{item}")[
         form
     ]
+    return f"{label}:{body}" if label else body
 
 
 def parse_step(line: str) -> tuple[int, int, int] | None:
     """(left operand, right operand, result) of a line in any phrasing, whatever its arithmetic
-    (which operand is the total depends on the phrasing, which the context decides); None if
-    the line is no addition."""
+    (which operand is the total depends on the phrasing, which the context decides) and
+    whatever its label; None if the line is no addition."""
+    line = re.sub(r"^[a-z]:", "", line)
     match = re.fullmatch(r"(\d+)\+(\d+)=(\d+)", line)
     if match:
         return int(match[1]), int(match[2]), int(match[3])
@@ -152,8 +174,8 @@ def solution_lines(problem: Problem, rng: random.Random, cfg: RunningSumConfig) 
     """The worked solution's lines, a phrasing drawn per line, ending with the box."""
     totals = [problem.start, *problem.totals()]
     lines = [
-        step_line(total, item, draw_form(rng, cfg))
-        for total, item in zip(totals, problem.items, strict=False)
+        step_line(total, item, draw_form(rng, cfg), problem.label(i))
+        for i, (total, item) in enumerate(zip(totals, problem.items, strict=False))
     ]
     return [*lines, final_line(problem.answer)]
 
@@ -168,7 +190,7 @@ def random_problem(rng: random.Random, cfg: RunningSumConfig) -> Problem:
     """A problem drawn uniformly in its number of items, start and items."""
     k = rng.randint(cfg.min_items, cfg.max_items)
     items = rng.sample(range(cfg.item_min, cfg.item_max + 1), k)
-    return Problem(rng.randint(cfg.start_min, cfg.start_max), tuple(items))
+    return Problem(rng.randint(cfg.start_min, cfg.start_max), tuple(items), cfg.labels)
 
 
 def draw_problem(split: str, rng: random.Random, cfg: RunningSumConfig) -> Problem:
@@ -240,8 +262,8 @@ def verify(problem: str | Problem, completion: str, cfg: RunningSumConfig) -> Ve
     prob = problem if isinstance(problem, Problem) else parse_problem(problem)
     text = completion.rstrip("\n")
     expected = [
-        [step_line(t, item, f) for f in range(N_FORMS)]
-        for t, item in zip([prob.start, *prob.totals()], prob.items, strict=False)
+        [step_line(t, item, f, prob.label(i)) for f in range(N_FORMS)]
+        for i, (t, item) in enumerate(zip([prob.start, *prob.totals()], prob.items, strict=False))
     ]
     expected.append([final_line(prob.answer)])
     offset = 0
