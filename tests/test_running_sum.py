@@ -233,6 +233,34 @@ def test_verify_locates_the_first_error(completion, first_error, offset):
         assert verdict.n_valid == first_error
 
 
+LABELLED = "1000:a10 b20"
+
+
+@pytest.mark.parametrize(
+    ("completion", "first_error", "offset"),
+    [
+        ("a:1000+10=1010\nb:1030=1010+20\n\\boxed{1030}", None, None),
+        ("a:1000+10=1010\nb:1010+30=1040", 1, 15 + len("b:1010+")),  # an item not in the list
+        ("a:1000+10=1010\na:1010+10=1020", 1, 15),  # the first label again: a loop's start
+        ("1000+10=1010", 0, 0),  # a line without its label
+    ],
+)
+def test_verify_checks_labelled_lines(completion, first_error, offset):
+    verdict = rs.verify(LABELLED, completion, task())
+    assert verdict.first_error == first_error and verdict.error_offset == offset
+
+
+def test_labelled_problems_round_trip():
+    cfg = rs.RunningSumConfig(labels=True)
+    problem = rs.random_problem(random.Random(0), cfg)
+    assert problem.labelled and rs.parse_problem(problem.text) == problem
+    assert problem.text.split(":")[1].split()[1][0] == "b"
+    lines = rs.solution_lines(problem, random.Random(1), cfg)
+    assert [line[:2] for line in lines[:-1]] == [f"{c}:" for c in rs.LABELS[: len(problem.items)]]
+    assert rs.parse_step("c:12+1000=1012") == (12, 1000, 1012)
+    assert rs.verify(problem, "\n".join(lines), cfg).correct
+
+
 def test_verify_accepts_every_drawn_solution_and_rejects_a_changed_digit():
     rows = load_rows(SourceSpec(kind="running_sum", split="eval", n=50, seed=3, task=task()))[0]
     for row in rows:
@@ -250,6 +278,12 @@ def test_bad_settings_and_problems_are_named():
         rs.RunningSumConfig(form_weights=(1, 1))
     with pytest.raises(ValueError, match="start:item"):
         rs.parse_problem("12 34")
+    with pytest.raises(ValueError, match="start:aitem"):
+        rs.parse_problem("1000:a10 c20")  # labels out of order
+    with pytest.raises(ValueError, match="start:aitem"):
+        rs.parse_problem("1000:a10 20")  # labelled and bare items mixed
+    with pytest.raises(ValueError, match="at most 26 items"):
+        rs.RunningSumConfig(labels=True, item_max=99, max_items=30)
 
 
 # ---- source and evaluator --------------------------------------------------------------
