@@ -18,7 +18,7 @@ running_sum), then reports
     python -m kat_research.analysis.trap.testbed_check [rollouts=128] [output_dir=DIR] ...
     # the running total, a student after OPD (its exported model folder, or a checkpoint):
     python -m kat_research.analysis.trap.testbed_check rollouts=512 \
-        'train_overrides=[data=running_sum,eval=running_sum,...]' \
+        'train_overrides=["data=running_sum","eval=running_sum"]' max_new_tokens=448 \
         teacher_dir=<teacher folder> student_dir=<run>/student   # or student_checkpoint=<.ckpt>
 
 Rollouts are the student's own (temperature 1, top-p 1, cap ``max_new_tokens``) on
@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shlex
 import time
 from dataclasses import replace
@@ -142,7 +143,18 @@ def cut_positions(cuts: tc.OfflineCuts, verdicts: list[tc.RolloutVerdict]) -> di
 
 
 def _ci(values: dict, name: str) -> str:
+    """``name`` and its interval from ``values`` (``–`` where undefined: no rollouts)."""
+    if not math.isfinite(values[name]):
+        return "–"
     return f"{values[name]:.2f} [{values[f'{name}_lo']:.2f}, {values[f'{name}_hi']:.2f}]"
+
+
+def _quartiles(values: dict) -> str:
+    """Cut minus error onset as ``median [q1, q3]`` (``–`` with no cut derailed rollout)."""
+    if not values["n_cut_with_error"]:
+        return "–"
+    q1, median, q3 = (values[f"cut_minus_error_{n}"] for n in ("q1", "median", "q3"))
+    return f"{median:.0f} [{q1:.0f}, {q3:.0f}]"
 
 
 def markdown(summary: dict) -> str:
@@ -213,9 +225,7 @@ def markdown(summary: dict) -> str:
         "|---|---|---|---|---|",
         *[
             f"| {q} | {_ci(k, 'precision')} | {_ci(k, 'recall')} | "
-            f"{_ci(k, 'segment_after_error')} (n={k['n_cut_with_error']}) | "
-            f"{k['cut_minus_error_median']:.0f} [{k['cut_minus_error_q1']:.0f}, "
-            f"{k['cut_minus_error_q3']:.0f}] |"
+            f"{_ci(k, 'segment_after_error')} (n={k['n_cut_with_error']}) | {_quartiles(k)} |"
             for q, k in summary["kat"].items()
         ],
     ]
