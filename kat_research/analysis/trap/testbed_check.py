@@ -69,14 +69,15 @@ def carry_forward(teacher, tokenizer, rows, records, verdicts, task) -> dict:
     """Whether wrong values are carried forward: by the student (share of its later lines that
     are valid steps from its own previous result) and by the teacher (greedy next line after
     the student's first error line, when that line computed a wrong result from the right
-    input: carried / reverted to the right value / other)."""
+    input: carried / reverted to the right value / other, each share with its Wilson 95%
+    interval)."""
     own = []
     for r, v in zip(records, verdicts, strict=True):
         if v.category != "correct" and v.onset is not None:
             line = r["text"][: v.onset].count("\n")
-            share = tc.carried_forward_share(r["text"], line, task)
-            if share is not None:
-                own.append(share)
+            carried = tc.carried_forward_share(r["text"], line, task)
+            if carried is not None:
+                own.append(carried)
     cases = [
         (row.problem, found)
         for row, r in zip(rows, records, strict=True)
@@ -107,8 +108,9 @@ def carry_forward(teacher, tokenizer, rows, records, verdicts, task) -> dict:
         "n_student": len(own),
         "n_teacher_cases": len(kinds),
         **{
-            f"teacher_{k}": kinds.count(k) / len(kinds) if kinds else float("nan")
+            key: value
             for k in ("carried", "reverted", "other")
+            for key, value in share(kinds.count(k), len(kinds), f"teacher_{k}").items()
         },
     }
 
