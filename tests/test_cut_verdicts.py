@@ -147,8 +147,9 @@ def test_run_summary_sums_steps() -> None:
     assert run_summary({"rollouts": 2}) is None
 
 
-def test_training_logs_cut_verdicts(debug_config, tmp_path) -> None:
-    summary = train(debug_config(tmp_path, "data=collatz", "method=kat", "logger=csv"))
+@pytest.mark.parametrize("data", ["collatz", "running_sum"])
+def test_training_logs_cut_verdicts(debug_config, tmp_path, data) -> None:
+    summary = train(debug_config(tmp_path, f"data={data}", "method=kat", "logger=csv"))
     verdicts = summary["cut_verdicts"]
     assert verdicts["n_rows"] == 2 * 4 * 2
     assert verdicts["n_cut"] + verdicts["n_uncut"] == verdicts["n_rows"]

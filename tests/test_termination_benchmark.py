@@ -139,9 +139,9 @@ def test_engine_records_topk_overlap_on_request(tiny_pair, prompts, char_tokeniz
         RolloutEngine(student, None, sampling=sampling, pad_token_id=pad, overlap_k=3)
 
 
-@pytest.mark.parametrize("data", ["collatz", "synthetic"])
+@pytest.mark.parametrize("data", ["collatz", "running_sum", "synthetic"])
 def test_benchmark_end_to_end_debug(compose_config, tmp_path, data):
-    """The debug preset on the testbed's task (a line verifier: first errors) and on the
+    """The debug preset on the testbed's tasks (line verifiers: first errors) and on the
     synthetic arithmetic task (graded answers only: no first error, precision undefined)."""
     from kat_research.analysis.termination_benchmark import run
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from kat_research.analysis.context import output_dir
 from kat_research.analysis.offline_rules import Traces, matched_hazard, offline_kept
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, uncut_rollouts
+from kat_research.analysis.trap.check import quartiles
 from kat_research.analysis.trap.verdicts import make_verifier, score_cuts, share
 from kat_research.config import CONFIG_DIR, compose
 from kat_research.console import Progress
@@ -77,16 +77,6 @@ class Judged:
     category: str
 
 
-def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(25th, 50th, 75th) percentiles, linear interpolation (NaN for no values)."""
-    if not values:
-        return math.nan, math.nan, math.nan
-    if len(values) == 1:
-        return (values[0],) * 3
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def score_rule(kept: Sequence[int], judged: Sequence[Judged]) -> dict[str, float]:
     """One rule's cuts (tokens ``kept`` per rollout) against the verifier (module docstring)."""
     if len(kept) != len(judged):
@@ -104,7 +94,7 @@ def score_rule(kept: Sequence[int], judged: Sequence[Judged]) -> dict[str, float
         for c, k, j in zip(cut, kept, judged, strict=True)
         if c and j.error is not None
     ]
-    q1, median, q3 = _quartiles(offsets)
+    q1, median, q3 = quartiles(offsets)
     by_category = score_cuts(cut, [j.category for j in judged])
     return {
         "n": len(judged),

@@ -1,5 +1,5 @@
 """Where a completion first goes wrong: the task-agnostic interface the cut verdicts use, and the
-testbed's implementation.
+testbed tasks' implementations.
 
 A task with a line-by-line verifier implements :class:`FirstErrorTask`:
 
@@ -11,8 +11,8 @@ A task with a line-by-line verifier implements :class:`FirstErrorTask`:
   :data:`CATEGORIES` (correct, then degenerate, capped, wrong in that priority, as
   ``analysis.trap.check.classify``).
 
-:func:`first_error_task` returns the implementation of a run's ``data.source`` (None for tasks
-without one).
+:func:`first_error_task` returns the implementation of a run's ``data.source`` (collatz,
+running_sum; None for tasks without one).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from kat_research.data import running_sum
 from kat_research.data.collatz import (
     N_FORMS,
     CollatzTaskConfig,
@@ -84,8 +85,54 @@ class CollatzFirstError:
         return "capped" if stop_reason == "max_tokens" else "wrong"
 
 
+class RunningSumFirstError:
+    """The running-total verifier (``running_sum.verify``) as a :class:`FirstErrorTask`;
+    ``problem`` is the prompt (``5237:45 12 ...``, labelled or not)."""
+
+    name = "running-sum line verifier (running_sum.verify)"
+
+    def __init__(self, task: running_sum.RunningSumConfig) -> None:
+        self.task = task
+
+    def first_error(self, problem: str, completion: str) -> int | None:
+        """Start of the first line that does not add the next item to the previous total (any
+        phrasing, the item's label when labelled), is not the box after the last item, or is
+        not empty after the box. Unlike the collatz chain, a leading newline is an error
+        (``running_sum.verify`` skips none)."""
+        prob = running_sum.parse_problem(problem)
+        totals = [prob.start, *prob.totals()]
+        offset = 0
+        lines = completion.split("\n")
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1  # not followed by a newline: may be unfinished
+            if i < len(prob.items):
+                item = prob.items[i]
+                valid = {
+                    running_sum.step_line(totals[i], item, form, prob.label(i))
+                    for form in range(running_sum.N_FORMS)
+                }
+            elif i == len(prob.items):
+                valid = {running_sum.final_line(prob.answer)}
+            else:
+                valid = {""}  # only newlines may follow the box
+            if line not in valid and not (last and any(v.startswith(line) for v in valid)):
+                return offset
+            offset += len(line) + 1
+        return None
+
+    def category(self, problem: str, completion: str, stop_reason: str) -> str:
+        if running_sum.verify(problem, completion, self.task).correct:
+            return "correct"
+        if running_sum.repetition_onset(problem, completion) is not None:
+            return "degenerate"
+        return "capped" if stop_reason == "max_tokens" else "wrong"
+
+
 def first_error_task(data_source: Mapping[str, Any]) -> FirstErrorTask | None:
     """The :class:`FirstErrorTask` of a run's ``data.source``, None for a task without one."""
-    if data_source.get("kind") == "collatz":
-        return CollatzFirstError(CollatzTaskConfig(**(data_source.get("task") or {})))
+    kind, task = data_source.get("kind"), data_source.get("task") or {}
+    if kind == "collatz":
+        return CollatzFirstError(CollatzTaskConfig(**task))
+    if kind == "running_sum":
+        return RunningSumFirstError(running_sum.RunningSumConfig(**task))
     return None

@@ -281,6 +281,35 @@ def verify(problem: str | Problem, completion: str, cfg: RunningSumConfig) -> Ve
     return Verdict(False, n, n, len(text), n >= len(prob.items))
 
 
+def repetition_onset(problem: str | Problem, completion: str, repeats: int = 3) -> int | None:
+    """The repetition rule for "degenerate": the index of the first line at which some line
+    text, some line's result value, or some item of the problem's list as an operand occurs
+    for the ``repeats``-th time; None if none does.
+
+    A correct solution writes every line, result and item once (totals increase, items are
+    distinct; a total equal to an item value is possible only when ``start_min`` is below
+    ``item_max``), so a hit is a loop: a line copied verbatim, a total rewritten in other
+    phrasings, or the list cycled through again. One item added twice (the place in the list
+    lost once) is a wrong solution, not a loop."""
+    prob = problem if isinstance(problem, Problem) else parse_problem(problem)
+    items = set(prob.items)
+    seen: dict[tuple[str, str | int], int] = {}
+    for i, line in enumerate(completion.split("\n")):
+        if not line:
+            continue
+        keys: list[tuple[str, str | int]] = [("text", line)]
+        step = parse_step(line)
+        if step is not None:
+            left, right, result = step
+            keys.append(("result", result))
+            keys += [("item", x) for x in {left, right} & items]
+        for key in keys:
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] >= repeats:
+                return i
+    return None
+
+
 def _repeated_lines(problem: Problem, rng: random.Random, cfg: RunningSumConfig) -> str:
     """A prompt and the first few lines of its solution, whose last 1-3 lines are then
     repeated verbatim to ``max_chars`` (a loop, in plain text)."""

@@ -1,11 +1,12 @@
 """The agreement trap, in one place: do rollouts that went wrong settle into agreement with the
 teacher, and does KAT cut them rather than correct ones?
 
-- ``verdicts``: how a rollout is judged (the collatz chain verifier, or math grading plus a
-  repetition rule);
+- ``verdicts``: how a rollout is judged (a testbed task's line verifier, collatz or
+  running_sum, or math grading plus a repetition rule);
+- ``tasks``: what the testbed probes need to know about each line-verified task;
 - ``check``: the testbed's probes (forced loops, KL after derailment, offline cut rates);
-- ``testbed_check``: ``python -m kat_research.analysis.trap.testbed_check``, those probes on the
-  shipped testbed models (``make testbed-trap-check``);
+- ``testbed_check``: ``python -m kat_research.analysis.trap.testbed_check``, those probes on a
+  testbed task's models (``make testbed-trap-check``; any student folder or checkpoint);
 - ``analysis``: ``python -m kat_research.analysis.trap.analysis``, a training run's rollouts at
   two checkpoints against KAT's segments and cuts;
 - ``smollm2``: ``python -m kat_research.analysis.trap.smollm2``, the same on a real pair

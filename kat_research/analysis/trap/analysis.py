@@ -47,7 +47,7 @@ from kat_research.analysis.detector import resolve_threshold, segment_traces
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, sample_rollouts
 from kat_research.analysis.trap.check import CATEGORIES
 from kat_research.analysis.trap.verdicts import (
-    CollatzVerifier,
+    LineVerifier,
     MathVerifier,
     Verdict,
     crosstab,
@@ -63,7 +63,7 @@ from kat_research.provenance import code_commit
 from kat_research.termination import KATRule, kat_cuts, kat_rule_from_settings
 
 STAGES = ("early", "late")
-Verifier = CollatzVerifier | MathVerifier
+Verifier = LineVerifier | MathVerifier
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""The testbed's trap check (issue 14): whether KAT's cuts on the long-horizon task hit derailed
-rollouts or correct ones.
+"""The testbed's trap check (issue 14): whether KAT's cuts on a long-horizon task hit derailed
+rollouts or correct ones. The task is a line-by-line one (the collatz chain or the running
+total); what differs between tasks sits behind ``trap.tasks.TrapTask``, chosen by the task's
+settings object (``CollatzTaskConfig`` / ``RunningSumConfig``) every function here takes.
 
 Three measurements, all on the student's own uncut rollouts (nothing is planted):
 
@@ -12,12 +14,13 @@ Three measurements, all on the student's own uncut rollouts (nothing is planted)
    window minima as in KAT's buffer) on derailed against correct rollouts, with Fisher's exact
    test (:func:`fisher_exact`).
 
-Rollouts are classified by :func:`classify`: ``correct`` (the verifier accepts it),
-``degenerate`` (the repetition rule ``collatz.repetition_onset``: some line text or step
-result value occurs a third time), ``capped`` (not degenerate, ran to the token cap) and
-``wrong`` (stopped by itself, rejected). The derailment onset is the first token of the first
-line the verifier rejects; the KL "after" it starts at the next line, so the error line itself
-(where KL spikes) is not counted.
+Rollouts are classified by :func:`classify`: ``correct`` (the task's verifier accepts it),
+``degenerate`` (the task's repetition rule: for collatz ``collatz.repetition_onset``, some line
+text or step result value occurs a third time; for the running total
+``running_sum.repetition_onset``, also a list item added a third time), ``capped`` (not
+degenerate, ran to the token cap) and ``wrong`` (stopped by itself, rejected). The derailment
+onset is the first token of the first line the verifier rejects; the KL "after" it starts at
+the next line, so the error line itself (where KL spikes) is not counted.
 """
 
 from __future__ import annotations
@@ -33,18 +36,8 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kat_research.analysis.rollouts import uncut_rollouts
+from kat_research.analysis.trap.tasks import TaskConfig, trap_task
 from kat_research.console import Progress
-from kat_research.data.collatz import (
-    N_FORMS,
-    CollatzTaskConfig,
-    is_valid_step,
-    next_value,
-    parse_step,
-    repetition_onset,
-    step_line,
-    trajectory,
-    verify,
-)
 from kat_research.data.prompts import PromptCollator, format_prompt
 from kat_research.data.sources import Row
 from kat_research.losses import per_token_reverse_kl
@@ -68,7 +61,7 @@ class RolloutVerdict:
 class ScoredRollout:
     """One uncut student rollout with the teacher's per-token KL and its verdict."""
 
-    start: str  # the problem (the start value)
+    start: str  # the problem (its prompt text: the start value for collatz)
     text: str  # generated text, one character per token, the end token left out
     stop: str  # eos | max_tokens
     kl: torch.Tensor  # per generated token, float64 on the CPU
@@ -89,7 +82,7 @@ def sample_scored_rollouts(
     teacher: PreTrainedModel,
     collate: PromptCollator,
     rows: Sequence[Row],
-    cfg: CollatzTaskConfig,
+    cfg: TaskConfig,
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -135,16 +128,18 @@ def _line_start(text: str, line: int) -> int:
 
 
 def classify(
-    start: int | str, completion: str, stop_reason: str, cfg: CollatzTaskConfig
+    start: int | str, completion: str, stop_reason: str, cfg: TaskConfig
 ) -> RolloutVerdict:
-    """The category and derailment positions of one rollout; positions are character indices,
-    which are token indices for the character-level testbed tokenizer."""
-    verdict = verify(start, completion, cfg)
-    loop_line = repetition_onset(completion, cfg)
+    """The category and derailment positions of one rollout (``start``: the problem);
+    positions are character indices, which are token indices for the character-level testbed
+    tokenizer."""
+    task = trap_task(cfg)
+    correct, first_error, n_valid = task.verify(str(start), completion)
+    loop_line = task.repetition_line(str(start), completion)
     loop = None if loop_line is None else _line_start(completion, loop_line)
-    if verdict.correct:
+    if correct:
         return RolloutVerdict("correct", None, None, None)
-    error = verdict.first_error if verdict.first_error is not None else verdict.n_valid
+    error = first_error if first_error is not None else n_valid
     onset, after = _line_start(completion, error), _line_start(completion, error + 1)
     if loop is not None:
         category = "degenerate"
@@ -159,8 +154,8 @@ def classify(
 def forced_loop_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    starts: Sequence[int],
-    cfg: CollatzTaskConfig,
+    starts: Sequence[int | str],
+    cfg: TaskConfig,
     *,
     k: int = 4,
     copies: int = 6,
@@ -168,15 +163,15 @@ def forced_loop_accuracy(
 ) -> list[float]:
     """Top-1 accuracy of ``model`` on the tokens of each repeated copy (index 1..``copies``,
     the line's newline included) after ``k`` correct lines, the ``k``-th then repeated.
-    Index 0 is the ``k``-th line itself (computed, not copied). Mean over ``starts``."""
+    Index 0 is the ``k``-th line itself (computed, not copied). Mean over ``starts`` (the
+    problems; those whose solution has fewer than ``k`` lines are skipped)."""
+    task = trap_task(cfg)
     rng = random.Random(seed)
     hits = [[0, 0] for _ in range(copies + 1)]
     for start in starts:
-        values = trajectory(start, cfg)
-        if values is None or len(values) <= k:
+        lines = task.probe_lines(str(start), k, rng)
+        if lines is None:
             continue
-        lines = [step_line(x, rng.randrange(N_FORMS), cfg) for x in values[: k - 1]]
-        lines.append(step_line(values[k - 1], rng.randrange(N_FORMS), cfg))
         prompt = format_prompt(tokenizer, str(start), "")
         prefix_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         prefix_ids += tokenizer("\n".join(lines[:-1]) + "\n", add_special_tokens=False).input_ids
@@ -208,8 +203,8 @@ def forced_loop_kl(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    starts: Sequence[int],
-    cfg: CollatzTaskConfig,
+    starts: Sequence[int | str],
+    cfg: TaskConfig,
     *,
     k: int = 4,
     copies: int = 6,
@@ -217,16 +212,16 @@ def forced_loop_kl(
 ) -> tuple[list[float], list[float]]:
     """Per copy index 1..``copies``: the mean KL(student || teacher) on the tokens of the
     ``k``-th line repeated verbatim (a forced loop), and on the correct ``k+j``-th line of the
-    same problem (the control: the lines a correct rollout writes there). Starts whose
-    trajectory is shorter than ``k + copies`` lines are skipped."""
+    same problem (the control: the lines a correct rollout writes there). Problems whose
+    solution is shorter than ``k + copies`` lines are skipped."""
+    task = trap_task(cfg)
     rng = random.Random(seed)
     loop = [[] for _ in range(copies)]
     control = [[] for _ in range(copies)]
     for start in starts:
-        values = trajectory(start, cfg)
-        if values is None or len(values) - 1 < k + copies:
+        lines = task.probe_lines(str(start), k + copies, rng)
+        if lines is None:
             continue
-        lines = [step_line(x, rng.randrange(N_FORMS), cfg) for x in values[: k + copies]]
         prompt = tokenizer(format_prompt(tokenizer, str(start), ""), add_special_tokens=False)
         prefix = (
             prompt.input_ids
@@ -252,6 +247,16 @@ def mean(values: Sequence[float]) -> float:
 def median(values: Sequence[float]) -> float:
     """The median, NaN for no values."""
     return statistics.median(values) if values else math.nan
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(25th, 50th, 75th) percentiles, linear interpolation (NaN for no values)."""
+    if not values:
+        return math.nan, math.nan, math.nan
+    if len(values) == 1:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 @dataclass(frozen=True)
@@ -379,62 +384,67 @@ def cut_rate_table(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> dic
     return out
 
 
-def cut_after_onset_share(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> float:
-    """Among cut derailed rollouts, the share whose cut falls at or after the derailment
-    onset (a cut before the onset discards the error along with the tokens before it)."""
-    pairs = [
-        (c, v.onset)
+def cut_offsets(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> list[int]:
+    """Per cut derailed rollout, its cut minus its derailment onset in tokens: the cut is where
+    its low-KL segment begins, so >= 0 means the segment begins at or after the first token of
+    the first rejected line (> 0: the kept prefix reaches into that line)."""
+    return [
+        c - v.onset
         for c, v in zip(cuts.cut, verdicts, strict=True)
         if c is not None and v.category != "correct" and v.onset is not None
     ]
-    return sum(c >= onset for c, onset in pairs) / len(pairs) if pairs else math.nan
 
 
-def carried_forward_share(
-    completion: str, first_error: int, cfg: CollatzTaskConfig
-) -> float | None:
+def cut_after_onset_share(cuts: OfflineCuts, verdicts: Sequence[RolloutVerdict]) -> float:
+    """Among cut derailed rollouts, the share whose cut falls at or after the derailment
+    onset (a cut before the onset discards the error along with the tokens before it)."""
+    offsets = cut_offsets(cuts, verdicts)
+    return sum(o >= 0 for o in offsets) / len(offsets) if offsets else math.nan
+
+
+def carried_forward_share(completion: str, first_error: int, cfg: TaskConfig) -> float | None:
     """Among the step lines after line ``first_error``, the share that are a valid step from the
     previous line's own result (the wrong value carried forward); None if there are none."""
+    task = trap_task(cfg)
     lines = completion.split("\n")
-    previous = parse_step(lines[first_error], cfg) if first_error < len(lines) else None
+    previous = task.result(lines[first_error]) if first_error < len(lines) else None
     ok = total = 0
     for line in lines[first_error + 1 :]:
-        step = parse_step(line, cfg)
-        if previous is not None and step is not None:
+        value = task.result(line)
+        if previous is not None and value is not None:
             total += 1
-            ok += step[0] == previous[1] and is_valid_step(line, step[0], cfg)
-        previous = step
+            ok += task.is_step_from(line, previous)
+        previous = value
     return ok / total if total else None
 
 
-def continuation_kind(line: str, wrong: int, right: int, cfg: CollatzTaskConfig) -> str:
+def continuation_kind(line: str, wrong: int, right: int, cfg: TaskConfig) -> str:
     """What a next line does after an error line whose result is ``wrong`` (the correct result
     was ``right``): ``carried`` (a valid step from ``wrong``), ``reverted`` (a valid step from
     ``right``) or ``other``."""
-    if is_valid_step(line, wrong, cfg):
+    task = trap_task(cfg)
+    if task.is_step_from(line, wrong):
         return "carried"
-    if is_valid_step(line, right, cfg):
+    if task.is_step_from(line, right):
         return "reverted"
     return "other"
 
 
 def error_prefixes(
-    start: int | str, completion: str, cfg: CollatzTaskConfig
+    start: int | str, completion: str, cfg: TaskConfig
 ) -> tuple[str, int, int] | None:
     """(the completion up to and including its first error line and a newline, the wrong
     result written there, the correct one) when the first rejected line is a parsable step
     from the right input with a wrong result; None otherwise."""
-    verdict = verify(start, completion, cfg)
-    if verdict.first_error is None:
+    task = trap_task(cfg)
+    _, first_error, _ = task.verify(str(start), completion)
+    if first_error is None:
         return None
     lines = completion.split("\n")
-    if verdict.first_error >= len(lines) - 1:  # nothing after it in the rollout
+    if first_error >= len(lines) - 1:  # nothing after it in the rollout
         return None
-    x = int(start)
-    for _ in range(verdict.first_error):
-        x = next_value(x, cfg)
-    step = parse_step(lines[verdict.first_error], cfg)
-    if step is None or step[0] != x or step[1] == next_value(x, cfg):
+    found = task.wrong_result(str(start), first_error, lines[first_error])
+    if found is None:
         return None
-    prefix = "\n".join(lines[: verdict.first_error + 1]) + "\n"
-    return prefix, step[1], next_value(x, cfg)
+    prefix = "\n".join(lines[: first_error + 1]) + "\n"
+    return prefix, *found

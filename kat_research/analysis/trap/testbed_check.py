@@ -1,12 +1,25 @@
 """The testbed's trap check (issue 14; `make testbed-trap-check`): loads the testbed teacher and
-student of a train config (``train_overrides``), then reports
+student of a train config (``train_overrides``; its ``data`` is the task, collatz or
+running_sum), then reports
 
-1. the teacher's forced-loop probe (top-1 accuracy on each repeated copy of a line);
-2. the KL of derailed student rollouts after derailment against correct rollouts at the same
+1. the forced-loop probe (top-1 accuracy on each repeated copy of a line; KL on the copies);
+2. the rollouts' categories by the task's verifier, each share with a Wilson 95% interval (the
+   loop share is ``degenerate``'s);
+3. whether wrong values are carried forward (by the student; by the teacher's greedy next line
+   after the student's first wrong-result line: carried / reverted / other);
+4. the KL of derailed student rollouts after derailment against correct rollouts at the same
    positions;
-3. KAT's offline cut rate on derailed vs correct rollouts (Fisher's exact test).
+5. KAT's offline cuts on derailed vs correct rollouts at each threshold quantile: cut rates
+   (Fisher's exact test), precision and recall (Wilson 95% intervals), and where the cut (=
+   where the rollout's low-KL segment begins) falls relative to the first error: the share of
+   cut derailed rollouts whose segment begins at or after the first rejected line's first
+   token, and the quartiles of cut minus that token.
 
     python -m kat_research.analysis.trap.testbed_check [rollouts=128] [output_dir=DIR] ...
+    # the running total, a student after OPD (its exported model folder, or a checkpoint):
+    python -m kat_research.analysis.trap.testbed_check rollouts=512 \
+        'train_overrides=["data=running_sum","eval=running_sum"]' max_new_tokens=448 \
+        teacher_dir=<teacher folder> student_dir=<run>/student   # or student_checkpoint=<.ckpt>
 
 Rollouts are the student's own (temperature 1, top-p 1, cap ``max_new_tokens``) on
 training-split prompts, encoded by the config's data settings and sampled by the analyses' one
@@ -21,8 +34,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shlex
 import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -31,13 +48,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.analysis.context import output_dir
+from kat_research.analysis.runs import read_checkpoint, student_state
 from kat_research.analysis.trap import check as tc
+from kat_research.analysis.trap.tasks import task_config, trap_task
+from kat_research.analysis.trap.verdicts import score_cuts, share
 from kat_research.building import demo_model_info
+from kat_research.building.testbed import META_FILE
 from kat_research.config import CONFIG_DIR, compose
-from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.prompts import PromptCollator, format_prompt
 from kat_research.data.sources import SourceSpec, load_rows
-from kat_research.models import load_causal_lm
+from kat_research.models import LoadedModel, load_causal_lm
 from kat_research.provenance import code_commit
 from kat_research.rollout import RolloutEngine, SamplingConfig
 from kat_research.runtime import set_torch_threads
@@ -49,14 +69,15 @@ def carry_forward(teacher, tokenizer, rows, records, verdicts, task) -> dict:
     """Whether wrong values are carried forward: by the student (share of its later lines that
     are valid steps from its own previous result) and by the teacher (greedy next line after
     the student's first error line, when that line computed a wrong result from the right
-    input: carried / reverted to the right value / other)."""
+    input: carried / reverted to the right value / other, each share with its Wilson 95%
+    interval)."""
     own = []
     for r, v in zip(records, verdicts, strict=True):
         if v.category != "correct" and v.onset is not None:
             line = r["text"][: v.onset].count("\n")
-            share = tc.carried_forward_share(r["text"], line, task)
-            if share is not None:
-                own.append(share)
+            carried = tc.carried_forward_share(r["text"], line, task)
+            if carried is not None:
+                own.append(carried)
     cases = [
         (row.problem, found)
         for row, r in zip(rows, records, strict=True)
@@ -87,26 +108,65 @@ def carry_forward(teacher, tokenizer, rows, records, verdicts, task) -> dict:
         "n_student": len(own),
         "n_teacher_cases": len(kinds),
         **{
-            f"teacher_{k}": kinds.count(k) / len(kinds) if kinds else float("nan")
+            key: value
             for k in ("carried", "reverted", "other")
+            for key, value in share(kinds.count(k), len(kinds), f"teacher_{k}").items()
         },
     }
 
 
-def train_starts(task: CollatzTaskConfig, n: int = 64) -> list[int]:
-    """Up to ``n`` distinct training-split starts (the prompts OPD samples)."""
-    rows, _ = load_rows(SourceSpec(kind="collatz", split="train", n=4 * n, seed=7, task=task))
-    return sorted({int(r.problem) for r in rows})[:n]
+def model_info(model: LoadedModel) -> dict[str, Any]:
+    """Where a model came from and, for a built testbed model, how it was trained (its
+    ``demo_model.json`` less the SFT settings); a model without one (an OPD run's exported
+    student, a random-init model) gets its name only."""
+    meta = Path(model.name) / META_FILE
+    info = demo_model_info(model.name) if meta.is_file() else {}
+    return {"name": model.name, **{k: v for k, v in info.items() if k != "sft"}}
+
+
+def _accuracy(info: dict[str, Any], kind: str) -> str:
+    value = info.get(f"{kind}/accuracy")
+    return "–" if value is None else f"{value:.3f}"
+
+
+def cut_positions(cuts: tc.OfflineCuts, verdicts: list[tc.RolloutVerdict]) -> dict[str, float]:
+    """Where KAT's cuts of derailed rollouts fall relative to the first error: the share whose
+    low-KL segment (the cut) begins at or after the first rejected line's first token, with its
+    Wilson 95% interval, and the quartiles of cut minus that token (module docstring)."""
+    offsets = tc.cut_offsets(cuts, verdicts)
+    q1, median, q3 = tc.quartiles(offsets)
+    return {
+        "n_cut_with_error": len(offsets),
+        **share(sum(o >= 0 for o in offsets), len(offsets), "segment_after_error"),
+        "cut_minus_error_q1": q1,
+        "cut_minus_error_median": median,
+        "cut_minus_error_q3": q3,
+    }
+
+
+def _ci(values: dict, name: str) -> str:
+    """``name`` and its interval from ``values`` (``–`` where undefined: no rollouts)."""
+    if not math.isfinite(values[name]):
+        return "–"
+    return f"{values[name]:.2f} [{values[f'{name}_lo']:.2f}, {values[f'{name}_hi']:.2f}]"
+
+
+def _quartiles(values: dict) -> str:
+    """Cut minus error onset as ``median [q1, q3]`` (``–`` with no cut derailed rollout)."""
+    if not values["n_cut_with_error"]:
+        return "–"
+    q1, median, q3 = (values[f"cut_minus_error_{n}"] for n in ("q1", "median", "q3"))
+    return f"{median:.0f} [{q1:.0f}, {q3:.0f}]"
 
 
 def markdown(summary: dict) -> str:
     """The summary as the Markdown tables results/testbed_trap_check.md quotes."""
     fl = summary["forced_loop"]
     copies = range(len(fl["teacher"]))
+    kind = summary["task"]
     lines = [
-        f"commit {summary['commit']}; held-out greedy accuracy: teacher "
-        f"{summary['teacher']['collatz/accuracy']:.3f}, "
-        f"student {summary['student']['collatz/accuracy']:.3f}",
+        f"commit {summary['commit']}; task {kind}; held-out greedy accuracy: teacher "
+        f"{_accuracy(summary['teacher'], kind)}, student {_accuracy(summary['student'], kind)}",
         "",
         "| forced-loop copy index | " + " | ".join(str(j) for j in copies) + " |",
         "|---|" + "---|" * len(copies),
@@ -129,10 +189,11 @@ def markdown(summary: dict) -> str:
         f"{summary['carry_forward']['teacher_reverted']:.2f}, other "
         f"{summary['carry_forward']['teacher_other']:.2f}",
         "",
-        "| category | n | mean length | mean KL |",
-        "|---|---|---|---|",
+        "| category | n | share [95%] | mean length | mean KL |",
+        "|---|---|---|---|---|",
         *[
-            f"| {c} | {n} | {summary['mean_length'][c]:.1f} | {summary['mean_kl'][c]:.4f} |"
+            f"| {c} | {n} | {_ci(summary['shares'], c)} | {summary['mean_length'][c]:.1f} | "
+            f"{summary['mean_kl'][c]:.4f} |"
             for c, n in summary["categories"].items()
         ],
         f"| (ran to the cap, any category) | {summary['capped_total']} | | |",
@@ -160,27 +221,67 @@ def markdown(summary: dict) -> str:
             f"| {k['cut_after_onset_share']:.2f} |"
             for q, k in summary["kat"].items()
         ],
+        "",
+        "| quantile q | precision [95%] | recall [95%] | cut derailed with segment at/after "
+        "the error [95%] | cut − error onset, median [q1, q3] |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {q} | {_ci(k, 'precision')} | {_ci(k, 'recall')} | "
+            f"{_ci(k, 'segment_after_error')} (n={k['n_cut_with_error']}) | {_quartiles(k)} |"
+            for q, k in summary["kat"].items()
+        ],
     ]
     return "\n".join(lines)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Fail before any model loads on a model path that is not there or settings that clash."""
+    if cfg.student_dir and cfg.student_checkpoint:
+        raise ValueError(
+            "set student_dir (a saved model folder) or student_checkpoint (a training "
+            "checkpoint), not both"
+        )
+    for key in ("teacher_dir", "student_dir"):
+        if cfg[key] and not (Path(cfg[key]) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{key}={cfg[key]} holds no saved model (config.json): point it at a folder "
+                "save_pretrained wrote (an OPD run's <run>/student, a testbed model folder)"
+            )
+    if cfg.student_checkpoint and not Path(cfg.student_checkpoint).is_file():
+        raise FileNotFoundError(
+            f"student_checkpoint={cfg.student_checkpoint} does not exist: point it at a "
+            "training run's checkpoint (<run>/checkpoints/*.ckpt)"
+        )
+
+
+def load_student(cfg: DictConfig, train_cfg: DictConfig) -> LoadedModel:
+    """The student checked: ``student_dir``, else the train config's student with
+    ``student_checkpoint``'s student weights when set, else the train config's student."""
+    if cfg.student_dir:
+        return load_causal_lm(cfg.student_dir, trainable=False)
+    student = instantiate(train_cfg.model.student)
+    if cfg.student_checkpoint:
+        state = student_state(read_checkpoint(Path(cfg.student_checkpoint)))
+        student.model.load_state_dict(state)
+        student = replace(student, name=cfg.student_checkpoint)
+    return student
 
 
 def run(cfg: DictConfig, command: str) -> dict:
     """The check ``cfg`` (conf/analysis_testbed_trap_check.yaml) describes, recorded as run by
     ``command``; the summary it wrote."""
     set_torch_threads(cfg.threads)
+    check_settings(cfg)
     train_cfg = compose(list(cfg.train_overrides))
-    task = CollatzTaskConfig(**train_cfg.data.source.task)
+    task = task_config(OmegaConf.to_container(train_cfg.data.source, resolve=True))
+    kind = trap_task(task).kind
     start = time.perf_counter()
     teacher = (
         load_causal_lm(cfg.teacher_dir, trainable=False)
         if cfg.teacher_dir
         else instantiate(train_cfg.model.teacher)
     )
-    student = (
-        load_causal_lm(cfg.student_dir, trainable=False)
-        if cfg.student_dir
-        else instantiate(train_cfg.model.student)
-    )
+    student = load_student(cfg, train_cfg)
     tokenizer = teacher.tokenizer
     data = train_cfg.data
     collate = PromptCollator(
@@ -197,28 +298,27 @@ def run(cfg: DictConfig, command: str) -> dict:
             k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"
         },
         "rule": str(rule),
-        "teacher": {k: v for k, v in demo_model_info(teacher.name).items() if k != "sft"},
-        "student": {k: v for k, v in demo_model_info(student.name).items() if k != "sft"},
+        "task": kind,
+        "teacher": model_info(teacher),
+        "student": model_info(student),
         "models_ready_s": time.perf_counter() - start,
         "commit": code_commit(),
     }
 
-    eval_starts = [
-        int(r.problem)
-        for r in load_rows(SourceSpec(kind="collatz", split="eval", n=39, task=task))[0]
-    ]
+    eval_problems = trap_task(task).probe_problems("eval", cfg.probe_problems.eval)
+    train_problems = trap_task(task).probe_problems("train", cfg.probe_problems.train)
     summary["forced_loop"] = {
-        role: tc.forced_loop_accuracy(m.model, tokenizer, eval_starts, task)
+        role: tc.forced_loop_accuracy(m.model, tokenizer, eval_problems, task)
         for role, m in (("teacher", teacher), ("student", student))
     }
 
     loop_kl, control_kl = tc.forced_loop_kl(
-        student.model, teacher.model, tokenizer, eval_starts + train_starts(task), task
+        student.model, teacher.model, tokenizer, eval_problems + train_problems, task
     )
     summary["forced_loop_kl"] = {"loop": loop_kl, "correct_lines": control_kl}
 
     rows, _ = load_rows(
-        SourceSpec(kind="collatz", split="train", n=cfg.rollouts, seed=1000 + cfg.seed, task=task)
+        SourceSpec(kind=kind, split="train", n=cfg.rollouts, seed=1000 + cfg.seed, task=task)
     )
     t0 = time.perf_counter()
     scored = tc.sample_scored_rollouts(
@@ -241,6 +341,9 @@ def run(cfg: DictConfig, command: str) -> dict:
     summary["carry_forward"] = carry_forward(teacher, tokenizer, rows, records, verdicts, task)
     counts = {c: sum(v.category == c for v in verdicts) for c in tc.CATEGORIES}
     summary["categories"] = counts
+    summary["shares"] = {
+        k: v for c, n in counts.items() for k, v in share(n, len(verdicts), c).items()
+    }
     summary["capped_total"] = sum(r["stop"] == "max_tokens" for r in records)
     summary["mean_length"] = {
         c: tc.mean([r["length"] for r, v in zip(records, verdicts, strict=True) if v.category == c])
@@ -269,9 +372,16 @@ def run(cfg: DictConfig, command: str) -> dict:
     for q in cfg.quantiles:
         cuts = tc.offline_kat_cuts(kls, rule.with_quantile(q))
         cuts_at[q] = cuts
+        scored_cuts = score_cuts([c is not None for c in cuts.cut], [v.category for v in verdicts])
         summary["kat"][str(q)] = {
             **tc.cut_rate_table(cuts, verdicts),
             "cut_after_onset_share": tc.cut_after_onset_share(cuts, verdicts),
+            **{
+                f"{name}{suffix}": scored_cuts[f"{name}{suffix}"]
+                for name in ("precision", "recall")
+                for suffix in ("", "_lo", "_hi")
+            },
+            **cut_positions(cuts, verdicts),
         }
 
     out = output_dir(cfg)

@@ -12,6 +12,9 @@ The verifier is the task's own:
 - ``data.source.kind=collatz`` (the testbed): the chain verifier ``collatz.verify``; the
   repetition rule is ``collatz.repetition_onset`` (some line text or step result value
   occurs a third time);
+- ``data.source.kind=running_sum`` (the running-total testbed): the line verifier
+  ``running_sum.verify``; the repetition rule is ``running_sum.repetition_onset`` (some line
+  text, step result value or list item as an operand occurs a third time);
 - any other data (GSM8K, MATH, the synthetic arithmetic task): math grading (``eval.grading.
   Grader``, math-verify) of the completion's final answer (``text.answers.extract_answer``: the
   last box, else the ``####`` line) against the gold answer. ``correct`` also needs the rollout
@@ -36,7 +39,9 @@ from typing import Any
 import pandas as pd
 
 from kat_research.analysis.trap.check import CATEGORIES, classify, fisher_exact
+from kat_research.analysis.trap.tasks import TaskConfig, task_config, trap_task
 from kat_research.data.collatz import CollatzTaskConfig
+from kat_research.data.running_sum import RunningSumConfig
 from kat_research.eval.grading import Grader
 from kat_research.text.answers import extract_answer
 
@@ -85,16 +90,14 @@ def free_text_category(answer_correct: bool, stop_reason: str, degenerate: bool)
     return "wrong"
 
 
-class CollatzVerifier:
-    """The testbed's chain verifier (``check.classify``); ``problem`` is the start."""
+class LineVerifier:
+    """A testbed task's line verifier and repetition rule (``check.classify``); ``problem``
+    is the prompt text."""
 
-    name = "collatz chain verifier (collatz.verify)"
-    repetition_rule = (
-        "collatz.repetition_onset: some line text or some step result value occurs for the 3rd time"
-    )
-
-    def __init__(self, task: CollatzTaskConfig):
+    def __init__(self, task: TaskConfig):
         self.task = task
+        trap = trap_task(task)
+        self.name, self.repetition_rule = trap.verifier_name, trap.repetition_rule
 
     def judge(
         self,
@@ -109,6 +112,20 @@ class CollatzVerifier:
             v = classify(problem, text, stop, self.task)
             out.append(Verdict(v.category, v.category == CORRECT, v.loop_onset))
         return out
+
+
+class CollatzVerifier(LineVerifier):
+    """The testbed's chain verifier; ``problem`` is the start."""
+
+    def __init__(self, task: CollatzTaskConfig):
+        super().__init__(task)
+
+
+class RunningSumVerifier(LineVerifier):
+    """The running-total verifier; ``problem`` is the prompt (``5237:45 12 ...``)."""
+
+    def __init__(self, task: RunningSumConfig):
+        super().__init__(task)
 
 
 class MathVerifier:
@@ -144,10 +161,13 @@ class MathVerifier:
 
 def make_verifier(
     data_source: dict[str, Any], *, ngram: int, repeats: int, timeout_s: float
-) -> CollatzVerifier | MathVerifier:
+) -> LineVerifier | MathVerifier:
     """The verifier of a run's ``data.source`` (see the module docstring)."""
-    if data_source.get("kind") == "collatz":
-        return CollatzVerifier(CollatzTaskConfig(**(data_source.get("task") or {})))
+    kind = data_source.get("kind")
+    if kind == "collatz":
+        return CollatzVerifier(task_config(data_source))
+    if kind == "running_sum":
+        return RunningSumVerifier(task_config(data_source))
     return MathVerifier(ngram=ngram, repeats=repeats, timeout_s=timeout_s)
 
 
