@@ -1,5 +1,5 @@
 """The ``hf`` student backend: the trained model itself decodes, one token per forward, with
-its KV cache."""
+its KV cache (a batch's rows, or partial rollouts' rows at their own depths)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
+from kat_research.rollout.row_cache import RowCache
 from kat_research.rollout.sampling import sample_next_token
 from kat_research.rollout.types import SamplingConfig
 
@@ -26,6 +27,9 @@ class HFBackend:
         keep_logits: bool,
     ) -> HFSampler:
         return HFSampler(self.student, prompt_ids, prompt_mask, sampling, keep_logits)
+
+    def begin_slots(self, sampling: SamplingConfig) -> HFSlotSampler:
+        return HFSlotSampler(self.student, sampling)
 
     def sync_weights(self) -> None:
         """Nothing to do: sampling runs on the trained module itself."""
@@ -120,3 +124,66 @@ class HFSampler:
             return
         self.mask, self.prompt_len = self.mask[index], self.prompt_len[index]
         self.lm.keep_rows(index)
+
+
+class HFSlotSampler:
+    """Partial rollouts' rows decoded by the student, one token per forward, in a
+    :class:`RowCache` (rows join and leave at their own depths). As in :class:`HFSampler`, the
+    token sampled last is fed only when the next one is needed, so rows stopped in between
+    cost no forward. Runs under the caller's ``torch.no_grad`` (its cache outlives a chunk)."""
+
+    def __init__(self, model: PreTrainedModel, sampling: SamplingConfig):
+        self.cache = RowCache(model)
+        self.cfg = sampling
+        device = next(model.parameters()).device
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+
+    def add(self, contexts: list[torch.Tensor]) -> None:
+        if self.pending is not None:  # the cache has to be current before rows join
+            self._feed_pending()
+        self.cache.add(contexts)
+
+    def sample(
+        self, n_steps: int, remaining: torch.Tensor, generator: torch.Generator | None
+    ) -> ChunkSample:
+        n, device = remaining.numel(), remaining.device
+        tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
+        logprobs = torch.full((n, n_steps), float("nan"), device=device)
+        counts = torch.full((n,), n_steps, dtype=torch.long, device=device)  # ended rows: less
+        ended = torch.zeros(n, dtype=torch.bool, device=device)
+        at_stop = torch.zeros(n, dtype=torch.bool, device=device)
+        logits_out: torch.Tensor | None = None
+        live = torch.arange(n, device=device)  # chunk rows still decoding
+        for j in range(n_steps):
+            if self.pending is not None:
+                self._feed_pending()
+            logits = self.cache.head(self.cache.next_hidden)
+            if logits_out is None:
+                logits_out = logits.new_zeros((n, n_steps, logits.shape[-1]))
+            new = sample_next_token(
+                logits, temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=generator
+            )
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[:, None]).squeeze(-1)
+            tokens[live, j], logprobs[live, j], logits_out[live, j] = new, lp, logits
+            ends, stops = row_ends(new, j + 1, remaining, self.stop_ids)
+            self.pending = new
+            if not bool(ends.any()):
+                continue
+            counts[live[ends]], ended[live], at_stop[live] = j + 1, ends, stops
+            keep = (~ends).nonzero().flatten()
+            live, remaining = live[keep], remaining[keep]
+            self.keep_rows(keep)
+            if live.numel() == 0:
+                break
+        return ChunkSample(tokens, counts, logprobs, logits_out, ended, at_stop)
+
+    def _feed_pending(self) -> None:
+        ones = torch.ones_like(self.pending[:, None], dtype=torch.bool)
+        self.cache.feed(self.pending[:, None], ones)
+        self.pending = None
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.pending = self.pending[index] if index.numel() else None
+        self.cache.keep_rows(index)
