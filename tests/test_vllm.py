@@ -70,9 +70,7 @@ def test_weight_sync_reaches_the_next_rollouts(tiny_dirs, char_tokenizer):
 
 
 @pytest.mark.parametrize("mode", ["sync", "partial"])
-def test_opd_trains_with_vllm_rollouts_like_hf(
-    debug_config, tmp_path, monkeypatch, mode
-):
+def test_opd_trains_with_vllm_rollouts_like_hf(debug_config, tmp_path, monkeypatch, mode):
     """Greedy rollouts make both backends sample the same tokens, so the two runs log the same
     losses, in partial mode too (the same rows finish first, carried rows continue from the
     same tokens with the updated weights); after each optimizer step the engine is out of date
