@@ -35,40 +35,25 @@ class HFBackend:
         """Nothing to do: sampling runs on the trained module itself."""
 
 
-class HFSampler:
-    """KV-cache decoding of one batch. The token sampled last in a chunk is fed at the start
-    of the next chunk, so rows the terminator stops in between cost no forward.
+class _TokenByToken:
+    """The chunk loop of both HF samplers: one token per forward for every live row until it
+    ends (:func:`row_ends`), outputs written column by column. Subclasses give the logits
+    predicting the live rows' next token (feeding ``pending``, the token sampled last) and
+    drop rows."""
 
-    Decoding runs under ``torch.inference_mode`` (nothing it makes is back-propagated; the
-    same kernels, less autograd bookkeeping per op), and a decode step does only what the
-    sampled tokens need: the attention mask is one buffer sliced per step, and the chunk's
-    outputs are written column by column until a row ends."""
+    cfg: SamplingConfig
+    keep_logits: bool
+    stop_ids: torch.Tensor
+    pending: torch.Tensor | None
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        keep_logits: bool,
-    ):
-        self.lm = CachedLM(model)
-        self.cfg = sampling
-        self.keep_logits = keep_logits
-        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
-        self.prompt_len = prompt_mask.sum(-1)
-        self.width = prompt_mask.shape[1]
-        # the prompts' mask followed by every generated position: step t attends to [: P + t]
-        self.mask = torch.cat(
-            [prompt_mask, prompt_mask.new_ones(len(prompt_mask), sampling.max_new_tokens)], 1
-        )
-        with torch.inference_mode():
-            hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
-            self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
-        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+    def _next_logits(self, position: int) -> torch.Tensor:
+        """Logits [n_live, V] predicting the live rows' token at generated ``position``."""
+        raise NotImplementedError
 
-    @torch.inference_mode()
-    def sample(
+    def keep_rows(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _decode(
         self,
         start: int,
         n_steps: int,
@@ -108,6 +93,49 @@ class HFSampler:
                 break
         return ChunkSample(tokens, counts, logprobs, logits_out, ended, at_stop)
 
+
+class HFSampler(_TokenByToken):
+    """KV-cache decoding of one batch. The token sampled last in a chunk is fed at the start
+    of the next chunk, so rows the terminator stops in between cost no forward.
+
+    Decoding runs under ``torch.inference_mode`` (nothing it makes is back-propagated; the
+    same kernels, less autograd bookkeeping per op), and a decode step does only what the
+    sampled tokens need: the attention mask is one buffer sliced per step, and the chunk's
+    outputs are written column by column until a row ends."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        keep_logits: bool,
+    ):
+        self.lm = CachedLM(model)
+        self.cfg = sampling
+        self.keep_logits = keep_logits
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
+        self.prompt_len = prompt_mask.sum(-1)
+        self.width = prompt_mask.shape[1]
+        # the prompts' mask followed by every generated position: step t attends to [: P + t]
+        self.mask = torch.cat(
+            [prompt_mask, prompt_mask.new_ones(len(prompt_mask), sampling.max_new_tokens)], 1
+        )
+        with torch.inference_mode():
+            hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
+            self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
+        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        start: int,
+        n_steps: int,
+        remaining: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> ChunkSample:
+        return self._decode(start, n_steps, remaining, generator)
+
     def _next_logits(self, position: int) -> torch.Tensor:
         """Logits predicting generated token ``position`` of the live rows."""
         if self.pending is not None:  # feed generated token position-1
@@ -126,7 +154,7 @@ class HFSampler:
         self.lm.keep_rows(index)
 
 
-class HFSlotSampler:
+class HFSlotSampler(_TokenByToken):
     """Partial rollouts' rows decoded by the student, one token per forward, in a
     :class:`RowCache` (rows join and leave at their own depths). As in :class:`HFSampler`, the
     token sampled last is fed only when the next one is needed, so rows stopped in between
@@ -135,6 +163,7 @@ class HFSlotSampler:
     def __init__(self, model: PreTrainedModel, sampling: SamplingConfig):
         self.cache = RowCache(model)
         self.cfg = sampling
+        self.keep_logits = True  # the driver always scores with a teacher
         device = next(model.parameters()).device
         self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
         self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
@@ -147,36 +176,12 @@ class HFSlotSampler:
     def sample(
         self, n_steps: int, remaining: torch.Tensor, generator: torch.Generator | None
     ) -> ChunkSample:
-        n, device = remaining.numel(), remaining.device
-        tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
-        logprobs = torch.full((n, n_steps), float("nan"), device=device)
-        counts = torch.full((n,), n_steps, dtype=torch.long, device=device)  # ended rows: less
-        ended = torch.zeros(n, dtype=torch.bool, device=device)
-        at_stop = torch.zeros(n, dtype=torch.bool, device=device)
-        logits_out: torch.Tensor | None = None
-        live = torch.arange(n, device=device)  # chunk rows still decoding
-        for j in range(n_steps):
-            if self.pending is not None:
-                self._feed_pending()
-            logits = self.cache.head(self.cache.next_hidden)
-            if logits_out is None:
-                logits_out = logits.new_zeros((n, n_steps, logits.shape[-1]))
-            new = sample_next_token(
-                logits, temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=generator
-            )
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[:, None]).squeeze(-1)
-            tokens[live, j], logprobs[live, j], logits_out[live, j] = new, lp, logits
-            ends, stops = row_ends(new, j + 1, remaining, self.stop_ids)
-            self.pending = new
-            if not bool(ends.any()):
-                continue
-            counts[live[ends]], ended[live], at_stop[live] = j + 1, ends, stops
-            keep = (~ends).nonzero().flatten()
-            live, remaining = live[keep], remaining[keep]
-            self.keep_rows(keep)
-            if live.numel() == 0:
-                break
-        return ChunkSample(tokens, counts, logprobs, logits_out, ended, at_stop)
+        return self._decode(0, n_steps, remaining, generator)  # rows keep their own positions
+
+    def _next_logits(self, position: int) -> torch.Tensor:
+        if self.pending is not None:
+            self._feed_pending()
+        return self.cache.head(self.cache.next_hidden)
 
     def _feed_pending(self) -> None:
         ones = torch.ones_like(self.pending[:, None], dtype=torch.bool)
