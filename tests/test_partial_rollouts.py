@@ -14,6 +14,7 @@ import torch
 
 from kat_research.config import ConfigError
 from kat_research.config.checks import check_runnable
+from kat_research.lit import RolloutSettings
 from kat_research.rollout import STOP_STALE, RolloutEngine, SamplingConfig
 from kat_research.rollout.cached_lm import prompt_positions
 from kat_research.rollout.partial import PartialRollouts
@@ -296,6 +297,14 @@ def test_partial_mode_refusals_before_models_load(debug_config, tmp_path, overri
     cfg = debug_config(tmp_path, *mode, *overrides)
     with pytest.raises(ConfigError, match=message):
         check_runnable(cfg)
+
+
+def test_partial_mode_runs_on_both_backends(debug_config, tmp_path):
+    """The vLLM backend is no refusal of partial mode (its training run: tests/test_vllm.py)."""
+    for backend in ("hf", "vllm"):
+        overrides = ["method=kat", "rollout.mode=partial", f"rollout.backend={backend}"]
+        check_runnable(debug_config(tmp_path, *overrides))
+        assert RolloutSettings(mode="partial", backend=backend).backend == backend
 
 
 def test_partial_training_runs_and_resumes_dropping_carried_rows(debug_config, tmp_path):
