@@ -1,6 +1,7 @@
 """Partial rollouts (rollout.mode=partial, kat_research/rollout/partial.py) on tiny random
-Qwen3 models: carried rows continue from their own tokens across weight updates, the staleness
-bound holds, KAT's per-row state survives carry-over, the slot scheduler trains on every
+Qwen3 models: carried rows continue from their own tokens across weight updates and the
+staleness bound holds, for both student backends (the ``backend`` fixture; vLLM in tests marked
+``vllm``), KAT's per-row state survives carry-over, the slot scheduler trains on every
 prompt it admits, and configurations it cannot run are refused before models load."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from kat_research.config import ConfigError
 from kat_research.config.checks import check_runnable
+from kat_research.lit import RolloutSettings
 from kat_research.rollout import STOP_STALE, RolloutEngine, SamplingConfig
 from kat_research.rollout.cached_lm import prompt_positions
 from kat_research.rollout.partial import PartialRollouts
@@ -65,6 +67,7 @@ def driver(
     temperature=1.0,
     score_every=2,
     keep="hidden",
+    backend=None,
 ):
     student, teacher = pair
     engine = RolloutEngine(
@@ -75,6 +78,7 @@ def driver(
         terminator=terminator,
         score_every=score_every,
         teacher_keep=keep,
+        backend=backend,
     )
     draw, drawn = prompt_source(tokenizer)
     return PartialRollouts(engine, slots, max_staleness, draw), drawn
@@ -99,11 +103,12 @@ def perturb(model, seed: int) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def test_carried_rows_continue_from_their_own_tokens(tiny_pair, char_tokenizer):
+def test_carried_rows_continue_from_their_own_tokens(tiny_pair, char_tokenizer, backend):
     """Greedy decoding: every token of every trained row is the argmax of the weights that
-    sampled it (policy_step) given the row's own prompt + earlier tokens, also for rows whose
-    student cache was rebuilt after an update and rows inserted next to other rows; the
-    teacher's recorded log q(y_t) and hidden states match an uncached forward."""
+    sampled it (policy_step) given the row's own prompt + earlier tokens, and its recorded
+    log p(y_t) is those weights' (the student's cache, or vLLM's re-scoring cache, rebuilt after
+    each update), also for rows inserted next to other rows; the teacher's recorded log q(y_t)
+    and hidden states match an uncached forward."""
     student, teacher = tiny_pair
     original = {k: v.clone() for k, v in student.model.state_dict().items()}
     try:
@@ -113,12 +118,14 @@ def test_carried_rows_continue_from_their_own_tokens(tiny_pair, char_tokenizer):
             terminator=CyclingCaps([3, 16, 7, 12, 5]),
             temperature=0.0,
             max_staleness=3,
+            backend=backend,
         )
         versions = [{k: v.clone() for k, v in student.model.state_dict().items()}]
         batches = []
         for step in range(4):
             batches.append((d.next_batch(3), d.version))
             perturb(student.model, step)
+            d.e.sync_weights()  # as after an optimizer step: vLLM gets the new weights
             d.weights_updated()
             versions.append({k: v.clone() for k, v in student.model.state_dict().items()})
         carried = 0
@@ -130,8 +137,15 @@ def test_carried_rows_continue_from_their_own_tokens(tiny_pair, char_tokenizer):
                 carried += int(steps[0] != steps[-1])
                 for v in steps.unique().tolist():
                     student.model.load_state_dict(versions[v])
-                    argmax = full_logits(student.model, prompt, tokens).argmax(-1)
-                    assert torch.equal(argmax[steps == v], tokens[steps == v])
+                    s_logits = full_logits(student.model, prompt, tokens)
+                    assert torch.equal(s_logits.argmax(-1)[steps == v], tokens[steps == v])
+                    lp = torch.log_softmax(s_logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+                    torch.testing.assert_close(
+                        rollout.student_logprobs[i, :n][steps == v],
+                        lp[steps == v],
+                        atol=1e-4,
+                        rtol=1e-4,
+                    )
                 t_logits = full_logits(teacher.model, prompt, tokens)
                 lq = torch.log_softmax(t_logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
                 torch.testing.assert_close(
@@ -144,9 +158,11 @@ def test_carried_rows_continue_from_their_own_tokens(tiny_pair, char_tokenizer):
         assert carried > 0  # some rows did straddle a weight update
     finally:
         student.model.load_state_dict(original)
+        if backend is not None:
+            backend.sync_weights()
 
 
-def test_staleness_never_exceeds_the_bound(tiny_pair, char_tokenizer):
+def test_staleness_never_exceeds_the_bound(tiny_pair, char_tokenizer, backend):
     for bound in (0, 1, 2):
         d, _ = driver(
             tiny_pair,
@@ -154,6 +170,7 @@ def test_staleness_never_exceeds_the_bound(tiny_pair, char_tokenizer):
             terminator=CyclingCaps([2, 16, 4, 16, 3, 9]),
             max_staleness=bound,
             slots=6,
+            backend=backend,
         )
         ended = 0
         for _ in range(6):
@@ -268,7 +285,6 @@ def test_scheduler_trains_every_admitted_row_without_length_bias(tiny_pair, char
     ("overrides", "message"),
     [
         (["loss=sampled_token"], "loss.kind=sampled_token is refused"),
-        (["rollout.backend=vllm"], "rollout.backend=hf only"),
         (["method=kat_stagewise"], "no per-row state"),
         (["method=prune_opd"], "no per-row state"),
         (["teacher.backend=vllm", "loss=topk_lsm"], "needs teacher.backend=hf"),
@@ -281,6 +297,14 @@ def test_partial_mode_refusals_before_models_load(debug_config, tmp_path, overri
     cfg = debug_config(tmp_path, *mode, *overrides)
     with pytest.raises(ConfigError, match=message):
         check_runnable(cfg)
+
+
+def test_partial_mode_runs_on_both_backends(debug_config, tmp_path):
+    """The vLLM backend is no refusal of partial mode (its training run: tests/test_vllm.py)."""
+    for backend in ("hf", "vllm"):
+        overrides = ["method=kat", "rollout.mode=partial", f"rollout.backend={backend}"]
+        check_runnable(debug_config(tmp_path, *overrides))
+        assert RolloutSettings(mode="partial", backend=backend).backend == backend
 
 
 def test_partial_training_runs_and_resumes_dropping_carried_rows(debug_config, tmp_path):

@@ -1,5 +1,6 @@
 """What only the vLLM backend does: pushing the student's weights into the running engine, and
-OPD training with vLLM rollouts (the backend-agnostic engine tests are in test_engine.py)."""
+OPD training with vLLM rollouts, synchronous and partial (the backend-agnostic engine and
+partial-rollout tests are in test_engine.py and test_partial_rollouts.py)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,12 @@ def test_weight_sync_reaches_the_next_rollouts(tiny_dirs, char_tokenizer):
     assert not torch.equal(tokens_after, tokens_before)
 
 
-def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(debug_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["sync", "partial"])
+def test_opd_trains_with_vllm_rollouts_like_hf(debug_config, tmp_path, monkeypatch, mode):
     """Greedy rollouts make both backends sample the same tokens, so the two runs log the same
-    losses; after each optimizer step the engine is out of date until the weights are pushed,
-    then it scores like the trained student."""
+    losses, in partial mode too (the same rows finish first, carried rows continue from the
+    same tokens with the updated weights); after each optimizer step the engine is out of date
+    until the weights are pushed, then it scores like the trained student."""
     from kat_research.rollout.backends.vllm import VLLMBackend
 
     probe = list(range(4, 60))
@@ -91,6 +94,9 @@ def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(debug_config, tmp_path,
         "rollout.temperature=0",
         "model.student.num_heads=1",  # head size 32, the smallest vLLM's CPU kernels take
         "model.student.num_kv_heads=1",
+        f"rollout.mode={mode}",
+        "rollout.max_staleness=1",
+        "trainer.max_steps=3",  # KAT cuts from step 1 on, so rows finish apart and carry over
     ]
     vllm = [f"rollout.vllm.{k}={v}" for k, v in VLLM_TEST_SETTINGS.items()]
     runs = {}
@@ -98,9 +104,16 @@ def test_opd_trains_two_steps_with_vllm_rollouts_like_hf(debug_config, tmp_path,
         out = tmp_path / backend
         extra = vllm if backend == "vllm" else []
         summary = train(debug_config(out, *overrides, f"rollout.backend={backend}", *extra))
-        assert summary["steps"] == 2
+        assert summary["steps"] == 3
         df = pd.read_csv(out / "csv" / "metrics.csv").dropna(subset=["train/loss"])
-        runs[backend] = df.groupby("step")[["train/loss", "train/kl", "len/generated"]].last()
+        columns = ["train/loss", "train/kl", "len/generated"]
+        if mode == "partial":
+            columns += ["partial/staleness_0", "partial/staleness_max", "partial/carried"]
+        runs[backend] = df.groupby("step")[columns].last()
     pd.testing.assert_frame_equal(runs["hf"], runs["vllm"], rtol=1e-4)
-    assert len(gaps) == 2
+    if mode == "partial":  # rows carried over an update and were trained within the bound
+        partial = runs["vllm"]
+        assert partial["partial/carried"].iloc[1] > 0
+        assert partial["partial/staleness_max"].tolist() == [0, 0, 1]
+    assert len(gaps) == 3
     assert all(before > 1e-3 and after < 1e-4 for before, after in gaps), gaps

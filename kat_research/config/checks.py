@@ -304,11 +304,6 @@ def _check_partial(cfg: DictConfig, terminator: Terminator) -> None:
     """What ``rollout.mode=partial`` cannot run with, named before any model loads."""
     if cfg.rollout.get("mode", "sync") != "partial":
         return
-    if cfg.rollout.backend != "hf":
-        raise ConfigError(
-            f"rollout.mode=partial runs on rollout.backend=hf only (got {cfg.rollout.backend}): "
-            "set rollout.backend=hf or rollout.mode=sync"
-        )
     if OmegaConf.select(cfg, "teacher.backend", default="hf") != "hf":
         raise ConfigError(
             "rollout.mode=partial keeps the teacher's KV cache of carried rows on the training "

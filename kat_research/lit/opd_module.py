@@ -98,8 +98,6 @@ class RolloutSettings:
             )
         if self.mode not in ROLLOUT_MODES:
             raise ValueError(f"unknown rollout.mode {self.mode!r}; valid: sync, partial")
-        if self.mode == "partial" and self.backend != "hf":
-            raise ValueError("rollout.mode=partial runs on rollout.backend=hf only")
 
     def sampling(self, stop_token_ids: tuple[int, ...]) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, stop_token_ids)

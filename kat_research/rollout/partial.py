@@ -15,11 +15,15 @@ step, alongside the first B finishers; finished rows beyond the first B that wou
 stale next step join too. No sampled token is wasted and every admitted prompt is trained on;
 the only bias is that rows longer than about K+1 steps' decoding are truncated there.
 
-Chunk by chunk, as the sync engine: the student samples up to ``score_every`` tokens per live
-row (KV-cache decoding, :class:`RowCache`, rows inserted and dropped), the teacher scores each
-row's new tokens in one incremental forward (its cache, frozen weights, stays valid across
-updates), the terminator observes the per-token KL. After a weight update the student's cache
-is rebuilt: one prefill of every carried row's prompt + tokens with the new weights.
+Chunk by chunk, as the sync engine: the engine's student backend samples up to
+``score_every`` tokens per live row (a :class:`~kat_research.rollout.backends.base.SlotSampler`:
+``hf`` decodes with the student's KV cache, a :class:`RowCache` whose rows are inserted and
+dropped; ``vllm`` sends each chunk as a fresh request per row for its prompt + tokens so far,
+which the student re-scores in its own :class:`RowCache`), the teacher scores each row's new
+tokens in one incremental forward (its cache, frozen weights, stays valid across updates), the
+terminator observes the per-token KL. After a weight update (pushed into vLLM by the engine)
+the driver starts a new sampler: one prefill of every carried row's prompt + tokens with the
+new weights, and vLLM's next requests continue those rows with them.
 
 Terminator state is per slot (``Terminator.admit`` resets a slot for its new row; caps such as
 a fixed-prefix budget are kept per slot), so a row's KAT windows continue across steps.
@@ -36,10 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kat_research.rollout.backends.base import row_ends
+from kat_research.rollout.backends.base import SlotSampler
 from kat_research.rollout.engine import RolloutEngine, check_head_reproduces_logits
 from kat_research.rollout.row_cache import RowCache
-from kat_research.rollout.sampling import sample_next_token
 from kat_research.rollout.token_scores import score_tokens
 from kat_research.rollout.types import (
     STOP_EOS,
@@ -72,7 +75,7 @@ class _Finished:
 
 class PartialRollouts:
     """Slot-based rollout driver around a :class:`~kat_research.rollout.RolloutEngine`'s
-    student, teacher, sampling settings and terminator (HF decoding only).
+    student backend, teacher, sampling settings and terminator.
 
     Args:
         engine: supplies models, sampling, terminator, chunk size, what the teacher keeps.
@@ -126,19 +129,18 @@ class PartialRollouts:
         self.born = torch.zeros(s, dtype=torch.long)
         self.live = torch.zeros(s, dtype=torch.bool)
         self.reason = [""] * s
-        self.stop_ids = torch.tensor(e.sampling.stop_token_ids, dtype=torch.long, device=dev)
-        self.student = RowCache(e.student)
+        self.student: SlotSampler | None = None  # started at the first admission
         self.teacher = RowCache(e.teacher)
         self.rows = torch.zeros(0, dtype=torch.long, device=dev)  # slots in both caches' order
-        self.pending: torch.Tensor | None = None  # sampled, not yet fed to the student
-        self.student_stale = False
+        self.student_stale = True
         if e.terminator is not None:
             e.terminator.begin_slots(s, w)
         self._started = True
 
     def weights_updated(self) -> None:
-        """The student took an optimizer step: tokens sampled from now on carry the next policy
-        step, and the student's cache of carried rows is rebuilt before the next token."""
+        """The student took an optimizer step (and the engine's backend got its weights):
+        tokens sampled from now on carry the next policy step, and the student's sampler is
+        restarted with the carried rows before the next token."""
         self.version += 1
         self.student_stale = True
 
@@ -177,7 +179,7 @@ class PartialRollouts:
         return rollout
 
     def _admit(self) -> None:
-        """Fill free slots with queued prompts; rebuild the student's cache after an update."""
+        """Fill free slots with queued prompts; restart the student's sampler after an update."""
         free = (~self.live).nonzero().flatten().tolist()
         new: list[int] = []
         for slot in free:
@@ -187,10 +189,22 @@ class PartialRollouts:
                 break
             self.prompt[slot] = self.queue.popleft()
             new.append(slot)
-        if self.student_stale and self.rows.numel():
-            self._refresh_student()
-        if not new:
-            return
+        contexts = []
+        if self.student_stale:  # a new sampler with the current weights, carried rows first
+            self.student = self.e.backend.begin_slots(self.e.sampling)
+            contexts = [
+                torch.cat([self.prompt[s], self.buf["tokens"][s, : int(self.length[s])]])
+                for s in self.rows.tolist()
+            ]
+            self.student_stale = False
+        if new:
+            self._start_rows(new)
+            contexts += [self.prompt[s] for s in new]
+        if contexts:
+            self.student.add(contexts)
+
+    def _start_rows(self, new: list[int]) -> None:
+        """Reset slots ``new`` (their prompts set) for their new rows; the teacher takes them."""
         index = torch.tensor(new, dtype=torch.long)
         terminator = self.e.terminator
         caps = (
@@ -206,92 +220,42 @@ class PartialRollouts:
         self.born[index], self.live[index] = self.version, True
         for slot in new:
             self.reason[slot] = ""
-        prompts = [self.prompt[s] for s in new]
-        if self.pending is not None:  # the student's cache has to be current before rows join
-            self._feed_pending()
-        self.student.add(prompts)
-        self.teacher.add(prompts)
+        self.teacher.add([self.prompt[s] for s in new])
         self.rows = torch.cat([self.rows, slots])
-        self.student_stale = False
-
-    def _refresh_student(self) -> None:
-        """Re-prefill every carried row's prompt + tokens with the updated weights."""
-        self.student = RowCache(self.e.student)
-        self.student.add(
-            [
-                torch.cat([self.prompt[s], self.buf["tokens"][s, : int(self.length[s])]])
-                for s in self.rows.tolist()
-            ]
-        )
-        self.pending, self.student_stale = None, False
-
-    def _keep_student(self, index: torch.Tensor) -> None:
-        """Keep student rows ``index`` (positions in its current order), and their pending
-        tokens."""
-        if self.pending is not None:
-            self.pending = self.pending[index] if index.numel() else None
-        self.student.keep_rows(index)
-
-    def _feed_pending(self) -> None:
-        ones = torch.ones_like(self.pending[:, None], dtype=torch.bool)
-        self.student.feed(self.pending[:, None], ones)
-        self.pending = None
 
     # ------------------------------------------------------------------ chunk
     def _chunk(self, generator: torch.Generator | None) -> None:
         """Sample up to ``score_every`` tokens per live row, score them, apply the rule."""
         rows, c = self.rows, self.e.score_every
-        n, dev = rows.numel(), self.device
         start = self.length[rows].clone()
-        counts = torch.zeros(n, dtype=torch.long, device=dev)
-        ended = torch.zeros(n, dtype=torch.bool, device=dev)
-        at_stop = torch.zeros(n, dtype=torch.bool, device=dev)
-        chunk_logits: torch.Tensor | None = None
-        live = torch.arange(n, device=dev)  # chunk rows the student still decodes
-        cfg = self.e.sampling
-        for j in range(c):
-            if self.pending is not None:
-                self._feed_pending()
-            logits = self.student.head(self.student.next_hidden)
-            if chunk_logits is None:
-                chunk_logits = logits.new_zeros((n, c, logits.shape[-1]))
-            new = sample_next_token(
-                logits, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator
-            )
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[:, None]).squeeze(-1)
-            slots, pos = rows[live], self.length[rows[live]]
-            self.buf["tokens"][slots, pos] = new
-            self.buf["student_logprobs"][slots, pos] = lp
-            self.buf["policy_step"][slots, pos] = self.version
-            chunk_logits[live, j] = logits
-            self.length[slots] += 1
-            counts[live] = j + 1
-            self.totals["decode_steps"] += 1
-            self.totals["slot_steps"] += self.slots
-            self.totals["tokens"] += live.numel()
-            stop, stops = row_ends(new, self.length[slots], self.limit[slots], self.stop_ids)
-            ended[live], at_stop[live] = stop, stops
-            keep = (~stop).nonzero().flatten()
-            self.pending, live = new, live[keep]
-            self._keep_student(keep)
-            if live.numel() == 0:
-                break
-        for i in ended.nonzero().flatten().tolist():
+        sample = self.student.sample(c, self.limit[rows] - start, generator)
+        counts = sample.counts
+        valid = torch.arange(c, device=self.device)[None, :] < counts[:, None]
+        cols = (start[:, None] + torch.arange(c, device=self.device)[None, :])[valid]
+        slots = rows[:, None].expand(-1, c)[valid]
+        self.buf["tokens"][slots, cols] = sample.tokens[valid]
+        self.buf["student_logprobs"][slots, cols] = sample.logprobs[valid]
+        self.buf["policy_step"][slots, cols] = self.version
+        self.length[rows] += counts
+        longest = int(counts.max())
+        self.totals["decode_steps"] += longest
+        self.totals["slot_steps"] += self.slots * longest
+        self.totals["tokens"] += int(counts.sum())
+        for i in sample.ended.nonzero().flatten().tolist():
             slot = int(rows[i])
             full = self.length[slot] >= self.width
             self.reason[slot] = (
-                STOP_EOS if at_stop[i] else STOP_MAX_TOKENS if full else STOP_TERMINATED
+                STOP_EOS if sample.at_stop[i] else STOP_MAX_TOKENS if full else STOP_TERMINATED
             )
         t0 = time.perf_counter()
-        self._score(rows, start, counts, chunk_logits)
+        self._score(rows, start, counts, sample.logits)
         fired = self._observe(rows)
         self.t_time += time.perf_counter() - t0
         # rows the rule stopped leave the student (the others that ended left while sampling)
-        s_rows = rows[live]
-        stopped = torch.isin(s_rows, fired)
+        stopped = torch.isin(rows[~sample.ended], fired)
         if bool(stopped.any()):
-            self._keep_student((~stopped).nonzero().flatten())
-        done = ended | torch.isin(rows, fired)
+            self.student.keep_rows((~stopped).nonzero().flatten())
+        done = sample.ended | torch.isin(rows, fired)
         self._finish(rows[done])
         keep = (~done).nonzero().flatten()
         self.teacher.keep_rows(keep)
@@ -378,7 +342,7 @@ class PartialRollouts:
         stale = self.rows[(self.born[self.rows.cpu()] < bound).to(self.device)]
         if stale.numel():
             keep = (~torch.isin(self.rows, stale)).nonzero().flatten()
-            self._keep_student(keep)
+            self.student.keep_rows(keep)
             self.teacher.keep_rows(keep)
             self.rows = self.rows[keep]
             self.totals["ended_stale"] += stale.numel()

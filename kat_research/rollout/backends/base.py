@@ -3,7 +3,9 @@
 A ``StudentBackend`` lives as long as the engine (it may own an inference server); for each
 ``generate`` call it starts a ``StudentSampler`` over the batch's prompts. The engine asks the
 sampler for one chunk of tokens at a time, then scores the chunk with the teacher and runs the
-terminator; everything but the sampling itself is shared by all backends.
+terminator; everything but the sampling itself is shared by all backends. Partial rollouts
+(:mod:`kat_research.rollout.partial`) ask instead for a ``SlotSampler``, whose rows join and
+leave between chunks, each at its own depth.
 """
 
 from __future__ import annotations
@@ -68,6 +70,29 @@ class StudentSampler(Protocol):
         ...
 
 
+class SlotSampler(Protocol):
+    """Sampling state of partial rollouts' live rows, in the driver's row order: rows join
+    (``add``) and leave (``keep_rows``) between chunks, each at its own depth. It samples with
+    the weights it was started with; after an optimizer step the driver starts a new one and
+    adds the carried rows' contexts (prompt + tokens so far)."""
+
+    def add(self, contexts: list[torch.Tensor]) -> None:
+        """Append rows whose contexts so far are ``contexts`` (1-D token ids each)."""
+        ...
+
+    def sample(
+        self, n_steps: int, remaining: torch.Tensor, generator: torch.Generator | None
+    ) -> ChunkSample:
+        """Sample up to ``n_steps`` tokens of every row, with the student's logits (the driver
+        always has a teacher); as :meth:`StudentSampler.sample`, row i ends after a stop token
+        or ``remaining[i]`` tokens and ended rows are dropped by the sampler."""
+        ...
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only rows ``index`` (positions in the current row order)."""
+        ...
+
+
 class StudentBackend(Protocol):
     """Where the student's tokens come from; lives as long as the engine."""
 
@@ -79,6 +104,10 @@ class StudentBackend(Protocol):
         keep_logits: bool,
     ) -> StudentSampler:
         """Start sampling continuations of left-padded prompts [B, P]."""
+        ...
+
+    def begin_slots(self, sampling: SamplingConfig) -> SlotSampler:
+        """Start sampling rows of partial rollouts (none yet) with the current weights."""
         ...
 
     def sync_weights(self) -> None:

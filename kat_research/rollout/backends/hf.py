@@ -1,5 +1,5 @@
 """The ``hf`` student backend: the trained model itself decodes, one token per forward, with
-its KV cache."""
+its KV cache (a batch's rows, or partial rollouts' rows at their own depths)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
+from kat_research.rollout.row_cache import RowCache
 from kat_research.rollout.sampling import sample_next_token
 from kat_research.rollout.types import SamplingConfig
 
@@ -27,44 +28,32 @@ class HFBackend:
     ) -> HFSampler:
         return HFSampler(self.student, prompt_ids, prompt_mask, sampling, keep_logits)
 
+    def begin_slots(self, sampling: SamplingConfig) -> HFSlotSampler:
+        return HFSlotSampler(self.student, sampling)
+
     def sync_weights(self) -> None:
         """Nothing to do: sampling runs on the trained module itself."""
 
 
-class HFSampler:
-    """KV-cache decoding of one batch. The token sampled last in a chunk is fed at the start
-    of the next chunk, so rows the terminator stops in between cost no forward.
+class _TokenByToken:
+    """The chunk loop of both HF samplers: one token per forward for every live row until it
+    ends (:func:`row_ends`), outputs written column by column. Subclasses give the logits
+    predicting the live rows' next token (feeding ``pending``, the token sampled last) and
+    drop rows."""
 
-    Decoding runs under ``torch.inference_mode`` (nothing it makes is back-propagated; the
-    same kernels, less autograd bookkeeping per op), and a decode step does only what the
-    sampled tokens need: the attention mask is one buffer sliced per step, and the chunk's
-    outputs are written column by column until a row ends."""
+    cfg: SamplingConfig
+    keep_logits: bool
+    stop_ids: torch.Tensor
+    pending: torch.Tensor | None
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        keep_logits: bool,
-    ):
-        self.lm = CachedLM(model)
-        self.cfg = sampling
-        self.keep_logits = keep_logits
-        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
-        self.prompt_len = prompt_mask.sum(-1)
-        self.width = prompt_mask.shape[1]
-        # the prompts' mask followed by every generated position: step t attends to [: P + t]
-        self.mask = torch.cat(
-            [prompt_mask, prompt_mask.new_ones(len(prompt_mask), sampling.max_new_tokens)], 1
-        )
-        with torch.inference_mode():
-            hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
-            self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
-        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+    def _next_logits(self, position: int) -> torch.Tensor:
+        """Logits [n_live, V] predicting the live rows' token at generated ``position``."""
+        raise NotImplementedError
 
-    @torch.inference_mode()
-    def sample(
+    def keep_rows(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _decode(
         self,
         start: int,
         n_steps: int,
@@ -104,6 +93,49 @@ class HFSampler:
                 break
         return ChunkSample(tokens, counts, logprobs, logits_out, ended, at_stop)
 
+
+class HFSampler(_TokenByToken):
+    """KV-cache decoding of one batch. The token sampled last in a chunk is fed at the start
+    of the next chunk, so rows the terminator stops in between cost no forward.
+
+    Decoding runs under ``torch.inference_mode`` (nothing it makes is back-propagated; the
+    same kernels, less autograd bookkeeping per op), and a decode step does only what the
+    sampled tokens need: the attention mask is one buffer sliced per step, and the chunk's
+    outputs are written column by column until a row ends."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        keep_logits: bool,
+    ):
+        self.lm = CachedLM(model)
+        self.cfg = sampling
+        self.keep_logits = keep_logits
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long).to(prompt_ids)
+        self.prompt_len = prompt_mask.sum(-1)
+        self.width = prompt_mask.shape[1]
+        # the prompts' mask followed by every generated position: step t attends to [: P + t]
+        self.mask = torch.cat(
+            [prompt_mask, prompt_mask.new_ones(len(prompt_mask), sampling.max_new_tokens)], 1
+        )
+        with torch.inference_mode():
+            hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
+            self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
+        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        start: int,
+        n_steps: int,
+        remaining: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> ChunkSample:
+        return self._decode(start, n_steps, remaining, generator)
+
     def _next_logits(self, position: int) -> torch.Tensor:
         """Logits predicting generated token ``position`` of the live rows."""
         if self.pending is not None:  # feed generated token position-1
@@ -120,3 +152,43 @@ class HFSampler:
             return
         self.mask, self.prompt_len = self.mask[index], self.prompt_len[index]
         self.lm.keep_rows(index)
+
+
+class HFSlotSampler(_TokenByToken):
+    """Partial rollouts' rows decoded by the student, one token per forward, in a
+    :class:`RowCache` (rows join and leave at their own depths). As in :class:`HFSampler`, the
+    token sampled last is fed only when the next one is needed, so rows stopped in between
+    cost no forward. Runs under the caller's ``torch.no_grad`` (its cache outlives a chunk)."""
+
+    def __init__(self, model: PreTrainedModel, sampling: SamplingConfig):
+        self.cache = RowCache(model)
+        self.cfg = sampling
+        self.keep_logits = True  # the driver always scores with a teacher
+        device = next(model.parameters()).device
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+        self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
+
+    def add(self, contexts: list[torch.Tensor]) -> None:
+        if self.pending is not None:  # the cache has to be current before rows join
+            self._feed_pending()
+        self.cache.add(contexts)
+
+    def sample(
+        self, n_steps: int, remaining: torch.Tensor, generator: torch.Generator | None
+    ) -> ChunkSample:
+        return self._decode(0, n_steps, remaining, generator)  # rows keep their own positions
+
+    def _next_logits(self, position: int) -> torch.Tensor:
+        if self.pending is not None:
+            self._feed_pending()
+        return self.cache.head(self.cache.next_hidden)
+
+    def _feed_pending(self) -> None:
+        ones = torch.ones_like(self.pending[:, None], dtype=torch.bool)
+        self.cache.feed(self.pending[:, None], ones)
+        self.pending = None
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.pending = self.pending[index] if index.numel() else None
+        self.cache.keep_rows(index)

@@ -13,6 +13,11 @@ log-probs are used.
 
 After every optimizer step the student's weights are pushed into the engine in place.
 
+Partial rollouts (``rollout.mode: partial``) abort and resubmit at chunk granularity: each
+chunk is a fresh request per live row for its prompt + tokens so far, so rows join and leave
+between chunks and a row carried over an optimizer step continues with the new weights
+(:class:`VLLMSlotSampler`).
+
 Evaluation (``eval.backend: vllm``) samples whole completions instead: ``sample_n`` sends one
 request per prompt for all of its k samples. A student has at most one engine
 (:meth:`VLLMBackend.serving`), so when training rollouts also use vLLM the evaluator shares
@@ -34,6 +39,7 @@ from vllm import LLM, SamplingParams
 
 from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import ChunkScorer, chunk_inputs
+from kat_research.rollout.row_cache import RowCache
 from kat_research.rollout.types import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,9 @@ class VLLMBackend:
         rescorer = ChunkScorer(self.student) if keep_logits else None
         return VLLMSampler(self.llm, prompt_ids, prompt_mask, sampling, rescorer)
 
+    def begin_slots(self, sampling: SamplingConfig) -> VLLMSlotSampler:
+        return VLLMSlotSampler(self.llm, self.student, sampling)
+
     def sync_weights(self) -> None:
         """Copy the student's current weights into the running engine (no-op before start)."""
         if self._llm is None:
@@ -212,6 +221,70 @@ def _reload_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> Non
         head.quant_method.process_weights_after_loading(head)
 
 
+def _generate_chunk(
+    llm: LLM,
+    sequences: list[list[int]],
+    remaining: torch.Tensor,
+    n_steps: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    keep_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One vLLM call continuing every row's ``sequences[i]`` (token ids so far, extended in
+    place) by at most ``min(remaining[i], n_steps)`` tokens, request seeds drawn from
+    ``generator``: tokens [n, n_steps], counts [n] and log-probs [n, n_steps] (vLLM's own
+    log p(y_t) if ``keep_logprobs``, else NaN, for the caller's re-scoring)."""
+    device, n = remaining.device, remaining.numel()
+    budget = remaining.clamp(max=n_steps).tolist()
+    seeds = torch.randint(
+        _SEED_RANGE, (n,), generator=generator, device=generator.device if generator else "cpu"
+    ).tolist()
+    params = [
+        SamplingParams(
+            max_tokens=b,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=seed,
+            stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=True,  # stop only at the configured stop tokens, as the HF backend does
+            logprobs=0 if keep_logprobs else None,  # 0: the sampled token's only
+            detokenize=False,
+        )
+        for b, seed in zip(budget, seeds, strict=True)
+    ]
+    prompts = [{"prompt_token_ids": seq} for seq in sequences]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
+    logprobs = torch.full((n, n_steps), float("nan"), device=device)
+    counts = torch.zeros(n, dtype=torch.long, device=device)
+    for i, out in enumerate(outputs):
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        _ends_at_stop(ids, budget[i], sampling, completion.finish_reason)
+        tokens[i, : len(ids)] = torch.tensor(ids, device=device)
+        counts[i] = len(ids)
+        if keep_logprobs:
+            logprobs[i, : len(ids)] = torch.tensor(
+                [step[t].logprob for step, t in zip(completion.logprobs, ids, strict=True)],
+                device=device,
+            )
+        sequences[i].extend(ids)
+    return tokens, counts, logprobs
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(y_t) [n, C] of ``tokens`` [n, C] under ``logits`` [n, C, V]."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+
+
+def _chunk_ends(
+    tokens: torch.Tensor, counts: torch.Tensor, remaining: torch.Tensor, stop_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-end rule (:func:`row_ends`) applied to each row's last sampled token."""
+    last = tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
+    return row_ends(last, counts, remaining, stop_ids)
+
+
 class VLLMSampler:
     """One batch sampled by vLLM, chunk by chunk; rows that stop are not continued."""
 
@@ -242,53 +315,18 @@ class VLLMSampler:
         remaining: torch.Tensor,
         generator: torch.Generator | None,
     ) -> ChunkSample:
-        device = remaining.device
-        n = remaining.numel()
-        budget = remaining.clamp(max=n_steps).tolist()
-        seeds = torch.randint(
-            _SEED_RANGE, (n,), generator=generator, device=generator.device if generator else "cpu"
-        ).tolist()
-        params = [self._params(b, seed) for b, seed in zip(budget, seeds, strict=True)]
-        prompts = [{"prompt_token_ids": seq} for seq in self.sequences]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        tokens = torch.zeros(n, n_steps, dtype=torch.long, device=device)
-        logprobs = torch.full((n, n_steps), float("nan"), device=device)
-        counts = torch.zeros(n, dtype=torch.long, device=device)
-        for i, out in enumerate(outputs):
-            completion = out.outputs[0]
-            ids = list(completion.token_ids)
-            _ends_at_stop(ids, budget[i], self.cfg, completion.finish_reason)
-            tokens[i, : len(ids)] = torch.tensor(ids, device=device)
-            counts[i] = len(ids)
-            if self.rescorer is None:
-                logprobs[i, : len(ids)] = torch.tensor(
-                    [step[t].logprob for step, t in zip(completion.logprobs, ids, strict=True)],
-                    device=device,
-                )
-            self.sequences[i].extend(ids)
+        keep_logprobs = self.rescorer is None
+        tokens, counts, logprobs = _generate_chunk(
+            self.llm, self.sequences, remaining, n_steps, self.cfg, generator, keep_logprobs
+        )
         logits = None
         if self.rescorer is not None:
             logits = self._rescore(tokens, counts, start)
             width = logits.shape[1]
-            logprobs[:, :width] = torch.log_softmax(logits.float(), -1).gather(
-                -1, tokens[:, :width, None]
-            )[..., 0]
-        last = tokens.gather(1, (counts - 1)[:, None]).squeeze(1)
-        ended, at_stop = row_ends(last, counts, remaining, self.stop_ids)
+            logprobs[:, :width] = _token_logprobs(logits, tokens[:, :width])
+        ended, at_stop = _chunk_ends(tokens, counts, remaining, self.stop_ids)
         self.keep_rows((~ended).nonzero().flatten())
         return ChunkSample(tokens, counts, logprobs, logits, ended, at_stop)
-
-    def _params(self, max_tokens: int, seed: int) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            seed=seed,
-            stop_token_ids=list(self.cfg.stop_token_ids),
-            ignore_eos=True,  # stop only at the configured stop tokens, as the HF backend does
-            logprobs=None if self.rescorer is not None else 0,  # 0: the sampled token's only
-            detokenize=False,
-        )
 
     def _rescore(self, tokens: torch.Tensor, counts: torch.Tensor, start: int) -> torch.Tensor:
         """The trained student's logits [n, max(counts), V] predicting each sampled token."""
@@ -303,3 +341,43 @@ class VLLMSampler:
         self.prompt_mask, self.prompt_len = self.prompt_mask[index], self.prompt_len[index]
         if self.rescorer is not None:
             self.rescorer.keep_rows(index)
+
+
+class VLLMSlotSampler:
+    """Partial rollouts' rows sampled by vLLM, one call per chunk. Every chunk is a new request
+    per row continuing its prompt + tokens so far (prefix caching spares recomputing them), so
+    a row carried across an optimizer step simply continues with the pushed weights. The
+    trained student re-scores each chunk in a :class:`RowCache` of the rows; the driver starts
+    a new sampler after each step, which rebuilds that cache with the new weights."""
+
+    def __init__(self, llm: LLM, student: PreTrainedModel, sampling: SamplingConfig):
+        self.llm = llm
+        self.cfg = sampling
+        self.rescorer = RowCache(student)
+        device = next(student.parameters()).device
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+        self.sequences: list[list[int]] = []
+
+    def add(self, contexts: list[torch.Tensor]) -> None:
+        self.sequences += [c.tolist() for c in contexts]
+        self.rescorer.add(contexts)
+
+    def sample(
+        self, n_steps: int, remaining: torch.Tensor, generator: torch.Generator | None
+    ) -> ChunkSample:
+        tokens, counts, logprobs = _generate_chunk(
+            self.llm, self.sequences, remaining, n_steps, self.cfg, generator, keep_logprobs=False
+        )
+        width = int(counts.max())
+        valid = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+        logits = self.rescorer.head(self.rescorer.feed(tokens[:, :width], valid))
+        logprobs[:, :width] = _token_logprobs(logits, tokens[:, :width])
+        ended, at_stop = _chunk_ends(tokens, counts, remaining, self.stop_ids)
+        self.keep_rows((~ended).nonzero().flatten())
+        return ChunkSample(tokens, counts, logprobs, logits, ended, at_stop)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        if index.numel() == len(self.sequences):
+            return
+        self.sequences = [self.sequences[i] for i in index.tolist()]
+        self.rescorer.keep_rows(index)
