@@ -90,6 +90,15 @@ def test_a_resumed_run_logs_each_step_once(kat_run, debug_config, tmp_path):
     assert resumed == (kat_run / LENGTHS_FILE).read_text()
 
 
+def test_micro_batches_of_one_step_continue_its_row_count(debug_config, tmp_path):
+    train(debug_config(tmp_path, "trainer.accumulate_grad_batches=2", "export_student=false"))
+    rows = pd.read_csv(tmp_path / LENGTHS_FILE)
+    assert rows.groupby("step")["row"].apply(list).to_dict() == {
+        0: list(range(2 * ROWS)),
+        1: list(range(2 * ROWS)),
+    }
+
+
 def test_trim_and_read_a_lengths_file(tmp_path):
     path = tmp_path / LENGTHS_FILE
     path.parent.mkdir()
