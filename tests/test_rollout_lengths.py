@@ -142,3 +142,9 @@ def test_the_planner_names_the_key_of_a_folder_without_lengths(compose_config, t
     bad = compose_config(*PAPER, "plan.decode.last_steps=0", config_name="plan")
     with pytest.raises(ValueError, match="plan.decode.last_steps=0"):
         make_plan(bad)
+    path = tmp_path / "lengths.json"
+    path.write_text('{"opd": [5, 7]}')
+    twice = compose_config(*PAPER, f"plan.decode.lengths={path}", config_name="plan")
+    twice.plan.decode.from_runs = {"opd": str(tmp_path)}
+    with pytest.raises(ValueError, match="plan.decode.from_runs.opd: opd is also in"):
+        make_plan(twice)
