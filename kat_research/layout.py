@@ -7,6 +7,7 @@ A job folder (a training run, an evaluation, a sweep job) holds::
     eval/step<NNNNNN>.jsonl graded evaluation samples, one per line, per evaluated step
     checkpoints/            Lightning checkpoints (training)
     rollouts/kl_traces.jsonl per-token KL of a few training rollouts
+    rollouts/lengths.csv    every training rollout's generated and kept tokens, per step
     job.json, status.json   sweep jobs only: the job and its state
 
 Every summary has the keys of :data:`SUMMARY_KEYS` (``kind`` is ``train`` or ``evaluate``).
@@ -28,6 +29,7 @@ EVAL_DIR = "eval"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = ".hydra/config.yaml"
 TRACE_FILE = "rollouts/kl_traces.jsonl"  # per-token KL of a few training rollouts (notebooks)
+LENGTHS_FILE = "rollouts/lengths.csv"  # every training rollout's lengths (lit/rollout_lengths.py)
 SUMMARY_KEYS = ("kind", "seed", "wall_time_s", "output_dir")  # present in every summary
 
 

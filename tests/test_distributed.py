@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from kat_research import config
 from kat_research.data.sampler import ResumableBatchSampler
+from kat_research.layout import LENGTHS_FILE
 from kat_research.losses import token_weights
 from kat_research.termination import KATTerminator, kat_rule
 from kat_research.training.job import train
@@ -171,6 +172,12 @@ def _check_matches_single_process(job: Path, single: Path) -> None:
     # rank 0 evaluated the same weights at every step (on gathered weights under FSDP)
     assert a["eval_after"] is not None
     assert a["eval_before"] == b["eval_before"] and a["eval_after"] == b["eval_after"]
+    # every rank's rollout rows, gathered into rank 0's lengths file (rank order, not row order)
+    rows = [pd.read_csv(p / LENGTHS_FILE) for p in (job, single)]
+    assert list(rows[0].row) == list(rows[1].row)
+    key = ["step", "generated", "kept", "stop_reason"]
+    ours, theirs = (r[key].sort_values(key, ignore_index=True) for r in rows)
+    pd.testing.assert_frame_equal(ours, theirs)
     written = sorted(p.name for p in (job / "eval").iterdir())
     assert written == [f"step{i:06d}.jsonl" for i in range(3)]
     # weights after two SGD steps

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.lit.rollout_lengths import read_generated
 from kat_research.losses import DEFAULT_K, TEACHER_KEEP
 from kat_research.planning.configs import ARCHITECTURES, model_config
 from kat_research.planning.decode_time import DecodeCosts, predict
@@ -168,21 +169,54 @@ def flops_model(model: dict[str, Any], attention: bool) -> FlopsModel:
     return FlopsModel(model["params"]["total"], shape["layers"], shape["heads"] * shape["head_dim"])
 
 
-def decode_prediction(
-    cfg: DictConfig, student: dict[str, Any], teacher: dict[str, Any], rows: int, prompt: float
-) -> dict[str, dict[str, float]] | None:
-    """Sync against partial decode seconds per batch of ``rows`` rows for each method of the
-    lengths file ``plan.decode.lengths`` (None without one); see ``decode_time.py``."""
-    node = cfg.plan.get("decode")
-    if not node or not node.get("lengths"):
+def decode_lengths(plan: DictConfig) -> dict[str, list[int]] | None:
+    """Generated lengths per method for the decode-time model: the JSON file
+    ``plan.decode.lengths`` and the runs of ``plan.decode.from_runs`` ({method: job folder},
+    their ``rollouts/lengths.csv``, the last ``plan.decode.last_steps`` logged steps); None
+    when neither is set."""
+    node = plan.get("decode") or {}
+    file, runs, last = node.get("lengths"), node.get("from_runs") or {}, node.get("last_steps")
+    if last is not None and (not isinstance(last, int) or last < 1):
+        raise ValueError(f"plan.decode.last_steps={last}: give a number of steps >= 1, or null")
+    if not file and not runs:
         return None
-    path = Path(node.lengths)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"plan.decode.lengths={path} does not exist: give a JSON file mapping each method "
-            "to its rollouts' generated lengths, or null"
-        )
-    lengths = json.loads(path.read_text())
+    lengths = {}
+    if file:
+        path = Path(file)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"plan.decode.lengths={path} does not exist: give a JSON file mapping each "
+                "method to its rollouts' generated lengths, or null"
+            )
+        lengths = json.loads(path.read_text())
+    for method, folder in runs.items():
+        if method in lengths:
+            raise ValueError(
+                f"plan.decode.from_runs.{method}: {method} is also in plan.decode.lengths "
+                f"({file}); give each method once"
+            )
+        try:
+            lengths[method] = read_generated(folder, last)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(
+                f"plan.decode.from_runs.{method}={folder}: {error}; give a training run's folder"
+            ) from None
+    return lengths
+
+
+def decode_prediction(
+    cfg: DictConfig,
+    lengths: dict[str, list[int]] | None,
+    student: dict[str, Any],
+    teacher: dict[str, Any],
+    rows: int,
+    prompt: float,
+) -> dict[str, dict[str, float]] | None:
+    """Sync against partial decode seconds per batch of ``rows`` rows for each method of
+    ``lengths`` (:func:`decode_lengths`; None without any); see ``decode_time.py``."""
+    if lengths is None:
+        return None
+    node = cfg.plan.decode
     costs = DecodeCosts.of(
         ModelShape(**student["shape"]),
         student["params"]["total"],
@@ -198,6 +232,7 @@ def decode_prediction(
 
 def make_plan(cfg: DictConfig) -> dict[str, Any]:
     """The whole plan of the training config ``cfg`` (with its ``plan`` knobs)."""
+    decode = decode_lengths(cfg.plan)  # read first: a bad file or folder fails at once
     architectures = Path(cfg.plan.architectures) if cfg.plan.architectures else ARCHITECTURES
     student = describe_model(cfg.model.student, architectures)
     teacher = describe_model(cfg.model.teacher, architectures)
@@ -235,6 +270,6 @@ def make_plan(cfg: DictConfig) -> dict[str, Any]:
         "need_gib": need / GIB,
         "device_gib": float(cfg.plan.device_memory_gib),
         "decode_seconds_per_batch": decode_prediction(
-            cfg, student, teacher, rows, lengths["prompt"]
+            cfg, decode, student, teacher, rows, lengths["prompt"]
         ),
     }
