@@ -1,34 +1,73 @@
 """Greedy held-out metrics of one saved model on the running-total task (data=running_sum),
-with a couple of its completions: how far a stage of conf/testbed_models_running_sum.yaml has
-come (exact accuracy, and the share of item lines valid before the first error).
+with a per-line diagnosis and a few of its completions: how far a stage of
+conf/testbed_models_running_sum.yaml has come.
 
-    python scripts/eval_running_sum_model.py MODEL_DIR [N_PROBLEMS]
+    python scripts/eval_running_sum_model.py MODEL_DIR [N_PROBLEMS] [--labels]
+
+Besides exact accuracy and the share of item lines valid before the first error, it prints,
+over every line the model wrote in place of an item line: the share holding the right item for
+its position (the copy from the prompt), the share whose sum is right for its own operands (the
+arithmetic, whatever was copied), and the share of first lines that add the first item to the
+start. The task settings come from the model's demo_model.json (``task``; ``--labels`` for a
+stage saved before the file recorded them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
+from kat_research.data import running_sum as rs
 from kat_research.eval.tasks import RunningSumEvaluator
 from kat_research.models import load_causal_lm
+
+
+def line_diagnosis(problems: list[str], completions: list[str]) -> dict[str, float]:
+    """Shares of item lines with the right item, with a right sum, and of right first lines."""
+    lines = items_ok = sums_ok = first_ok = 0
+    for text, completion in zip(problems, completions, strict=True):
+        problem = rs.parse_problem(text)
+        for i, line in enumerate(completion.split("\n")[: len(problem.items)]):
+            step = rs.parse_step(line)
+            if step is None:
+                continue
+            left, right, result = step
+            lines += 1
+            items_ok += problem.items[i] in (left, right)
+            sums_ok += left + right == result
+            first_ok += i == 0 and {left, right} == {problem.start, problem.items[0]}
+    return {
+        "item_lines_parsed": lines,
+        "right_item_share": items_ok / max(1, lines),
+        "right_sum_share": sums_ok / max(1, lines),
+        "right_first_line_share": first_ok / max(1, len(problems)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("n_problems", nargs="?", type=int, default=32)
+    parser.add_argument("--labels", action="store_true", help="the task writes item labels")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    loaded = load_causal_lm(args.model_dir, trainable=False)
-    result = RunningSumEvaluator(n_problems=args.n_problems, max_new_tokens=448)(
-        loaded.model, loaded.tokenizer
+    meta = json.loads((Path(args.model_dir) / "demo_model.json").read_text())
+    task = rs.RunningSumConfig(
+        **{**meta.get("task", {}), **({"labels": True} if args.labels else {})}
     )
-    for key, value in sorted(result.metrics.items()):
+    loaded = load_causal_lm(args.model_dir, trainable=False)
+    evaluator = RunningSumEvaluator(n_problems=args.n_problems, max_new_tokens=512, task=task)
+    result = evaluator(loaded.model, loaded.tokenizer)
+    diagnosis = line_diagnosis(
+        [row.problem for row in evaluator.rows], [r.completion for r in result.records]
+    )
+    for key, value in sorted({**result.metrics, **diagnosis}.items()):
         print(f"{key}: {value:.3f}")
-    for record in result.records[:2]:
-        print(record.problem_id, repr(record.completion[:160]))
+    for row, record in list(zip(evaluator.rows, result.records, strict=True))[:3]:
+        print(row.problem, "->", repr(record.completion[:120]))
 
 
 if __name__ == "__main__":

@@ -341,3 +341,32 @@ def test_running_sum_models_train(tmp_path):
     )
     assert meta["sft_steps"] == 2 and 0 <= meta["running_sum/accuracy"] <= 1
     assert 0 <= meta["running_sum/valid_line_share"] <= 1  # the evaluator's progress metric
+
+
+def test_eval_script_line_diagnosis_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "eval_running_sum_model.py"
+    spec = importlib.util.spec_from_file_location("eval_running_sum_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # problem 1: a right first line, then the right item with a wrong sum; problem 2
+    # (labelled): a right first line, then text that is no addition (not counted)
+    diagnosis = script.line_diagnosis(
+        ["1000:10 20", "2000:a30 b40"],
+        ["10+1000=1010\n1010+20=1031", "a:2000+30=2030\nnot a line"],
+    )
+    assert diagnosis == {
+        "item_lines_parsed": 3,
+        "right_item_share": 3 / 3,
+        "right_sum_share": 2 / 3,
+        "right_first_line_share": 2 / 2,
+    }
+    # the start's first digits read as the item: the sum is right, the copy is not
+    assert script.line_diagnosis(["2298:71 19"], ["22+2298=2320"]) == {
+        "item_lines_parsed": 1,
+        "right_item_share": 0.0,
+        "right_sum_share": 1.0,
+        "right_first_line_share": 0.0,
+    }

@@ -175,6 +175,8 @@ def train_sft_model(
         **accuracy,
         "architecture": architecture,
         "sft": sft,
+        "kind": kind,
+        "task": task,
     }
     if setup.pretrain is not None:
         meta["pretrain_seconds"] = pretrain_seconds
