@@ -2,14 +2,15 @@
 with a per-line diagnosis and a few of its completions: how far a stage of
 conf/testbed_models_running_sum.yaml has come.
 
-    python scripts/eval_running_sum_model.py MODEL_DIR [N_PROBLEMS] [--labels]
+    python scripts/eval_running_sum_model.py MODEL_DIR [N_PROBLEMS]
 
 Besides exact accuracy and the share of item lines valid before the first error, it prints,
 over every line the model wrote in place of an item line: the share holding the right item for
 its position (the copy from the prompt), the share whose sum is right for its own operands (the
-arithmetic, whatever was copied), and the share of first lines that add the first item to the
-start. The task settings come from the model's demo_model.json (``task``; ``--labels`` for a
-stage saved before the file recorded them).
+arithmetic, whatever was copied), and the share of first item lines that add the first item to
+the start (after the start's line, when the task writes one). The task settings come from the
+model's demo_model.json (``task``; RunningSumConfig's defaults, no start line, for a stage
+saved before the file recorded them).
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from kat_research.eval.tasks import RunningSumEvaluator
 from kat_research.models import load_causal_lm
 
 
-def line_diagnosis(problems: list[str], completions: list[str]) -> dict[str, float]:
-    """Shares of item lines with the right item, with a right sum, and of right first lines."""
+def line_diagnosis(
+    problems: list[str], completions: list[str], start_line: bool = False
+) -> dict[str, float]:
+    """Shares of item lines with the right item, with a right sum, and of right first item
+    lines (``start_line``: the completions open with the start's line, which is skipped)."""
     lines = items_ok = sums_ok = first_ok = 0
     for text, completion in zip(problems, completions, strict=True):
         problem = rs.parse_problem(text)
-        for i, line in enumerate(completion.split("\n")[: len(problem.items)]):
+        item_lines = completion.split("\n")[int(start_line) :]
+        for i, line in enumerate(item_lines[: len(problem.items)]):
             step = rs.parse_step(line)
             if step is None:
                 continue
@@ -51,18 +56,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("n_problems", nargs="?", type=int, default=32)
-    parser.add_argument("--labels", action="store_true", help="the task writes item labels")
     args = parser.parse_args()
     torch.set_num_threads(1)
     meta = json.loads((Path(args.model_dir) / "demo_model.json").read_text())
-    task = rs.RunningSumConfig(
-        **{**meta.get("task", {}), **({"labels": True} if args.labels else {})}
-    )
+    task = rs.RunningSumConfig(**meta.get("task", {}))
     loaded = load_causal_lm(args.model_dir, trainable=False)
     evaluator = RunningSumEvaluator(n_problems=args.n_problems, max_new_tokens=512, task=task)
     result = evaluator(loaded.model, loaded.tokenizer)
     diagnosis = line_diagnosis(
-        [row.problem for row in evaluator.rows], [r.completion for r in result.records]
+        [row.problem for row in evaluator.rows],
+        [r.completion for r in result.records],
+        task.start_line,
     )
     for key, value in sorted({**result.metrics, **diagnosis}.items()):
         print(f"{key}: {value:.3f}")

@@ -129,19 +129,22 @@ def test_final_answers_spread_out():
 
 
 def test_every_step_copies_from_the_context_and_computes_a_new_value():
-    """Each line's operands are the previous total (the start first) and the next prompt item,
-    both already in the context; its result occurs nowhere before it (it must be computed)."""
+    """The start's line copies the start; then each line's operands are the previous total (the
+    line above) and the next prompt item, both already in the context; its result occurs
+    nowhere before it (it must be computed)."""
     data = configs()[0]
+    assert task().start_line
     rows = load_rows(SourceSpec(kind="running_sum", n=2000, seed=data.source.seed, task=task()))[0]
     for row in rows:
         problem = rs.parse_problem(row.problem)
-        lines = row.solution.split("\n")
+        start_line, *lines = row.solution.split("\n")
+        assert start_line == str(problem.start)
         assert len(lines) == len(problem.items) + 1  # the length is set by the problem
         previous = problem.start
         for i, line in enumerate(lines[:-1]):
             a, b, result = rs.parse_step(line)
             assert {a, b} == {previous, problem.items[i]}
-            context = "\n".join([row.problem, *lines[:i]])
+            context = "\n".join([row.problem, start_line, *lines[:i]])
             assert str(previous) in re.findall(r"\d+", context)
             assert str(problem.items[i]) in row.problem.split(":")[1].split()
             assert str(result) not in re.findall(r"\d+", context)
@@ -226,39 +229,27 @@ PROBLEM = "1000:10 20"
     ],
 )
 def test_verify_locates_the_first_error(completion, first_error, offset):
-    verdict = rs.verify(PROBLEM, completion, task())
+    verdict = rs.verify(PROBLEM, completion, rs.RunningSumConfig(start_line=False))
     assert verdict.correct == (first_error is None)
     assert verdict.first_error == first_error and verdict.error_offset == offset
     if first_error is not None:
         assert verdict.n_valid == first_error
 
 
-LABELLED = "1000:a10 b20"
-
-
 @pytest.mark.parametrize(
     ("completion", "first_error", "offset"),
     [
-        ("a:1000+10=1010\nb:1030=1010+20\n\\boxed{1030}", None, None),
-        ("a:1000+10=1010\nb:1010+30=1040", 1, 15 + len("b:1010+")),  # an item not in the list
-        ("a:1000+10=1010\na:1010+10=1020", 1, 15),  # the first label again: a loop's start
-        ("1000+10=1010", 0, 0),  # a line without its label
+        ("1000\n1000+10=1010\n1030=1010+20\n\\boxed{1030}", None, None),
+        ("1000+10=1010\n1010+20=1030\n\\boxed{1030}", 0, len("1000")),  # no start line
+        ("1001\n1001+10=1011", 0, len("100")),  # the start miscopied
+        ("1000\n1000+10=1010\n1010+20=1040", 2, 18 + len("1010+20=10")),
+        ("1000\n1000+10=1010\n\\boxed{1010}", 2, 18),  # boxed before the last item
     ],
 )
-def test_verify_checks_labelled_lines(completion, first_error, offset):
-    verdict = rs.verify(LABELLED, completion, task())
+def test_verify_with_the_start_line(completion, first_error, offset):
+    verdict = rs.verify(PROBLEM, completion, rs.RunningSumConfig(start_line=True))
     assert verdict.first_error == first_error and verdict.error_offset == offset
-
-
-def test_labelled_problems_round_trip():
-    cfg = rs.RunningSumConfig(labels=True)
-    problem = rs.random_problem(random.Random(0), cfg)
-    assert problem.labelled and rs.parse_problem(problem.text) == problem
-    assert problem.text.split(":")[1].split()[1][0] == "b"
-    lines = rs.solution_lines(problem, random.Random(1), cfg)
-    assert [line[:2] for line in lines[:-1]] == [f"{c}:" for c in rs.LABELS[: len(problem.items)]]
-    assert rs.parse_step("c:12+1000=1012") == (12, 1000, 1012)
-    assert rs.verify(problem, "\n".join(lines), cfg).correct
+    assert verdict.correct == (first_error is None)
 
 
 def test_verify_accepts_every_drawn_solution_and_rejects_a_changed_digit():
@@ -268,7 +259,7 @@ def test_verify_accepts_every_drawn_solution_and_rejects_a_changed_digit():
         i = row.solution.index("=") + 1  # the first line's first character after '='
         wrong = row.solution[:i] + str((int(row.solution[i]) + 1) % 10) + row.solution[i + 1 :]
         verdict = rs.verify(row.problem, wrong, task())
-        assert not verdict.correct and verdict.first_error == 0
+        assert not verdict.correct and verdict.first_error == task().start_line
 
 
 def test_bad_settings_and_problems_are_named():
@@ -278,12 +269,6 @@ def test_bad_settings_and_problems_are_named():
         rs.RunningSumConfig(form_weights=(1, 1))
     with pytest.raises(ValueError, match="start:item"):
         rs.parse_problem("12 34")
-    with pytest.raises(ValueError, match="start:aitem"):
-        rs.parse_problem("1000:a10 c20")  # labels out of order
-    with pytest.raises(ValueError, match="start:aitem"):
-        rs.parse_problem("1000:a10 20")  # labelled and bare items mixed
-    with pytest.raises(ValueError, match="at most 26 items"):
-        rs.RunningSumConfig(labels=True, item_max=99, max_items=30)
 
 
 # ---- source and evaluator --------------------------------------------------------------
@@ -305,7 +290,8 @@ def test_evaluator_grades_with_the_verifier():
     assert records[0].answer == ev.rows[0].answer
     # the first row: all lines valid; the second: none
     assert valid_line_share({r.problem_id: r.problem for r in ev.rows}, records, task()) == 0.5
-    half = "\n".join(good.split("\n")[:4]) + "\n1+1=3"  # 4 valid item lines, then an error
+    assert task().start_line  # the start's line, 4 valid item lines, then an error
+    half = "\n".join(good.split("\n")[:5]) + "\n1+1=3"
     n_items = len(rs.parse_problem(ev.rows[0].problem).items)
     record = ev.grade([[Completion(half, 10, "eos")], [Completion(good, 1, "eos")]])[:1]
     assert valid_line_share({r.problem_id: r.problem for r in ev.rows}, record, task()) == (
@@ -351,11 +337,11 @@ def test_eval_script_line_diagnosis_by_hand():
     spec = importlib.util.spec_from_file_location("eval_running_sum_model", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    # problem 1: a right first line, then the right item with a wrong sum; problem 2
-    # (labelled): a right first line, then text that is no addition (not counted)
+    # problem 1: a right first line, then the right item with a wrong sum; problem 2: a right
+    # first line, then text that is no addition (not counted)
     diagnosis = script.line_diagnosis(
-        ["1000:10 20", "2000:a30 b40"],
-        ["10+1000=1010\n1010+20=1031", "a:2000+30=2030\nnot a line"],
+        ["1000:10 20", "2000:30 40"],
+        ["10+1000=1010\n1010+20=1031", "2030=2000+30\nnot a line"],
     )
     assert diagnosis == {
         "item_lines_parsed": 3,
@@ -363,6 +349,8 @@ def test_eval_script_line_diagnosis_by_hand():
         "right_sum_share": 2 / 3,
         "right_first_line_share": 2 / 2,
     }
+    with_start = script.line_diagnosis(["1000:10 20"], ["1000\n10+1000=1010"], start_line=True)
+    assert with_start["right_first_line_share"] == 1.0 and with_start["item_lines_parsed"] == 1
     # the start's first digits read as the item: the sum is right, the copy is not
     assert script.line_diagnosis(["2298:71 19"], ["22+2298=2320"]) == {
         "item_lines_parsed": 1,

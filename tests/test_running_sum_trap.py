@@ -1,5 +1,5 @@
 """The running-total task in the trap machinery: first-error locator, repetition rule, the trap
-check's per-task pieces and verifier on hand-computed completions (labels off and on), and the
+check's per-task pieces and verifier on hand-computed completions, and the
 testbed trap check end to end on tiny random-init models."""
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ FIRST = RunningSumFirstError(CFG)
 # 1000:12 34 -> totals 1012, 1046. Lines: chars 0-11 (newline 12), 13-24 (newline 25), 26-37
 PROBLEM = "1000:12 34"
 CORRECT = "1000+12=1012\n1012+34=1046\n\\boxed{1046}"
-LABELLED = "1000:a12 b34"  # lines a:... chars 0-13 (newline 14), b:... 15-28 (newline 29), 30-41
-CORRECT_LABELLED = "a:1000+12=1012\nb:1012+34=1046\n\\boxed{1046}"
 
 
 @pytest.mark.parametrize(
@@ -42,13 +40,6 @@ CORRECT_LABELLED = "a:1000+12=1012\nb:1012+34=1046\n\\boxed{1046}"
         (PROBLEM, CORRECT + "\nx", 39),  # text after the box
         (PROBLEM, "\n1000+12=1012", 0),  # a leading newline, as verify rejects it
         (PROBLEM, "", None),
-        (LABELLED, CORRECT_LABELLED, None),
-        (LABELLED, "a:12+1000=1012\nb:1046=1012+34", None),
-        (LABELLED, "1000+12=1012", 0),  # the label missing
-        (LABELLED, "b:1000+12=1012", 0),  # the wrong label
-        (LABELLED, "a:1000+12=1012\nb:", None),  # unfinished after the label
-        (LABELLED, "a:1000+12=1012\nb:1012+34=1047", 15),
-        (LABELLED, CORRECT_LABELLED + "\nx", 43),
     ],
 )
 def test_running_sum_first_error_on_hand_computed_cases(problem, completion, error) -> None:
@@ -56,21 +47,39 @@ def test_running_sum_first_error_on_hand_computed_cases(problem, completion, err
 
 
 @pytest.mark.parametrize(
+    "completion,error",
+    [
+        ("1000\n" + CORRECT, None),
+        ("10", None),  # unfinished start line, can still be right
+        ("1001\n", 0),  # the start miscopied
+        (CORRECT, 0),  # no start line
+        ("1000\n1000+12=1012\n1012+34=1047", 18),
+    ],
+)
+def test_running_sum_first_error_with_the_start_line(completion, error) -> None:
+    first = RunningSumFirstError(running_sum.RunningSumConfig(start_line=True))
+    assert first.first_error(PROBLEM, completion) == error
+
+
+def test_running_sum_start_line_shifts_the_wrong_result_and_probe_lines() -> None:
+    task = RunningSumTrap(running_sum.RunningSumConfig(start_line=True))
+    assert task.wrong_result(PROBLEM, 0, "1001") is None  # the start's line adds nothing
+    assert task.wrong_result(PROBLEM, 2, "1012+34=1047") == (1047, 1046)
+    lines = task.probe_lines(PROBLEM, 2, random.Random(0))
+    assert lines[0] == "1000" and running_sum.parse_step(lines[1])[2] == 1012
+    assert task.probe_lines(PROBLEM, 4, random.Random(0)) is None  # start + 2 items only
+
+
+@pytest.mark.parametrize(
     "problem,completion,line",
     [
         (PROBLEM, CORRECT, None),
-        (LABELLED, CORRECT_LABELLED, None),
         # verbatim loop: the second line's third copy
         (PROBLEM, "1000+12=1012\n1012+34=1046\n1012+34=1046\n1012+34=1046", 3),
         # the same total in three phrasings (result 1012 and item 12 a third time)
         (PROBLEM, "1000+12=1012\n12+1000=1012\n1012=1000+12", 2),
         # the list cycled: item 12 added a third time on line 4 (texts and results differ)
         (PROBLEM, "1000+12=1012\n1012+34=1046\n1046+12=1058\n1058+34=1092\n1092+12=1104", 4),
-        (
-            LABELLED,
-            "a:1000+12=1012\nb:1012+34=1046\na:1046+12=1058\nb:1058+34=1092\na:1092+12=1104",
-            4,
-        ),
         # one item added twice (the place lost once): wrong, not a loop
         (PROBLEM, "1000+12=1012\n1012+12=1024\n1024+34=1058", None),
         # empty lines do not count
@@ -93,8 +102,6 @@ def test_running_sum_repetition_rule_by_hand(problem, completion, line) -> None:
             "degenerate",
         ),
         (PROBLEM, "1000+12=1012\n1012+34=1046\n1046+", "max_tokens", "capped"),
-        (LABELLED, CORRECT_LABELLED, "eos", "correct"),
-        (LABELLED, CORRECT, "eos", "wrong"),  # unlabelled lines for a labelled problem
     ],
 )
 def test_running_sum_category_equals_the_trap_check(problem, completion, stop, category) -> None:
@@ -121,39 +128,32 @@ def test_running_sum_carry_forward_by_hand() -> None:
     assert (prefix, got, right) == ("1000+12=1012\n1012+34=1047\n", 1047, 1046)
     assert tc.continuation_kind("1047+56=1103", 1047, 1046, CFG) == "carried"
     assert tc.continuation_kind("56+1046=1102", 1047, 1046, CFG) == "reverted"
-    assert tc.continuation_kind("c:1102=1046+56", 1047, 1046, CFG) == "reverted"  # any label
     assert tc.continuation_kind("1046+56=1103", 1047, 1046, CFG) == "other"  # bad sum
     # a first error that adds the wrong item: no wrong-result prefix
     assert tc.error_prefixes(problem, "1000+12=1012\n1012+56=1068\n1068+34=1102", CFG) is None
     assert tc.error_prefixes(problem, "1000+12=1012\n1012+34=1047", CFG) is None  # nothing after
-    labelled = "a:1000+12=1012\nb:34+1012=1047\nc:1047+56=1103"
-    prefix, got, right = tc.error_prefixes("1000:a12 b34 c56", labelled, CFG)
-    assert (prefix, got, right) == ("a:1000+12=1012\nb:34+1012=1047\n", 1047, 1046)
-    wrong_label = "a:1000+12=1012\nc:1012+34=1047\nc:1047+56=1103"
-    assert tc.error_prefixes("1000:a12 b34 c56", wrong_label, CFG) is None
-    assert tc.carried_forward_share(labelled, 1, CFG) == 1.0
 
 
-@pytest.mark.parametrize("problem", ["1000:12 34 56", "1000:a12 b34 c56"])
-def test_running_sum_probe_lines_are_a_correct_solution(problem) -> None:
+def test_running_sum_probe_lines_are_a_correct_solution() -> None:
+    problem = "1000:12 34 56"
     task = RunningSumTrap(CFG)
     lines = task.probe_lines(problem, 3, random.Random(0))
     text = "\n".join([*lines, running_sum.final_line(1102)])
     assert running_sum.verify(problem, text, CFG).correct
     assert task.probe_lines(problem, 4, random.Random(0)) is None  # only 3 items
-    labelled = running_sum.RunningSumConfig(labels=True, min_items=3, max_items=5)
-    for p in trap_task(labelled).probe_problems("eval", 3):
-        assert running_sum.parse_problem(p).labelled
+    short = running_sum.RunningSumConfig(min_items=3, max_items=5)
+    for p in trap_task(short).probe_problems("eval", 3):
+        assert 3 <= len(running_sum.parse_problem(p).items) <= 5
 
 
 def test_running_sum_verifier_and_first_error_task_from_the_data_source() -> None:
-    source = {"kind": "running_sum", "task": {"labels": True}}
+    source = {"kind": "running_sum", "task": {"max_items": 12}}
     assert isinstance(first_error_task(source), RunningSumFirstError)
-    assert task_config(source) == running_sum.RunningSumConfig(labels=True)
+    assert task_config(source) == running_sum.RunningSumConfig(max_items=12)
     verifier = make_verifier(source, ngram=10, repeats=3, timeout_s=1.0)
     assert isinstance(verifier, RunningSumVerifier) and "running_sum" in verifier.name
-    texts = [CORRECT_LABELLED, "a:1000+12=1012\nb:1012+34=1047"]
-    verdicts = verifier.judge([LABELLED] * 2, ["1046"] * 2, [[], []], texts, ["eos", "eos"])
+    texts = [CORRECT, "1000+12=1012\n1012+34=1047"]
+    verdicts = verifier.judge([PROBLEM] * 2, ["1046"] * 2, [[], []], texts, ["eos", "eos"])
     assert [v.category for v in verdicts] == ["correct", "wrong"]
     with pytest.raises(ValueError, match="data=running_sum"):
         task_config({"kind": "synthetic"})
@@ -207,13 +207,10 @@ def test_student_checkpoint_replaces_the_configured_students_weights(tmp_path) -
         assert torch.equal(v, state[f"student.{k}"])
 
 
-@pytest.mark.parametrize("labels", [False, True])
-def test_testbed_trap_check_on_running_sum_with_tiny_models(tmp_path, tiny_dirs, labels, capsys):
+def test_testbed_trap_check_on_running_sum_with_tiny_models(tmp_path, tiny_dirs, capsys):
     """The whole check for data=running_sum on random-init models, 4 short rollouts."""
     out = tmp_path / "check"
-    # labelled prompts run to ~120 tokens, past data=running_sum's max_prompt_tokens (96)
-    task = f"'data.source.task.labels={labels}','data.max_prompt_tokens=128'"
-    overrides = f"['data=running_sum','eval=running_sum',{task}]"
+    overrides = "['data=running_sum','eval=running_sum']"
     cfg = compose(
         [
             f"output_dir={out}",
@@ -238,7 +235,7 @@ def test_testbed_trap_check_on_running_sum_with_tiny_models(tmp_path, tiny_dirs,
     assert {"precision", "recall_lo", "segment_after_error", "cut_minus_error_median"} <= set(kat)
     rows = pd.read_csv(out / "rollouts.csv")
     assert len(rows) == 4 and rows.length.le(32).all()
-    assert all(running_sum.parse_problem(p).labelled == labels for p in rows.start)
+    assert all(running_sum.parse_problem(p).items for p in rows.start)
     text = (out / "summary.md").read_text()
     assert "task running_sum" in text and "precision [95%]" in text
     assert "| quantile q |" in capsys.readouterr().out

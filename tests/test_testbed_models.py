@@ -62,9 +62,21 @@ def test_stage_chain_is_checked_before_training():
     bad_key = OmegaConf.merge(cfg, {"stages": {"t2": {"sft": {"learning_rate": 1.0}}}})
     with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\]"):
         stage_settings(bad_key)
+    bad_task = OmegaConf.merge(cfg, {"stages": {"t2": {"task": {"start_lines": True}}}})
+    with pytest.raises(ValueError, match=r"stages.t2.task: unknown keys \['start_lines'\]"):
+        stage_settings(bad_task)
     bad_arch = OmegaConf.merge(cfg, {"stages": {"small": {"architecture": "huge"}}})
     with pytest.raises(ValueError, match="architecture='huge'"):
         stage_settings(bad_arch)
+
+
+def test_stage_task_overrides_merge_over_the_data_preset():
+    cfg = compose([], config_name="testbed_models_running_sum")
+    stages = stage_settings(cfg)
+    preset = OmegaConf.to_container(cfg.data.source.task)
+    assert preset["start_line"] is True
+    assert stages["t1"]["task"] == {**preset, "start_line": False}  # the first design
+    assert stages["t6"]["task"] == preset
 
 
 def test_weight_difference_by_hand(tmp_path):

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Each stage's role, architecture, parent and full SFT settings, checked for order."""
+    """Each stage's role, architecture, parent, full SFT settings and task settings (the data
+    preset's ``data.source.task`` with the stage's ``task`` overrides), checked for order."""
     base = OmegaConf.to_container(cfg.sft, resolve=True)
+    base_task = OmegaConf.to_container(cfg.data.source.task, resolve=True)
     stages: dict[str, dict[str, Any]] = {}
     for name, stage in cfg.stages.items():
         parent = stage.get("from")
@@ -39,15 +41,20 @@ def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                 f"testbed_models.stages.{name}.architecture={stage.architecture!r}: one of "
                 f"{list(cfg.architectures)}"
             )
-        overrides = OmegaConf.to_container(stage.get("sft") or {}, resolve=True)
+        overrides = OmegaConf.to_container(stage.get("sft") or OmegaConf.create(), resolve=True)
         unknown = sorted(set(overrides) - set(base))
         if unknown:
             raise ValueError(f"testbed_models.stages.{name}.sft: unknown keys {unknown}")
+        task = OmegaConf.to_container(stage.get("task") or OmegaConf.create(), resolve=True)
+        unknown = sorted(set(task) - set(base_task))
+        if unknown:
+            raise ValueError(f"testbed_models.stages.{name}.task: unknown keys {unknown}")
         stages[name] = {
             "role": stage.role,
             "architecture": OmegaConf.to_container(cfg.architectures[stage.architecture]),
             "from": parent,
             "sft": {**base, **overrides},
+            "task": {**base_task, **task},
         }
     missing = sorted(set(cfg.shipped.values()) - set(stages))
     if missing:
@@ -57,7 +64,6 @@ def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 def build_chain(cfg: DictConfig) -> dict[str, Path]:
     """Train (or load from the cache) every stage in order; return each stage's folder."""
-    task = OmegaConf.to_container(cfg.data.source.task, resolve=True)
     folders: dict[str, Path] = {}
     for name, stage in stage_settings(cfg).items():
         parent = stage["from"]
@@ -67,7 +73,7 @@ def build_chain(cfg: DictConfig) -> dict[str, Path]:
             cfg.paths.cache_dir,
             architecture=stage["architecture"],
             sft=sft,
-            task=task,
+            task=stage["task"],
             kind=cfg.data.source.kind,
         )
         folders[name] = Path(model.name)

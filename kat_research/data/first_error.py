@@ -87,7 +87,7 @@ class CollatzFirstError:
 
 class RunningSumFirstError:
     """The running-total verifier (``running_sum.verify``) as a :class:`FirstErrorTask`;
-    ``problem`` is the prompt (``5237:45 12 ...``, labelled or not)."""
+    ``problem`` is the prompt (``5237:45 12 ...``)."""
 
     name = "running-sum line verifier (running_sum.verify)"
 
@@ -95,26 +95,16 @@ class RunningSumFirstError:
         self.task = task
 
     def first_error(self, problem: str, completion: str) -> int | None:
-        """Start of the first line that does not add the next item to the previous total (any
-        phrasing, the item's label when labelled), is not the box after the last item, or is
-        not empty after the box. Unlike the collatz chain, a leading newline is an error
+        """Start of the first line that is not the start's line (with ``start_line``), does not
+        add the next item to the previous total (any phrasing), is not the box after the last
+        item, or is not empty after the box. Unlike the collatz chain, a leading newline is an error
         (``running_sum.verify`` skips none)."""
-        prob = running_sum.parse_problem(problem)
-        totals = [prob.start, *prob.totals()]
+        expected = running_sum.expected_lines(running_sum.parse_problem(problem), self.task)
         offset = 0
         lines = completion.split("\n")
         for i, line in enumerate(lines):
             last = i == len(lines) - 1  # not followed by a newline: may be unfinished
-            if i < len(prob.items):
-                item = prob.items[i]
-                valid = {
-                    running_sum.step_line(totals[i], item, form, prob.label(i))
-                    for form in range(running_sum.N_FORMS)
-                }
-            elif i == len(prob.items):
-                valid = {running_sum.final_line(prob.answer)}
-            else:
-                valid = {""}  # only newlines may follow the box
+            valid = expected[i] if i < len(expected) else {""}  # only newlines after the box
             if line not in valid and not (last and any(v.startswith(line) for v in valid)):
                 return offset
             offset += len(line) + 1

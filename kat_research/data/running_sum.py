@@ -35,7 +35,6 @@ from kat_research.data.collatz import repeated_span
 
 SPLITS = ("train", "eval")
 N_FORMS = 3
-LABELS = "abcdefghijklmnopqrstuvwxyz"  # item labels, in list order, when ``labels`` is on
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,8 @@ class RunningSumConfig:
     ``heldout_fraction`` of the answers (by a hash of the answer) form the eval split.
     ``max_chars`` bounds a pre-training document. ``form_weights`` are the relative odds of the
     three phrasings when text is generated (a model's style; the verifier accepts all).
-    ``labels`` writes a letter before every item, in the prompt and on its line
-    (``5237:a45 b12`` / ``a:5237+45=5282``), so the next item is found by matching its label
-    rather than by finding the previous item, wherever a phrasing put it.
+    ``start_line`` opens every solution with the start value on a line of its own, so the
+    first addition, like every later one, copies its total from the line above.
     """
 
     start_min: int = 1000
@@ -61,7 +59,7 @@ class RunningSumConfig:
     heldout_fraction: float = 0.15
     max_chars: int = 480
     form_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    labels: bool = False
+    start_line: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_min <= self.start_max:
@@ -73,8 +71,6 @@ class RunningSumConfig:
                 "need 1 <= min_items <= max_items <= the number of item values "
                 f"(items are distinct), got {self}"
             )
-        if self.labels and self.max_items > len(LABELS):
-            raise ValueError(f"labels allow at most {len(LABELS)} items, got {self.max_items}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         weights = tuple(float(w) for w in self.form_weights)
@@ -85,22 +81,15 @@ class RunningSumConfig:
 
 @dataclass(frozen=True)
 class Problem:
-    """A start and the items to add to it (``labelled``: written with their labels)."""
+    """A start and the items to add to it."""
 
     start: int
     items: tuple[int, ...]
-    labelled: bool = False
 
     @property
     def text(self) -> str:
-        """The prompt, ``start:item item ...`` (``start:aitem bitem ...`` when labelled)."""
-        return f"{self.start}:" + " ".join(
-            f"{self.label(i)}{item}" for i, item in enumerate(self.items)
-        )
-
-    def label(self, index: int) -> str:
-        """The label written before item ``index`` (empty when unlabelled)."""
-        return LABELS[index] if self.labelled else ""
+        """The prompt, ``start:item item ...``."""
+        return f"{self.start}:" + " ".join(map(str, self.items))
 
     @property
     def answer(self) -> int:
@@ -121,37 +110,29 @@ class Problem:
         return [(t, self.items[i:]) for i, t in enumerate(totals)]
 
 
-_PROBLEM = re.compile(r"(\d+):([a-z]?\d+(?: [a-z]?\d+)*)")
+_PROBLEM = re.compile(r"(\d+):(\d+(?: \d+)*)")
 
 
 def parse_problem(text: str) -> Problem:
-    """The problem written as ``text`` (its prompt), labelled or not."""
+    """The problem written as ``text`` (its prompt)."""
     match = _PROBLEM.fullmatch(text.strip())
-    words = match[2].split() if match else []
-    labelled = bool(words) and words[0][0].isalpha()
-    expected = [LABELS[i] if labelled else "" for i in range(len(words))]
-    if not match or len(words) > len(LABELS) or [w.rstrip("0123456789") for w in words] != expected:
-        raise ValueError(
-            f"not a running-sum problem (start:item item ... or start:aitem bitem ...): {text!r}"
-        )
-    return Problem(int(match[1]), tuple(int(w.lstrip(LABELS)) for w in words), labelled)
+    if not match:
+        raise ValueError(f"not a running-sum problem (start:item item ...): {text!r}")
+    return Problem(int(match[1]), tuple(int(x) for x in match[2].split()))
 
 
-def step_line(total: int, item: int, form: int, label: str = "") -> str:
-    """The line adding ``item`` to ``total`` in phrasing ``form`` (0..2), after ``label:``
-    when a label is given."""
+def step_line(total: int, item: int, form: int) -> str:
+    """The line adding ``item`` to ``total`` in phrasing ``form`` (0..2)."""
     result = total + item
-    body = (f"{total}+{item}={result}", f"{item}+{total}={result}", f"{result}={total}+{item}")[
+    return (f"{total}+{item}={result}", f"{item}+{total}={result}", f"{result}={total}+{item}")[
         form
     ]
-    return f"{label}:{body}" if label else body
 
 
 def parse_step(line: str) -> tuple[int, int, int] | None:
     """(left operand, right operand, result) of a line in any phrasing, whatever its arithmetic
-    (which operand is the total depends on the phrasing, which the context decides) and
-    whatever its label; None if the line is no addition."""
-    line = re.sub(r"^[a-z]:", "", line)
+    (which operand is the total depends on the phrasing, which the context decides); None if
+    the line is no addition."""
     match = re.fullmatch(r"(\d+)\+(\d+)=(\d+)", line)
     if match:
         return int(match[1]), int(match[2]), int(match[3])
@@ -171,13 +152,29 @@ def final_line(answer: int) -> str:
 
 
 def solution_lines(problem: Problem, rng: random.Random, cfg: RunningSumConfig) -> list[str]:
-    """The worked solution's lines, a phrasing drawn per line, ending with the box."""
+    """The worked solution's lines (the start's line first with ``cfg.start_line``), a
+    phrasing drawn per item line, ending with the box."""
     totals = [problem.start, *problem.totals()]
     lines = [
-        step_line(total, item, draw_form(rng, cfg), problem.label(i))
-        for i, (total, item) in enumerate(zip(totals, problem.items, strict=False))
+        step_line(total, item, draw_form(rng, cfg))
+        for total, item in zip(totals, problem.items, strict=False)
     ]
-    return [*lines, final_line(problem.answer)]
+    return [*([str(problem.start)] if cfg.start_line else []), *lines, final_line(problem.answer)]
+
+
+def expected_lines(problem: Problem, cfg: RunningSumConfig) -> list[set[str]]:
+    """Every line a correct solution may write at each position: the start's line (with
+    ``cfg.start_line``), each item line in any phrasing, the box."""
+    totals = [problem.start, *problem.totals()]
+    steps = [
+        {step_line(total, item, form) for form in range(N_FORMS)}
+        for total, item in zip(totals, problem.items, strict=False)
+    ]
+    return [
+        *([{str(problem.start)}] if cfg.start_line else []),
+        *steps,
+        {final_line(problem.answer)},
+    ]
 
 
 def answer_is_heldout(answer: int, cfg: RunningSumConfig) -> bool:
@@ -190,7 +187,7 @@ def random_problem(rng: random.Random, cfg: RunningSumConfig) -> Problem:
     """A problem drawn uniformly in its number of items, start and items."""
     k = rng.randint(cfg.min_items, cfg.max_items)
     items = rng.sample(range(cfg.item_min, cfg.item_max + 1), k)
-    return Problem(rng.randint(cfg.start_min, cfg.start_max), tuple(items), cfg.labels)
+    return Problem(rng.randint(cfg.start_min, cfg.start_max), tuple(items))
 
 
 def draw_problem(split: str, rng: random.Random, cfg: RunningSumConfig) -> Problem:
@@ -258,14 +255,10 @@ def _common_prefix(a: str, b: str) -> int:
 
 def verify(problem: str | Problem, completion: str, cfg: RunningSumConfig) -> Verdict:
     """Grade a completion for ``problem`` (its prompt text) line by line."""
-    del cfg  # the problem text holds everything needed; kept for the evaluator's signature
     prob = problem if isinstance(problem, Problem) else parse_problem(problem)
     text = completion.rstrip("\n")
-    expected = [
-        [step_line(t, item, f, prob.label(i)) for f in range(N_FORMS)]
-        for i, (t, item) in enumerate(zip([prob.start, *prob.totals()], prob.items, strict=False))
-    ]
-    expected.append([final_line(prob.answer)])
+    expected = expected_lines(prob, cfg)
+    n_steps = len(expected) - 1  # lines before the box
     offset = 0
     lines = text.split("\n")
     for i, line in enumerate(lines):
@@ -273,12 +266,12 @@ def verify(problem: str | Problem, completion: str, cfg: RunningSumConfig) -> Ve
             return Verdict(False, i, i, offset, True)
         if line not in expected[i]:
             prefix = max(_common_prefix(line, e) for e in expected[i])
-            return Verdict(False, i, i, offset + prefix, i >= len(prob.items))
+            return Verdict(False, i, i, offset + prefix, i >= n_steps)
         offset += len(line) + 1
     n = len(lines)
     if n == len(expected):
         return Verdict(True, n, None, None, True)
-    return Verdict(False, n, n, len(text), n >= len(prob.items))
+    return Verdict(False, n, n, len(text), n >= n_steps)
 
 
 def repetition_onset(problem: str | Problem, completion: str, repeats: int = 3) -> int | None:

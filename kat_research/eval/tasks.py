@@ -152,8 +152,8 @@ def valid_line_share(
     shares = []
     for record in records:
         problem = running_sum.parse_problem(problems[record.problem_id])
-        n_valid = running_sum.verify(problem, record.completion, task).n_valid
-        shares.append(min(n_valid, len(problem.items)) / len(problem.items))
+        n_valid = running_sum.verify(problem, record.completion, task).n_valid - task.start_line
+        shares.append(min(max(n_valid, 0), len(problem.items)) / len(problem.items))
     return sum(shares) / max(1, len(shares))
 
 

@@ -109,9 +109,9 @@ class CollatzTrap:
 
 
 class RunningSumTrap:
-    """The running total (``data.running_sum``): a problem is its prompt, labelled or not. A
-    line is a step from a value when it adds some number to that value correctly, in any
-    phrasing and whatever its label (the total is what is carried; the item is not checked)."""
+    """The running total (``data.running_sum``): a problem is its prompt. A line is a step
+    from a value when it adds some number to that value correctly, in any phrasing (the total
+    is what is carried; the item is not checked)."""
 
     kind = "running_sum"
     verifier_name = "running-sum line verifier (running_sum.verify)"
@@ -139,13 +139,11 @@ class RunningSumTrap:
         return step is not None and value in step[:2] and step[0] + step[1] == step[2]
 
     def wrong_result(self, problem: str, index: int, line: str) -> tuple[int, int] | None:
-        """(written, right) when line ``index`` adds the right item (with its label, when
-        labelled) to the right total and writes a wrong sum."""
+        """(written, right) when line ``index`` adds the right item to the right total and
+        writes a wrong sum (the start's line, with ``start_line``, adds nothing)."""
         prob = running_sum.parse_problem(problem)
-        if index >= len(prob.items):
-            return None
-        label = prob.label(index)
-        if label and not line.startswith(f"{label}:"):
+        index -= self.config.start_line  # the item line's index
+        if not 0 <= index < len(prob.items):
             return None
         step = running_sum.parse_step(line)
         total = [prob.start, *prob.totals()][index]
@@ -156,15 +154,8 @@ class RunningSumTrap:
 
     def probe_lines(self, problem: str, n: int, rng: random.Random) -> list[str] | None:
         prob = running_sum.parse_problem(problem)
-        if len(prob.items) < n:
-            return None
-        totals = [prob.start, *prob.totals()]
-        return [
-            running_sum.step_line(
-                totals[i], prob.items[i], rng.randrange(running_sum.N_FORMS), prob.label(i)
-            )
-            for i in range(n)
-        ]
+        lines = running_sum.solution_lines(prob, rng, self.config)[:-1]  # without the box
+        return lines[:n] if len(lines) >= n else None
 
     def probe_problems(self, split: str, n: int) -> list[str]:
         """``n`` distinct problems of the split, drawn with seed 7 for train (0 for eval)."""
