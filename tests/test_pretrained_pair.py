@@ -36,7 +36,7 @@ def test_build_pair_saves_student_and_teacher_and_caches(tmp_path):
     assert metas["student"]["sft_steps"] == 1 and metas["teacher"]["sft_steps"] == 3
     for meta in metas.values():
         assert 0.0 <= meta["running_sum/accuracy"] <= 1.0
-        assert meta["settings"]["sft"]["steps"] == 3
+        assert meta["settings"]["sft"]["steps"] == 3 and meta["task"]["start_line"] is True
     student = load_causal_lm(str(folders["student"])).model.state_dict()
     teacher = load_causal_lm(str(folders["teacher"])).model.state_dict()
     assert any(not torch.equal(student[k], teacher[k]) for k in student)  # two more steps

@@ -116,7 +116,9 @@ def build_pair(cfg: DictConfig) -> dict[str, Path]:
         meta = json.loads(meta_file.read_text())
         saved = load_causal_lm(str(folders[role]), trainable=False)
         metrics = evaluator(saved.model, saved.tokenizer).metrics
-        meta.update(metrics, settings=settings, seconds=time.perf_counter() - start)
+        meta.update(
+            metrics, task=settings["task"], settings=settings, seconds=time.perf_counter() - start
+        )
         meta_file.write_text(json.dumps(meta, indent=2))
         log.info("%s (%d SFT steps): %s", role, meta["sft_steps"], metrics)
     return folders
