@@ -1,16 +1,17 @@
 """A second long-horizon testbed task: a running total over a list given in the prompt.
 
 The problem is a start value and a list of distinct two-digit items, ``5237:45 12 88``. The
-solution adds the items left to right, one line per item, each line in one of three equivalent
-phrasings drawn independently per line (the odds are a model's style)::
+solution (with ``start_line``) first writes the start on a line of its own, then adds the items
+left to right, one line per item, each line in one of three equivalent phrasings drawn
+independently per line (the odds are a model's style)::
 
-    5237+45=5282 / 45+5237=5282 / 5282=5237+45        then  \\boxed{5427}
+    5237   then   5237+45=5282 / 45+5237=5282 / 5282=5237+45   ...   then  \\boxed{5427}
 
 Every line copies two values from the context (the previous line's total, or the start, and
 the next item of the prompt's list) and computes their sum, so a model that continues
 consistently from a wrong total carries the error forward, and a model that loses its place in
-the list repeats or skips items. The number of lines is the number of items (the length is set
-by the problem, not by the values).
+the list repeats or skips items. The number of lines is set by the number of items (the length
+is set by the problem, not by the values).
 
 **The held-out split is disjoint by construction.** The state of a solution after any line is
 (the running total, the items still to add); the rest of the text depends on nothing else. Every
