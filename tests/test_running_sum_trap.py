@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from kat_research.analysis.trap import check as tc
 from kat_research.analysis.trap import testbed_check
 from kat_research.analysis.trap.tasks import RunningSumTrap, task_config, trap_task
-from kat_research.analysis.trap.verdicts import RunningSumVerifier, make_verifier
+from kat_research.analysis.trap.verdicts import LineVerifier, make_verifier
 from kat_research.config import compose
 from kat_research.data import running_sum
 from kat_research.data.first_error import RunningSumFirstError, first_error_task
@@ -151,7 +151,8 @@ def test_running_sum_verifier_and_first_error_task_from_the_data_source() -> Non
     assert isinstance(first_error_task(source), RunningSumFirstError)
     assert task_config(source) == running_sum.RunningSumConfig(max_items=12)
     verifier = make_verifier(source, ngram=10, repeats=3, timeout_s=1.0)
-    assert isinstance(verifier, RunningSumVerifier) and "running_sum" in verifier.name
+    assert isinstance(verifier, LineVerifier) and "running_sum" in verifier.name
+    assert verifier.task == running_sum.RunningSumConfig(max_items=12)
     texts = [CORRECT, "1000+12=1012\n1012+34=1047"]
     verdicts = verifier.judge([PROBLEM] * 2, ["1046"] * 2, [[], []], texts, ["eos", "eos"])
     assert [v.category for v in verdicts] == ["correct", "wrong"]

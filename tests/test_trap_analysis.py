@@ -22,7 +22,7 @@ from kat_research.analysis.trap.analysis import StageRollouts, measure
 from kat_research.analysis.trap.plot import read_results
 from kat_research.analysis.trap.smollm2 import sft_solution
 from kat_research.analysis.trap.verdicts import (
-    CollatzVerifier,
+    LineVerifier,
     MathVerifier,
     Verdict,
     crosstab,
@@ -121,7 +121,7 @@ def test_collatz_verifier_uses_the_chain_verifier():
     start = 29
     good = solution_text(start, random.Random(0), task)
     broken = good.replace("\\boxed", "\\boxd")
-    verdicts = CollatzVerifier(task).judge(
+    verdicts = LineVerifier(task).judge(
         [str(start)] * 2, [None] * 2, [[], []], [good, broken], ["eos", "eos"]
     )
     assert [v.category for v in verdicts] == ["correct", "wrong"]

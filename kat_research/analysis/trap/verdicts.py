@@ -40,8 +40,6 @@ import pandas as pd
 
 from kat_research.analysis.trap.check import CATEGORIES, classify, fisher_exact
 from kat_research.analysis.trap.tasks import TaskConfig, task_config, trap_task
-from kat_research.data.collatz import CollatzTaskConfig
-from kat_research.data.running_sum import RunningSumConfig
 from kat_research.eval.grading import Grader
 from kat_research.text.answers import extract_answer
 
@@ -91,8 +89,8 @@ def free_text_category(answer_correct: bool, stop_reason: str, degenerate: bool)
 
 
 class LineVerifier:
-    """A testbed task's line verifier and repetition rule (``check.classify``); ``problem``
-    is the prompt text."""
+    """A testbed task's line verifier and repetition rule (``check.classify``), collatz's chain
+    or the running total's, as ``task``'s type says; ``problem`` is the prompt text."""
 
     def __init__(self, task: TaskConfig):
         self.task = task
@@ -112,20 +110,6 @@ class LineVerifier:
             v = classify(problem, text, stop, self.task)
             out.append(Verdict(v.category, v.category == CORRECT, v.loop_onset))
         return out
-
-
-class CollatzVerifier(LineVerifier):
-    """The testbed's chain verifier; ``problem`` is the start."""
-
-    def __init__(self, task: CollatzTaskConfig):
-        super().__init__(task)
-
-
-class RunningSumVerifier(LineVerifier):
-    """The running-total verifier; ``problem`` is the prompt (``5237:45 12 ...``)."""
-
-    def __init__(self, task: RunningSumConfig):
-        super().__init__(task)
 
 
 class MathVerifier:
@@ -163,11 +147,8 @@ def make_verifier(
     data_source: dict[str, Any], *, ngram: int, repeats: int, timeout_s: float
 ) -> LineVerifier | MathVerifier:
     """The verifier of a run's ``data.source`` (see the module docstring)."""
-    kind = data_source.get("kind")
-    if kind == "collatz":
-        return CollatzVerifier(task_config(data_source))
-    if kind == "running_sum":
-        return RunningSumVerifier(task_config(data_source))
+    if data_source.get("kind") in ("collatz", "running_sum"):
+        return LineVerifier(task_config(data_source))
     return MathVerifier(ngram=ngram, repeats=repeats, timeout_s=timeout_s)
 
 
