@@ -73,14 +73,14 @@ def test_extract_answer_is_linear_on_unclosed_boxes() -> None:
     def seconds(n: int) -> float:
         text = "\\boxed{" * n
         best = math.inf
-        for _ in range(3):
+        for _ in range(7):  # the fastest of 7: a busy machine only ever adds time
             start = time.perf_counter()
             assert extract_answer(text) is None
             best = min(best, time.perf_counter() - start)
         return best
 
     assert extract_answer("\\boxed{7} " + "\\boxed{" * 14286) == "7"
-    assert seconds(16000) / seconds(8000) < 3
+    assert seconds(64000) / seconds(32000) < 3  # tens of ms each: timer noise stays small
 
 
 def test_gold_from_real_minerva_solution() -> None:
