@@ -1,6 +1,7 @@
 """Rebuild the long-horizon testbed's models from their stage chain (`make testbed-models`).
 
-    python scripts/build_testbed_models.py [--install] [--config-name NAME] [override ...]
+    python scripts/build_testbed_models.py [--install] [--archive STAGE ...] [--threads N]
+        [--config-name NAME] [override ...]
 
 ``--config-name testbed_models_running_sum`` builds the running-total task's chain instead.
 
@@ -8,7 +9,9 @@ Trains every stage of conf/testbed_models.yaml in order (cached under paths.cach
 rerun continues where it stopped), then prints each shipped model's held-out greedy accuracy
 beside the committed one's (assets/testbed/<name>/demo_model.json) and how far their weights
 differ (0 when the rebuild is bitwise identical). --install replaces the
-committed folders (<assets_dir>/<install_dir>/<name>) with the rebuilt ones.
+committed folders (<assets_dir>/<install_dir>/<name>) with the rebuilt ones; --archive copies
+finished stages to the chain's archive_dir, from which a fresh clone continues a chain that
+takes longer than one sitting.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from kat_research.building import demo_model_info
-from kat_research.building.stages import build_chain, install, weight_difference
+from kat_research.building.stages import archive, build_chain, install, weight_difference
 from kat_research.config import compose
 
 
@@ -30,9 +33,20 @@ def main() -> None:
     parser.add_argument(
         "--config-name", default="testbed_models", help="the chain's config in conf/"
     )
+    parser.add_argument(
+        "--archive",
+        nargs="+",
+        default=[],
+        metavar="STAGE",
+        help="copy these finished stages to the chain's archive_dir (committed; a fresh clone "
+        "continues the chain from them)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: the recorded step times)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of that config")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = compose(args.overrides, config_name=args.config_name)
     folders = build_chain(cfg)
@@ -51,6 +65,8 @@ def main() -> None:
         else:
             committed = weights = "none committed"
         print(f"| {name} | {stage} | {rebuilt:.3f} | {committed} | {weights} |")
+    if args.archive:
+        archive(folders, args.archive, cfg.archive_dir)
     if args.install:
         install(folders, dict(cfg.shipped), Path(cfg.paths.assets_dir) / cfg.install_dir)
 

@@ -72,11 +72,69 @@ def test_stage_chain_is_checked_before_training():
 
 def test_stage_task_overrides_merge_over_the_data_preset():
     cfg = compose([], config_name="testbed_models_running_sum")
+    OmegaConf.set_struct(cfg, False)
+    cfg = OmegaConf.merge(cfg, {"stages": {"t1": {"task": {"start_line": False}}}})
     stages = stage_settings(cfg)
     preset = OmegaConf.to_container(cfg.data.source.task)
     assert preset["start_line"] is True
-    assert stages["t1"]["task"] == {**preset, "start_line": False}  # the first design
-    assert stages["t6"]["task"] == preset
+    assert stages["t1"]["task"] == {**preset, "start_line": False}
+    assert stages["t2"]["task"] == preset
+
+
+def _two_stage_chain(cache_dir: Path, archive_dir: Path):
+    cfg = compose(
+        [f"paths.cache_dir={cache_dir}", f"archive_dir={archive_dir}"],
+        config_name="testbed_models_running_sum",
+    )
+    OmegaConf.set_struct(cfg, False)
+    cfg.stages = {name: cfg.stages[name] for name in ("t1", "t2")}
+    cfg.shipped = {"teacher": "t2"}
+    return cfg
+
+
+def test_a_fresh_cache_continues_the_chain_from_the_archive(tmp_path, monkeypatch):
+    """Stages archived (committed) in one checkout are taken, not retrained, by a checkout whose
+    cache lies elsewhere; a stage missing from both is trained under the same key as before."""
+    from kat_research.building import models
+    from kat_research.building.stages import archive
+    from kat_research.models import build_char_tokenizer, build_tiny_qwen3
+    from kat_research.models.cache import publish_folder
+    from kat_research.models.tiny import COMPACT_CHAT_TEMPLATE
+
+    trained: list[str] = []
+
+    def fake_training(path: Path, *, architecture, sft, task, kind) -> dict:
+        tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
+        model = build_tiny_qwen3(
+            tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=len(trained)
+        )
+        meta = {"sft_seconds": 0.0, "running_sum/accuracy": 0.0, "sft": sft}
+        with publish_folder(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "demo_model.json").write_text(json.dumps(meta))
+        trained.append(path.name)
+        return meta
+
+    monkeypatch.setattr(models, "train_sft_model", fake_training)
+    archive_dir = tmp_path / "archive"
+    first = build_chain(_two_stage_chain(tmp_path / "a", archive_dir))
+    assert len(trained) == 2
+    archive(first, ["t1", "t2"], archive_dir)
+    assert sorted(p.name for p in archive_dir.iterdir()) == sorted(trained)
+
+    second = build_chain(_two_stage_chain(tmp_path / "b", archive_dir))
+    assert len(trained) == 2  # nothing retrained
+    for name in ("t1", "t2"):
+        assert second[name].parent == tmp_path / "b" / "demo"
+        assert weight_difference(second[name], archive_dir / first[name].name) == 0.0
+
+    (archive_dir / first["t2"].name).rename(tmp_path / "t2-elsewhere")
+    third = build_chain(_two_stage_chain(tmp_path / "c", archive_dir))
+    assert trained[2:] == [first["t2"].name]  # the parent enters the key by name, not by path
+    assert third["t2"].name == first["t2"].name
+    with pytest.raises(ValueError, match=r"does not have: \['t9'\]"):
+        archive(first, ["t9"], archive_dir)
 
 
 def test_weight_difference_by_hand(tmp_path):

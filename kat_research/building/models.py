@@ -187,6 +187,28 @@ def train_sft_model(
     return meta
 
 
+def demo_model_path(
+    role: str,
+    cache_dir: str | Path,
+    architecture: dict[str, Any] | DictConfig,
+    sft: dict[str, Any] | DictConfig,
+    task: dict[str, Any] | DictConfig,
+    kind: str = "synthetic",
+) -> Path:
+    """Where ``demo_model`` caches the model these settings train:
+    ``<cache_dir>/demo/<role>-<settings hash>``. A parent model (``sft.init_from``) enters the
+    hash by its folder's name, itself such a hash, so the key does not depend on where the cache
+    lies (a moved cache or a committed stage archive keeps its keys)."""
+    sft = _plain(sft)
+    if sft.get("init_from"):
+        sft = {**sft, "init_from": Path(sft["init_from"]).name}
+    settings = {"architecture": _plain(architecture), "sft": sft, "task": _plain(task)}
+    # the arithmetic models keep the cache key they had before other kinds existed
+    extra = {} if kind == "synthetic" else {"kind": kind}
+    key = settings_key({**settings, "tokenizer": TOKENIZER_VERSION, **extra})
+    return Path(cache_dir) / "demo" / f"{role}-{key}"
+
+
 def demo_model(
     role: str,
     cache_dir: str,
@@ -200,10 +222,7 @@ def demo_model(
 
     ``kind``: the built-in task it is trained on (``data.source.kind``)."""
     settings = {"architecture": _plain(architecture), "sft": _plain(sft), "task": _plain(task)}
-    # the arithmetic models keep the cache key they had before other kinds existed
-    extra = {} if kind == "synthetic" else {"kind": kind}
-    key = settings_key({**settings, "tokenizer": TOKENIZER_VERSION, **extra})
-    path = Path(cache_dir) / "demo" / f"{role}-{key}"
+    path = demo_model_path(role, cache_dir, **settings, kind=kind)
     if not (path / "config.json").exists():
         log.info("training the demo %s (first run; cached at %s)", role, path)
         path.parent.mkdir(parents=True, exist_ok=True)

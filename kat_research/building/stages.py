@@ -5,6 +5,11 @@ collatz or running-sum task); a stage with
 ``from`` continues its parent's weights. ``install`` copies the shipped stages into
 ``<assets_dir>/<install_dir>/<name>`` (``testbed/``: the folders the ``model/*/testbed*``
 presets load).
+
+A chain longer than one session keeps its finished stages in git: ``archive`` copies stages to
+``archive_dir`` (committed, named like the cache: ``<role>-<settings hash>``), and
+``build_chain`` takes a stage from there when the cache lacks it, so a fresh clone continues at
+the first stage neither holds.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from kat_research.building.models import demo_model, demo_model_info
+from kat_research.building.models import demo_model, demo_model_info, demo_model_path
 from kat_research.models.cache import publish_folder
 
 log = logging.getLogger(__name__)
@@ -63,18 +68,26 @@ def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 
 def build_chain(cfg: DictConfig) -> dict[str, Path]:
-    """Train (or load from the cache) every stage in order; return each stage's folder."""
+    """Train (or load from the cache, or from ``cfg.archive_dir``) every stage in order; return
+    each stage's folder in the cache."""
     folders: dict[str, Path] = {}
     for name, stage in stage_settings(cfg).items():
         parent = stage["from"]
-        sft = {**stage["sft"], "init_from": str(folders[parent]) if parent else None}
+        settings = {
+            "architecture": stage["architecture"],
+            "sft": {**stage["sft"], "init_from": str(folders[parent]) if parent else None},
+            "task": stage["task"],
+        }
+        cached = demo_model_path(
+            stage["role"], cfg.paths.cache_dir, **settings, kind=cfg.data.source.kind
+        )
+        archived = Path(cfg.archive_dir) / cached.name
+        if not (cached / "config.json").is_file() and (archived / "config.json").is_file():
+            log.info("stage %s: taken from the archive %s", name, archived)
+            with publish_folder(cached) as tmp:
+                shutil.copytree(archived, tmp, dirs_exist_ok=True)
         model = demo_model(
-            stage["role"],
-            cfg.paths.cache_dir,
-            architecture=stage["architecture"],
-            sft=sft,
-            task=stage["task"],
-            kind=cfg.data.source.kind,
+            stage["role"], cfg.paths.cache_dir, **settings, kind=cfg.data.source.kind
         )
         folders[name] = Path(model.name)
         accuracy = demo_model_info(model.name)[f"{cfg.data.source.kind}/accuracy"]
@@ -92,6 +105,21 @@ def install(folders: dict[str, Path], shipped: dict[str, str], folder: str | Pat
         with publish_folder(target) as tmp:
             shutil.copytree(folders[stage], tmp, dirs_exist_ok=True)
         log.info("installed %s <- stage %s", target, stage)
+
+
+def archive(folders: dict[str, Path], names: list[str], folder: str | Path) -> None:
+    """Copy the finished stages ``names`` into ``folder`` (the chain's ``archive_dir``) under
+    their cache names, replacing what is there."""
+    unknown = sorted(set(names) - set(folders))
+    if unknown:
+        raise ValueError(f"--archive names stages the chain does not have: {unknown}")
+    for name in names:
+        target = Path(folder) / folders[name].name
+        if target.exists():
+            shutil.rmtree(target)
+        with publish_folder(target) as tmp:
+            shutil.copytree(folders[name], tmp, dirs_exist_ok=True)
+        log.info("archived stage %s at %s", name, target)
 
 
 def weight_difference(a: str | Path, b: str | Path) -> float:
