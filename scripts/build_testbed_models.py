@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = compose(args.overrides, config_name=args.config_name)
-    folders = build_chain(cfg)
+    folders = build_chain(cfg, also=args.archive)
     metric = f"{cfg.data.source.kind}/accuracy"
     print(
         "| model | stage | rebuilt accuracy | committed accuracy | weights: max abs difference |"

@@ -123,17 +123,24 @@ def test_a_fresh_cache_continues_the_chain_from_the_archive(tmp_path, monkeypatc
     archive(first, ["t1", "t2"], archive_dir)
     assert sorted(p.name for p in archive_dir.iterdir()) == sorted(trained)
 
-    second = build_chain(_two_stage_chain(tmp_path / "b", archive_dir))
+    second = build_chain(_two_stage_chain(tmp_path / "b", archive_dir), also=["t1"])
     assert len(trained) == 2  # nothing retrained
     for name in ("t1", "t2"):
         assert second[name].parent == tmp_path / "b" / "demo"
         assert weight_difference(second[name], archive_dir / first[name].name) == 0.0
 
+    (archive_dir / first["t1"].name).rename(tmp_path / "t1-elsewhere")
+    only_last = build_chain(_two_stage_chain(tmp_path / "c", archive_dir))
+    assert list(only_last) == ["t2"] and len(trained) == 2  # t1 is not needed once t2 exists
+
+    (tmp_path / "t1-elsewhere").rename(archive_dir / first["t1"].name)
     (archive_dir / first["t2"].name).rename(tmp_path / "t2-elsewhere")
-    third = build_chain(_two_stage_chain(tmp_path / "c", archive_dir))
+    third = build_chain(_two_stage_chain(tmp_path / "d", archive_dir))
     assert trained[2:] == [first["t2"].name]  # the parent enters the key by name, not by path
     assert third["t2"].name == first["t2"].name
-    with pytest.raises(ValueError, match=r"does not have: \['t9'\]"):
+    with pytest.raises(ValueError, match=r"has no stages \['t9'\]"):
+        build_chain(_two_stage_chain(tmp_path / "d", archive_dir), also=["t9"])
+    with pytest.raises(ValueError, match=r"not built: \['t9'\]"):
         archive(first, ["t9"], archive_dir)
 
 

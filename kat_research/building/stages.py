@@ -9,7 +9,8 @@ presets load).
 A chain longer than one session keeps its finished stages in git: ``archive`` copies stages to
 ``archive_dir`` (committed, named like the cache: ``<role>-<settings hash>``), and
 ``build_chain`` takes a stage from there when the cache lacks it, so a fresh clone continues at
-the first stage neither holds.
+the first stage neither holds; only the latest finished stage of each branch needs archiving,
+since a stage's key names its parent without its weights.
 """
 
 from __future__ import annotations
@@ -67,32 +68,64 @@ def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return stages
 
 
-def build_chain(cfg: DictConfig) -> dict[str, Path]:
-    """Train (or load from the cache, or from ``cfg.archive_dir``) every stage in order; return
-    each stage's folder in the cache."""
+def _stage_folders(cfg: DictConfig, stages: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """Each stage's cache folder, computed before anything trains (a parent enters a stage's
+    key by its folder's name)."""
     folders: dict[str, Path] = {}
-    for name, stage in stage_settings(cfg).items():
+    for name, stage in stages.items():
         parent = stage["from"]
-        settings = {
-            "architecture": stage["architecture"],
-            "sft": {**stage["sft"], "init_from": str(folders[parent]) if parent else None},
-            "task": stage["task"],
-        }
-        cached = demo_model_path(
-            stage["role"], cfg.paths.cache_dir, **settings, kind=cfg.data.source.kind
+        folders[name] = demo_model_path(
+            stage["role"],
+            cfg.paths.cache_dir,
+            architecture=stage["architecture"],
+            sft={**stage["sft"], "init_from": str(folders[parent]) if parent else None},
+            task=stage["task"],
+            kind=cfg.data.source.kind,
         )
-        archived = Path(cfg.archive_dir) / cached.name
-        if not (cached / "config.json").is_file() and (archived / "config.json").is_file():
-            log.info("stage %s: taken from the archive %s", name, archived)
-            with publish_folder(cached) as tmp:
-                shutil.copytree(archived, tmp, dirs_exist_ok=True)
+    return folders
+
+
+def build_chain(cfg: DictConfig, also: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
+    """Bring the shipped stages (and ``also``) into the cache and return their folders: each
+    is loaded from the cache, copied from ``cfg.archive_dir``, or trained, in chain order, after
+    its missing ancestors; an ancestor is not needed once its descendant exists."""
+    stages = stage_settings(cfg)
+    unknown = sorted(set(also) - set(stages))
+    if unknown:
+        raise ValueError(f"the chain has no stages {unknown} (stages: {list(stages)})")
+    folders = _stage_folders(cfg, stages)
+    archived = {name: Path(cfg.archive_dir) / folder.name for name, folder in folders.items()}
+
+    def present(name: str) -> bool:
+        return any((p / "config.json").is_file() for p in (folders[name], archived[name]))
+
+    needed, todo = set(), [*cfg.shipped.values(), *also]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            if not present(name) and stages[name]["from"] is not None:
+                todo.append(stages[name]["from"])
+    for name, stage in stages.items():
+        if name not in needed:
+            continue
+        if not (folders[name] / "config.json").is_file() and present(name):
+            log.info("stage %s: taken from the archive %s", name, archived[name])
+            with publish_folder(folders[name]) as tmp:
+                shutil.copytree(archived[name], tmp, dirs_exist_ok=True)
+        parent = stage["from"]
         model = demo_model(
-            stage["role"], cfg.paths.cache_dir, **settings, kind=cfg.data.source.kind
+            stage["role"],
+            cfg.paths.cache_dir,
+            architecture=stage["architecture"],
+            sft={**stage["sft"], "init_from": str(folders[parent]) if parent else None},
+            task=stage["task"],
+            kind=cfg.data.source.kind,
+            trainable=False,
         )
-        folders[name] = Path(model.name)
         accuracy = demo_model_info(model.name)[f"{cfg.data.source.kind}/accuracy"]
         log.info("stage %s: held-out greedy accuracy %.3f (%s)", name, accuracy, model.name)
-    return folders
+    return {name: folders[name] for name in stages if name in needed}
 
 
 def install(folders: dict[str, Path], shipped: dict[str, str], folder: str | Path) -> None:
@@ -112,7 +145,7 @@ def archive(folders: dict[str, Path], names: list[str], folder: str | Path) -> N
     their cache names, replacing what is there."""
     unknown = sorted(set(names) - set(folders))
     if unknown:
-        raise ValueError(f"--archive names stages the chain does not have: {unknown}")
+        raise ValueError(f"--archive names stages not built: {unknown}")
     for name in names:
         target = Path(folder) / folders[name].name
         if target.exists():
