@@ -68,21 +68,25 @@ def stage_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return stages
 
 
-def _stage_folders(cfg: DictConfig, stages: dict[str, dict[str, Any]]) -> dict[str, Path]:
-    """Each stage's cache folder, computed before anything trains (a parent enters a stage's
-    key by its folder's name)."""
+def _model_arguments(
+    cfg: DictConfig, stages: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """Each stage's ``demo_model`` arguments and cache folder, computed before anything trains
+    (a parent enters a stage's key by its folder's name)."""
+    arguments: dict[str, dict[str, Any]] = {}
     folders: dict[str, Path] = {}
     for name, stage in stages.items():
         parent = stage["from"]
-        folders[name] = demo_model_path(
-            stage["role"],
-            cfg.paths.cache_dir,
-            architecture=stage["architecture"],
-            sft={**stage["sft"], "init_from": str(folders[parent]) if parent else None},
-            task=stage["task"],
-            kind=cfg.data.source.kind,
-        )
-    return folders
+        arguments[name] = {
+            "role": stage["role"],
+            "cache_dir": cfg.paths.cache_dir,
+            "architecture": stage["architecture"],
+            "sft": {**stage["sft"], "init_from": str(folders[parent]) if parent else None},
+            "task": stage["task"],
+            "kind": cfg.data.source.kind,
+        }
+        folders[name] = demo_model_path(**arguments[name])
+    return arguments, folders
 
 
 def build_chain(cfg: DictConfig, also: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
@@ -93,7 +97,7 @@ def build_chain(cfg: DictConfig, also: list[str] | tuple[str, ...] = ()) -> dict
     unknown = sorted(set(also) - set(stages))
     if unknown:
         raise ValueError(f"the chain has no stages {unknown} (stages: {list(stages)})")
-    folders = _stage_folders(cfg, stages)
+    arguments, folders = _model_arguments(cfg, stages)
     archived = {name: Path(cfg.archive_dir) / folder.name for name, folder in folders.items()}
 
     def present(name: str) -> bool:
@@ -106,23 +110,14 @@ def build_chain(cfg: DictConfig, also: list[str] | tuple[str, ...] = ()) -> dict
             needed.add(name)
             if not present(name) and stages[name]["from"] is not None:
                 todo.append(stages[name]["from"])
-    for name, stage in stages.items():
+    for name in stages:
         if name not in needed:
             continue
         if not (folders[name] / "config.json").is_file() and present(name):
             log.info("stage %s: taken from the archive %s", name, archived[name])
             with publish_folder(folders[name]) as tmp:
                 shutil.copytree(archived[name], tmp, dirs_exist_ok=True)
-        parent = stage["from"]
-        model = demo_model(
-            stage["role"],
-            cfg.paths.cache_dir,
-            architecture=stage["architecture"],
-            sft={**stage["sft"], "init_from": str(folders[parent]) if parent else None},
-            task=stage["task"],
-            kind=cfg.data.source.kind,
-            trainable=False,
-        )
+        model = demo_model(**arguments[name], trainable=False)
         accuracy = demo_model_info(model.name)[f"{cfg.data.source.kind}/accuracy"]
         log.info("stage %s: held-out greedy accuracy %.3f (%s)", name, accuracy, model.name)
     return {name: folders[name] for name in stages if name in needed}
