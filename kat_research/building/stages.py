@@ -123,15 +123,20 @@ def build_chain(cfg: DictConfig, also: list[str] | tuple[str, ...] = ()) -> dict
     return {name: folders[name] for name in stages if name in needed}
 
 
+def _replace_folder(source: Path, target: Path) -> None:
+    """Copy the folder ``source`` to ``target``, replacing what is there."""
+    if target.exists():
+        shutil.rmtree(target)
+    with publish_folder(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
 def install(folders: dict[str, Path], shipped: dict[str, str], folder: str | Path) -> None:
     """Copy each shipped stage to ``<folder>/<name>`` (``<assets_dir>/<install_dir>``),
     replacing what is there."""
     for name, stage in shipped.items():
         target = Path(folder) / name
-        if target.exists():
-            shutil.rmtree(target)
-        with publish_folder(target) as tmp:
-            shutil.copytree(folders[stage], tmp, dirs_exist_ok=True)
+        _replace_folder(folders[stage], target)
         log.info("installed %s <- stage %s", target, stage)
 
 
@@ -143,10 +148,7 @@ def archive(folders: dict[str, Path], names: list[str], folder: str | Path) -> N
         raise ValueError(f"--archive names stages not built: {unknown}")
     for name in names:
         target = Path(folder) / folders[name].name
-        if target.exists():
-            shutil.rmtree(target)
-        with publish_folder(target) as tmp:
-            shutil.copytree(folders[name], tmp, dirs_exist_ok=True)
+        _replace_folder(folders[name], target)
         log.info("archived stage %s at %s", name, target)
 
 
