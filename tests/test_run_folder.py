@@ -168,6 +168,16 @@ def test_trim_metrics_drops_replayed_steps(tmp_path):
     assert path.read_text().splitlines() == ["epoch,step,train/loss", "0,0,1.0", "0,1,0.9"]
 
 
+def test_trim_metrics_drops_a_row_torn_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.csv"  # the kill cut the append of step 2 (no newline after it)
+    path.write_text("epoch,step,train/loss\n0,0,1.0\n0,1,0.9\n0,2")
+    assert trim_metrics(path, 2) == 1
+    assert path.read_text().splitlines() == ["epoch,step,train/loss", "0,0,1.0", "0,1,0.9"]
+    path.write_text("epoch,step,train/loss\n0,0,1.0\n0,")  # torn before its step
+    assert trim_metrics(path, 5) == 1
+    assert path.read_text().splitlines() == ["epoch,step,train/loss", "0,0,1.0"]
+
+
 @pytest.mark.parametrize(
     "override,checkpoints,tensorboard",
     [

@@ -3,12 +3,15 @@
 Lightning deletes an existing ``metrics.csv`` when its logger starts, so a resumed run would lose
 the rows of the steps before its checkpoint. This logger keeps them and appends; the caller
 first drops the rows of the steps the resumed run logs again
-(:func:`kat_research.training.folder.trim_metrics`).
+(:func:`kat_research.training.folder.trim_metrics`). When a new column appears Lightning
+rewrites the file in place, so a kill during the rewrite lost every row after the cut; here the
+rewrite goes to a temporary file that replaces the old one whole.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -22,6 +25,16 @@ class _ContinuedWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        tmp = os.path.join(self.log_dir, f".{os.path.basename(self.metrics_file_path)}.tmp")
+        with self._fs.open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._fs.mv(tmp, self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):

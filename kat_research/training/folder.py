@@ -281,7 +281,8 @@ def resume_checkpoint(folder: Path, resume: str) -> Resume:
 
 def trim_metrics(path: Path, step: int) -> int:
     """Drop the rows of a Lightning ``metrics.csv`` logged at optimizer steps >= ``step`` (a
-    resumed run logs them again); return how many were dropped. Warns when the row of step
+    resumed run logs them again) and a row torn by a kill during its append (too few or too
+    many fields, or no step); return how many were dropped. Warns when the row of step
     ``step - 1`` is missing: Lightning saves a step's checkpoint just before logging its
     metrics, so a kill in between loses that one row."""
     if not path.exists():
@@ -289,7 +290,10 @@ def trim_metrics(path: Path, step: int) -> int:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames or [], list(reader)
-    logged = {int(float(r["step"])) for r in rows if r.get("step")}
+    whole = [r for r in rows if None not in r and None not in r.values() and _step(r) is not None]
+    if len(whole) < len(rows):
+        log.warning("%s: dropped %d torn row(s) of a killed run", path, len(rows) - len(whole))
+    logged = {_step(r) for r in whole}
     if step > 0 and step - 1 not in logged:
         log.warning(
             "%s has no row for step %d: the run stopped between that step's checkpoint and its "
@@ -297,7 +301,7 @@ def trim_metrics(path: Path, step: int) -> int:
             path,
             step - 1,
         )
-    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+    kept = [r for r in whole if _step(r) < step]
     if len(kept) == len(rows):
         return 0
     tmp = path.with_name(f".{path.name}.tmp")
@@ -307,3 +311,11 @@ def trim_metrics(path: Path, step: int) -> int:
         writer.writerows(kept)
     os.replace(tmp, path)
     return len(rows) - len(kept)
+
+
+def _step(row: dict[str, str | None]) -> int | None:
+    """The optimizer step of a ``metrics.csv`` row, or None when it has none (a torn row)."""
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
