@@ -3,6 +3,7 @@
 conf/testbed_models_running_sum.yaml has come.
 
     python scripts/eval_running_sum_model.py MODEL_DIR [N_PROBLEMS] [--samples K --temperature T]
+        [--teacher-forced]
 
 Greedy by default; ``--samples 8 --temperature 0.6`` gives the targets' metric (avg@8 at T=0.6:
 ``running_sum/accuracy`` is then the mean over every sample).
@@ -11,20 +12,31 @@ Besides exact accuracy and the share of item lines valid before the first error,
 over every line the model wrote in place of an item line: the share holding the right item for
 its position (the copy from the prompt), the share whose sum is right for its own operands (the
 arithmetic, whatever was copied), and the share of first item lines that add the first item to
-the start (after the start's line, when the task writes one). The task settings come from the
-model's demo_model.json (``task``; RunningSumConfig's defaults, no start line, for a stage
-saved before the file recorded them).
+the start (after the start's line, when the task writes one), and what the first error of each
+wrong completion is (an item with one or both digits miscopied, another item of the list, a
+wrong sum, an unreadable line). The task settings come from the model's demo_model.json
+(``task``; RunningSumConfig's defaults, no start line, for a stage saved before the file
+recorded them).
+
+``--teacher-forced`` adds how sure the model is of each item digit when fed the held-out problems'
+worked solutions in its own style (demo_model.json's ``sft.form_weights``): the mean -log p and
+the shares of digits below p 0.5 and 0.9. An item digit that opens a line is left out, since
+there it also carries the choice of phrasing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from kat_research.building.token_mixture import sft_examples
 from kat_research.data import running_sum as rs
+from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.eval.tasks import RunningSumEvaluator
 from kat_research.models import load_causal_lm
 
@@ -55,12 +67,85 @@ def line_diagnosis(
     }
 
 
+def first_error_kind(problem: rs.Problem, completion: str, start_line: bool = False) -> str:
+    """What the first wrong item line of ``completion`` got wrong ("" when every item line is
+    right): its item (one digit or both miscopied, or another item of the list), its sum, or
+    its form (unreadable), and in which phrasing (``line_phrasing``). Lines after the items (the
+    box) are not judged here."""
+    item_lines = completion.split("\n")[int(start_line) :]
+    for i, right in enumerate(problem.items):
+        step = rs.parse_step(item_lines[i]) if i < len(item_lines) else None
+        if step is None:
+            return "unreadable line"
+        left, other, result = step
+        phrasing = line_phrasing(item_lines[i])
+        if right not in (left, other):
+            written = min(left, other)  # the item: totals have more digits
+            if written in problem.items:
+                return f"item: another item of the list ({phrasing})"
+            same = sum(a == b for a, b in zip(f"{written:02d}", f"{right:02d}", strict=False))
+            kind = "one digit miscopied" if same == 1 else "both digits miscopied"
+            return f"item: {kind} ({phrasing})"
+        if left + other != result:
+            return f"sum wrong ({phrasing})"
+    return ""
+
+
+def line_phrasing(line: str) -> str:
+    """Which phrasing an addition line uses (rs.step_line's forms, both designs)."""
+    if re.fullmatch(r"\d+=\d+\+\d+", line):
+        return "sum first"
+    if " " in line:
+        return "total first, spaced"
+    return "item first" if len(line.split("+")[0]) <= 2 else "total first"
+
+
+def item_digit_confidence(
+    model: torch.nn.Module, tokenizer, rows: list, start_line: bool
+) -> dict[str, float]:
+    """Teacher-forced probabilities of the item digits of ``rows``' worked solutions (not a
+    line's first character): mean -log p, shares below 0.5 and 0.9, and how many digits."""
+    probabilities = []
+    for (ids, labels), row in zip(sft_examples(tokenizer, rows), rows, strict=True):
+        scored = [i for i, label in enumerate(labels) if label != -100]
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        log_p = torch.log_softmax(logits[[i - 1 for i in scored]], -1)
+        p = log_p.gather(-1, torch.tensor([[ids[i]] for i in scored])).squeeze(-1).exp()
+        texts = [tokenizer.decode([ids[i]]) for i in scored]
+        owner = [t for t, text in enumerate(texts) for _ in text]  # character -> scored token
+        if not "".join(texts).startswith(row.solution):
+            raise ValueError("the tokenizer does not decode token by token to the solution text")
+        problem, offset = rs.parse_problem(row.problem), 0
+        lines = row.solution.split("\n")
+        for i, line in enumerate(lines):
+            j = i - int(start_line)
+            if 0 <= j < len(problem.items):
+                for number in re.finditer(r"\d+", line):
+                    if int(number[0]) == problem.items[j] and len(number[0]) <= 2:
+                        chars = range(max(number.start(), 1), number.end())  # not the opener
+                        probabilities += [float(p[owner[offset + c]]) for c in chars]
+            offset += len(line) + 1
+    values = torch.tensor(probabilities)
+    return {
+        "item_digit_mean_neg_log_p": float(-values.log().mean()),
+        "item_digit_share_p_below_0.5": float((values < 0.5).float().mean()),
+        "item_digit_share_p_below_0.9": float((values < 0.9).float().mean()),
+        "item_digits_scored": float(len(values)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("n_problems", nargs="?", type=int, default=32)
     parser.add_argument("--samples", type=int, default=1, help="completions per problem (k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument(
+        "--teacher-forced",
+        action="store_true",
+        help="also the item digits' probabilities on the held-out worked solutions",
+    )
     args = parser.parse_args()
     if args.samples > 1 and args.temperature == 0:
         parser.error("--samples above 1 needs --temperature above 0 (greedy samples are equal)")
@@ -81,11 +166,33 @@ def main() -> None:
         [r.completion for r in result.records],
         task.start_line,
     )
+    if args.teacher_forced:
+        style = rs.RunningSumConfig(**{**meta.get("task", {}), **_style(meta)})
+        gold, _ = load_rows(
+            SourceSpec(kind="running_sum", n=args.n_problems, seed=0, split="eval", task=style)
+        )
+        diagnosis |= item_digit_confidence(loaded.model, loaded.tokenizer, gold, task.start_line)
     for key, value in sorted({**result.metrics, **diagnosis}.items()):
-        print(f"{key}: {value:.3f}")
+        print(f"{key}: {value:.4f}")
+    problems = [rs.parse_problem(row.problem) for row in evaluator.rows]
+    kinds = Counter(
+        first_error_kind(problems[i // args.samples], record.completion, task.start_line)
+        for i, record in enumerate(result.records)
+    )
+    wrong = sum(n for kind, n in kinds.items() if kind)
+    print(f"first error of the {wrong} completions with a wrong item line:")
+    for kind, n in kinds.most_common():
+        if kind:
+            print(f"  {kind}: {n} ({n / max(1, wrong):.1%})")
     print(f"{args.n_problems} problems x {args.samples} samples, temperature {args.temperature}")
     for row, record in list(zip(evaluator.rows, result.records[:: args.samples], strict=True))[:3]:
         print(row.problem, "->", repr(record.completion[:120]))
+
+
+def _style(meta: dict) -> dict:
+    """The model's phrasing odds (``sft.form_weights`` in demo_model.json), if recorded."""
+    weights = meta.get("sft", {}).get("form_weights")
+    return {"form_weights": tuple(weights)} if weights else {}
 
 
 if __name__ == "__main__":

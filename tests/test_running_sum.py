@@ -162,17 +162,34 @@ def test_teacher_and_students_write_different_phrasing_mixes():
     assert styles["teacher"] != styles["student_small"]
     problem = rs.Problem(5000, tuple(range(10, 34)))
     for weights in set(styles.values()):
-        cfg = rs.RunningSumConfig(form_weights=weights)
+        cfg = rs.RunningSumConfig(form_weights=weights, sum_first=task().sum_first)
         rng = random.Random(0)
         forms = Counter()
         for _ in range(200):
             for line in rs.solution_lines(problem, rng, cfg)[:-1]:
-                forms["result first" if re.fullmatch(r"\d+=.*", line) else line.split("+")[0]] += 1
+                forms["third" if " " in line else line.split("+")[0]] += 1
         # every phrasing is written, and their shares follow the style's odds
         first_form = sum(forms[str(t)] for t in [problem.start, *problem.totals()])
         total = sum(forms.values())
         assert abs(first_form / total - weights[0] / sum(weights)) < 0.03
-        assert abs(forms["result first"] / total - weights[2] / sum(weights)) < 0.03
+        assert abs(forms["third"] / total - weights[2] / sum(weights)) < 0.03
+
+
+def test_the_third_phrasing_writes_both_operands_first_and_all_four_are_accepted():
+    assert not task().sum_first  # the preset's design
+    assert rs.step_line(5237, 45, 2, sum_first=False) == "5237 + 45 = 5282"
+    assert rs.step_line(5237, 45, 2, sum_first=True) == "5282=5237+45"
+    assert rs.step_line(5237, 45, 1, sum_first=False) == "45+5237=5282"
+    assert rs.parse_step("5237 + 45 = 5282") == (5237, 45, 5282)
+    assert rs.parse_step("5237 + 45=5282") is None  # not a written phrasing
+    problem = rs.Problem(5237, (45, 12))
+    for sum_first in (True, False):  # a model of either design is graded the same
+        cfg = rs.RunningSumConfig(start_line=True, sum_first=sum_first)
+        for mixed in (
+            "5237\n5282=5237+45\n5282 + 12 = 5294\n\\boxed{5294}",
+            "5237\n45+5237=5282\n5294=5282+12\n\\boxed{5294}",
+        ):
+            assert rs.verify(problem, mixed, cfg).correct
 
 
 def test_solution_lengths_in_tokens():
@@ -180,14 +197,17 @@ def test_solution_lengths_in_tokens():
     tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
     rows = train_rows(data.source.seed)
     lengths = [len(ids) for ids in tokenizer([r.solution for r in rows]).input_ids]
-    assert 100 <= min(lengths) and max(lengths) <= 400
-    assert max(lengths) < ev.evaluator.max_new_tokens  # the cap leaves room for a loop to show
-    # the longest possible prompt and solution fit the data and document bounds
-    cfg = task()
+    # the "about 100-400 tokens": 139-447 in the preset's split (uniform phrasing odds)
+    assert 100 <= min(lengths) and max(lengths) <= 450
+    # the longest possible prompt and solution (24 items, every line the longest phrasing) fit
+    # the data and document bounds, and the rollout cap leaves room for a loop to show
+    cfg = rs.RunningSumConfig(**{**vars(task()), "form_weights": (0, 0, 1)})
     longest = rs.Problem(
         cfg.start_max, tuple(range(cfg.item_max, cfg.item_max - cfg.max_items, -1))
     )
-    text = longest.text + "\n" + "\n".join(rs.solution_lines(longest, random.Random(0), cfg))
+    solution = "\n".join(rs.solution_lines(longest, random.Random(0), cfg))
+    assert len(solution) + 1 < ev.evaluator.max_new_tokens  # + end of turn
+    text = longest.text + "\n" + solution
     assert len(text) <= cfg.max_chars and len(text) + 4 <= data.max_length
     assert len(longest.text) + 3 <= data.max_prompt_tokens
 
@@ -256,7 +276,7 @@ def test_verify_accepts_every_drawn_solution_and_rejects_a_changed_digit():
     rows = load_rows(SourceSpec(kind="running_sum", split="eval", n=50, seed=3, task=task()))[0]
     for row in rows:
         assert rs.verify(row.problem, row.solution, task()).correct
-        i = row.solution.index("=") + 1  # the first line's first character after '='
+        i = re.search(r"= ?(\d)", row.solution).start(1)  # first line's first digit after '='
         wrong = row.solution[:i] + str((int(row.solution[i]) + 1) % 10) + row.solution[i + 1 :]
         verdict = rs.verify(row.problem, wrong, task())
         assert not verdict.correct and verdict.first_error == task().start_line

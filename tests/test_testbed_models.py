@@ -13,7 +13,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from kat_research.building import demo_model_info
-from kat_research.building.stages import build_chain, stage_settings, weight_difference
+from kat_research.building.stages import (
+    _model_arguments,
+    build_chain,
+    stage_settings,
+    weight_difference,
+)
 from kat_research.config import compose
 
 SHIPPED = ("teacher", "student_large", "student_small")
@@ -73,12 +78,23 @@ def test_stage_chain_is_checked_before_training():
 def test_stage_task_overrides_merge_over_the_data_preset():
     cfg = compose([], config_name="testbed_models_running_sum")
     OmegaConf.set_struct(cfg, False)
-    cfg = OmegaConf.merge(cfg, {"stages": {"t1": {"task": {"start_line": False}}}})
+    cfg = OmegaConf.merge(cfg, {"stages": {"t9": {"task": {"start_line": False}}}})
     stages = stage_settings(cfg)
     preset = OmegaConf.to_container(cfg.data.source.task)
     assert preset["start_line"] is True
-    assert stages["t1"]["task"] == {**preset, "start_line": False}
-    assert stages["t2"]["task"] == preset
+    assert stages["t9"]["task"] == {**preset, "start_line": False}
+    assert stages["t10"]["task"] == preset
+    # t1-t8 keep the first design's phrasing and length bound (their YAML anchor)
+    assert stages["t8"]["task"] == {**preset, "sum_first": True, "max_chars": 480}
+
+
+def test_every_archived_stage_is_a_stage_of_the_chain_under_its_key():
+    """A setting added to the task (sum_first) keeps the keys of the stages trained before it,
+    so the committed archive still continues the chain."""
+    cfg = compose([], config_name="testbed_models_running_sum")
+    _, folders = _model_arguments(cfg, stage_settings(cfg))
+    archived = {p.name for p in Path(cfg.archive_dir).iterdir() if p.is_dir()}
+    assert archived and archived <= {folder.name for folder in folders.values()}
 
 
 def _two_stage_chain(cache_dir: Path, archive_dir: Path):

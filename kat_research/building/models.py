@@ -187,6 +187,12 @@ def train_sft_model(
     return meta
 
 
+# Task settings added after models were cached, with the value they had implicitly before:
+# at that value a setting stays out of the key, so the models trained before keep their keys
+# (the committed stage archives among them).
+LATER_TASK_KEYS = {"sum_first": True}
+
+
 def demo_model_path(
     role: str,
     cache_dir: str | Path,
@@ -202,7 +208,8 @@ def demo_model_path(
     sft = _plain(sft)
     if sft.get("init_from"):
         sft = {**sft, "init_from": Path(sft["init_from"]).name}
-    settings = {"architecture": _plain(architecture), "sft": sft, "task": _plain(task)}
+    task = {k: v for k, v in _plain(task).items() if LATER_TASK_KEYS.get(k, ...) != v}
+    settings = {"architecture": _plain(architecture), "sft": sft, "task": task}
     # the arithmetic models keep the cache key they had before other kinds existed
     extra = {} if kind == "synthetic" else {"kind": kind}
     key = settings_key({**settings, "tokenizer": TOKENIZER_VERSION, **extra})

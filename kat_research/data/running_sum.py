@@ -5,7 +5,13 @@ solution (with ``start_line``) first writes the start on a line of its own, then
 left to right, one line per item, each line in one of three equivalent phrasings drawn
 independently per line (the odds are a model's style)::
 
-    5237   then   5237+45=5282 / 45+5237=5282 / 5282=5237+45   ...   then  \\boxed{5427}
+    5237   then   5237+45=5282 / 45+5237=5282 / 5237 + 45 = 5282   ...   then  \\boxed{5427}
+
+The third phrasing was ``5282=5237+45`` (the sum first) until the five-digit teacher chain's
+stage t8 (``sum_first``): there the sum must be computed before its item is written, and 81%
+of the tiny teacher's first errors at temperature 0.6 fell on those lines, a fifth of its lines
+(results/running_sum_models_progress.md). The verifier accepts all four phrasings whatever the
+style, so models written in either remain gradable.
 
 Every line copies two values from the context (the previous line's total, or the start, and
 the next item of the prompt's list) and computes their sum, so a model that continues
@@ -49,6 +55,8 @@ class RunningSumConfig:
     three phrasings when text is generated (a model's style; the verifier accepts all).
     ``start_line`` opens every solution with the start value on a line of its own, so the
     first addition, like every later one, copies its total from the line above.
+    ``sum_first`` makes the third phrasing ``sum=total+item`` (the first design); otherwise it
+    is ``total + item = sum``, which, like the other two, writes both operands before the sum.
     """
 
     start_min: int = 1000
@@ -61,6 +69,7 @@ class RunningSumConfig:
     max_chars: int = 480
     form_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     start_line: bool = False
+    sum_first: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_min <= self.start_max:
@@ -122,21 +131,32 @@ def parse_problem(text: str) -> Problem:
     return Problem(int(match[1]), tuple(int(x) for x in match[2].split()))
 
 
-def step_line(total: int, item: int, form: int) -> str:
-    """The line adding ``item`` to ``total`` in phrasing ``form`` (0..2)."""
+def step_line(total: int, item: int, form: int, sum_first: bool = True) -> str:
+    """The line adding ``item`` to ``total`` in phrasing ``form`` (0..2); the third is
+    ``sum=total+item`` with ``sum_first``, else ``total + item = sum``."""
     result = total + item
-    return (f"{total}+{item}={result}", f"{item}+{total}={result}", f"{result}={total}+{item}")[
-        form
-    ]
+    third = f"{result}={total}+{item}" if sum_first else f"{total} + {item} = {result}"
+    return (f"{total}+{item}={result}", f"{item}+{total}={result}", third)[form]
+
+
+def accepted_lines(total: int, item: int) -> set[str]:
+    """The line adding ``item`` to ``total`` in every phrasing the verifier accepts (both
+    designs' third phrasing included)."""
+    return {
+        step_line(total, item, form, sum_first)
+        for form in range(N_FORMS)
+        for sum_first in (True, False)
+    }
 
 
 def parse_step(line: str) -> tuple[int, int, int] | None:
     """(left operand, right operand, result) of a line in any phrasing, whatever its arithmetic
     (which operand is the total depends on the phrasing, which the context decides); None if
     the line is no addition."""
-    match = re.fullmatch(r"(\d+)\+(\d+)=(\d+)", line)
+    match = re.fullmatch(r"(\d+)\+(\d+)=(\d+)|(\d+) \+ (\d+) = (\d+)", line)
     if match:
-        return int(match[1]), int(match[2]), int(match[3])
+        left, right, result = (g for g in match.groups() if g is not None)
+        return int(left), int(right), int(result)
     match = re.fullmatch(r"(\d+)=(\d+)\+(\d+)", line)
     if match:
         return int(match[2]), int(match[3]), int(match[1])
@@ -157,7 +177,7 @@ def solution_lines(problem: Problem, rng: random.Random, cfg: RunningSumConfig) 
     phrasing drawn per item line, ending with the box."""
     totals = [problem.start, *problem.totals()]
     lines = [
-        step_line(total, item, draw_form(rng, cfg))
+        step_line(total, item, draw_form(rng, cfg), cfg.sum_first)
         for total, item in zip(totals, problem.items, strict=False)
     ]
     return [*([str(problem.start)] if cfg.start_line else []), *lines, final_line(problem.answer)]
@@ -165,11 +185,10 @@ def solution_lines(problem: Problem, rng: random.Random, cfg: RunningSumConfig) 
 
 def expected_lines(problem: Problem, cfg: RunningSumConfig) -> list[set[str]]:
     """Every line a correct solution may write at each position: the start's line (with
-    ``cfg.start_line``), each item line in any phrasing, the box."""
+    ``cfg.start_line``), each item line in any accepted phrasing, the box."""
     totals = [problem.start, *problem.totals()]
     steps = [
-        {step_line(total, item, form) for form in range(N_FORMS)}
-        for total, item in zip(totals, problem.items, strict=False)
+        accepted_lines(total, item) for total, item in zip(totals, problem.items, strict=False)
     ]
     return [
         *([{str(problem.start)}] if cfg.start_line else []),
