@@ -4,6 +4,7 @@ data source and evaluator, and (slow) the model recipe."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -378,3 +379,34 @@ def test_eval_script_line_diagnosis_by_hand():
         "right_sum_share": 1.0,
         "right_first_line_share": 0.0,
     }
+    # the first wrong item line's error and phrasing (problem 1000:10 20 30, start line on)
+    problem = rs.parse_problem("1000:10 20 30")
+    kind = functools.partial(script.first_error_kind, problem, start_line=True)
+    assert kind("1000\n1000+10=1010\n20+1010=1030\n1030 + 30 = 1060\n\\boxed{1060}") == ""
+    assert kind("1000\n1000+10=1010\n1040=1010+30") == "item: another item of the list (sum first)"
+    assert kind("1000\n1000+10=1010\n1031=1010+21") == "item: one digit miscopied (sum first)"
+    assert kind("1000\n1000+10=1010\n1010+57=1067") == "item: both digits miscopied (total first)"
+    assert kind("1000\n1000+10=1010\n1010 + 20 = 1031") == "sum wrong (total first, spaced)"
+    assert kind("1000\n10+1000=1011") == "sum wrong (item first)"
+    assert kind("1000\n1000+10=1010\n\\boxed{1010}") == "unreadable line"
+
+
+def test_eval_script_scores_every_item_digit_but_a_line_opener():
+    import importlib.util
+    from pathlib import Path
+
+    from kat_research.data.sources import Row
+    from kat_research.models.tiny import build_tiny_qwen3
+
+    path = Path(__file__).parents[1] / "scripts" / "eval_running_sum_model.py"
+    spec = importlib.util.spec_from_file_location("eval_running_sum_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
+    model = build_tiny_qwen3(tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    # items 10 (after the total: 2 digits) and 20 (opening its line: 1 digit) and 30 (2 digits)
+    solution = "1000\n1000+10=1010\n20+1010=1030\n1030 + 30 = 1060\n\\boxed{1060}"
+    row = Row(problem_id="0", problem="1000:10 20 30", answer="1060", solution=solution)
+    result = script.item_digit_confidence(model, tokenizer, [row], start_line=True)
+    assert result["item_digits_scored"] == 5
+    assert 0 < result["item_digit_mean_neg_log_p"] < 10
