@@ -8,10 +8,10 @@ independently per line (the odds are a model's style)::
     5237   then   5237+45=5282 / 45+5237=5282 / 5237 + 45 = 5282   ...   then  \\boxed{5427}
 
 The third phrasing was ``5282=5237+45`` (the sum first) until the five-digit teacher chain's
-stage t8 (``sum_first``): there the sum must be computed before its item is written, and 81%
-of the tiny teacher's first errors at temperature 0.6 fell on those lines, a fifth of its lines
-(results/running_sum_models_progress.md). The verifier accepts all four phrasings whatever the
-style, so models written in either remain gradable.
+stage t8 (``sum_first``): there the sum must be computed before its item is written, and 84%
+of the tiny teacher's wrong samples at temperature 0.6 first erred on those lines, a fifth of
+its lines (results/running_sum_models_progress.md). The verifier accepts all four phrasings
+whatever the style, so models written in either remain gradable.
 
 Every line copies two values from the context (the previous line's total, or the start, and
 the next item of the prompt's list) and computes their sum, so a model that continues
