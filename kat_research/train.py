@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from kat_research.config import CONFIG_DIR, ConfigError
 from kat_research.config.checks import check_overrides
-from kat_research.training.folder import CheckpointError, RunFolderError
+from kat_research.lit.resume import CheckpointError
+from kat_research.training.folder import RunFolderError
 from kat_research.training.job import train
 
 USER_ERRORS = (ConfigError, RunFolderError, CheckpointError)  # what the user can fix

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kat_research.building.pretrained_sft import build_pair
+from kat_research.building.sft import SFTModule
 from kat_research.config import compose
+from kat_research.eval.tasks import RunningSumEvaluator
 from kat_research.models import load_causal_lm
 
 TINY = [
@@ -52,3 +54,63 @@ def test_bad_student_step_is_named(tmp_path):
     )
     with pytest.raises(ValueError, match=r"sft.student_steps=3 must lie in \(0, sft.steps=3\)"):
         build_pair(cfg)
+
+
+class Interrupted(Exception):
+    """Stands in for a kill part-way through a long fine-tune."""
+
+
+def _weights(folder):
+    return load_causal_lm(str(folder)).model.state_dict()
+
+
+def test_an_interrupted_fine_tune_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    overrides = [*TINY, "sft.steps=5", "sft.checkpoint_every=2"]
+    name = "pretrained_pair_running_sum"
+    whole = build_pair(compose([f"paths.cache_dir={tmp_path / 'whole'}", *overrides], name))
+    cfg = compose([f"paths.cache_dir={tmp_path / 'cut'}", *overrides], name)
+    train_step = SFTModule.training_step
+
+    def killed_at_step_3(module, batch, batch_idx):
+        if module.global_step == 3:
+            raise Interrupted
+        return train_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(SFTModule, "training_step", killed_at_step_3)
+    with pytest.raises(Interrupted):
+        build_pair(cfg)
+    root = tmp_path / "cut" / "pretrained_sft"
+    (pair,) = root.iterdir()
+    assert pair.name == whole["teacher"].parent.name  # the checkpoint cadence is not in the key
+    assert torch.load(pair / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (pair / "teacher").exists()
+    steps_run = []
+
+    def recorded(module, batch, batch_idx):
+        steps_run.append(module.global_step)
+        return train_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(SFTModule, "training_step", recorded)
+    resumed = build_pair(cfg)
+    assert steps_run == [2, 3, 4]  # continued after the checkpoint, not from the start
+    for role in ("student", "teacher"):
+        before, after = _weights(whole[role]), _weights(resumed[role])
+        assert all(torch.equal(before[k], after[k]) for k in before), role
+    assert not (pair / "checkpoints").exists()  # removed once the teacher is saved
+
+
+def test_a_pair_whose_evaluation_was_interrupted_is_evaluated_not_retrained(tmp_path, monkeypatch):
+    cfg = compose([f"paths.cache_dir={tmp_path}", *TINY], config_name="pretrained_pair_running_sum")
+
+    def killed(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(RunningSumEvaluator, "__call__", killed)
+    with pytest.raises(Interrupted):
+        build_pair(cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(SFTModule, "training_step", killed)  # training again would fail
+    folders = build_pair(cfg)
+    for folder in folders.values():
+        meta = json.loads((folder / "demo_model.json").read_text())
+        assert 0.0 <= meta["running_sum/accuracy"] <= 1.0

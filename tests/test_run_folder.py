@@ -17,10 +17,9 @@ import pytest
 from kat_research.config import ConfigError
 from kat_research.config.checks import check_runnable
 from kat_research.lit.checkpoint_hooks import set_peak_lr
+from kat_research.lit.resume import CheckpointError, check_checkpoint
 from kat_research.training.folder import (
-    CheckpointError,
     RunFolderError,
-    check_checkpoint,
     claim,
     fingerprint,
     hold,

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.building import testbed
@@ -27,7 +28,9 @@ from kat_research.building.testbed import META_FILE, TaskSetup
 from kat_research.data import ArithmeticTaskConfig, PromptDataModule, SourceSpec
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.lit import warmup_cosine
+from kat_research.lit.checkpoint_hooks import WeightsDigest
 from kat_research.lit.eval_callback import EvalCallback
+from kat_research.lit.resume import newest_resumable
 from kat_research.lit.step_log import StepLog
 from kat_research.models import LoadedModel, build_char_tokenizer, build_tiny_qwen3, load_causal_lm
 from kat_research.models.cache import publish_folder
@@ -53,14 +56,40 @@ def fit_steps(
     steps: int,
     callbacks: list,
     accelerator: str = "auto",
+    checkpoints: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> L.Trainer:
-    """Train ``module`` for ``steps`` AdamW steps on ``data`` (no logger, no checkpoints)."""
+    """Train ``module`` for ``steps`` AdamW steps on ``data`` (no logger).
+
+    With ``checkpoints`` set, ``last.ckpt`` there is rewritten every ``checkpoint_every`` steps
+    (with its weights' checksum) and the fit continues from the newest resumable checkpoint in
+    that folder, so an interrupted fine-tune loses at most ``checkpoint_every`` steps; without
+    it, nothing is saved.
+    """
+    resume_from = None
+    if checkpoints is not None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every}: save every >= 1 steps")
+        callbacks = [
+            *callbacks,
+            WeightsDigest(),
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=checkpoint_every,
+            ),
+        ]
+        found = newest_resumable(checkpoints, remedy=f"Delete {checkpoints} to start over.")
+        if found is not None:
+            resume_from = found[0]
+            log.info("resuming from %s (step %d of %d)", resume_from, found[1], steps)
     trainer = L.Trainer(
         accelerator=accelerator,
         max_steps=steps,
         max_epochs=-1,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
         enable_model_summary=False,
         gradient_clip_val=1.0,
         num_sanity_val_steps=0,
@@ -68,7 +97,7 @@ def fit_steps(
         enable_progress_bar=False,
         callbacks=callbacks,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     return trainer
 
 

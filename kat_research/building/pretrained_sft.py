@@ -6,7 +6,9 @@ the same run's weights after ``sft.student_steps`` (an earlier, weaker point of 
 fine-tune, so teacher and student share tokenizer, chat template and architecture). Both are
 saved under ``<cache_dir>/pretrained_sft/<settings hash>/{student,teacher}`` with a
 ``demo_model.json`` holding their held-out accuracy (sampled as ``evaluation`` says) and the
-settings; a finished pair is loaded from there, not retrained.
+settings; a finished pair is loaded from there, not retrained. The fine-tune is long on a CPU
+(hours), so it checkpoints every ``sft.checkpoint_every`` steps and a rerun of the same command
+continues it: a fine-tune can be spread over several sessions.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from kat_research.building.token_mixture import ExampleDataModule, sft_examples
 from kat_research.data.running_sum import RunningSumConfig
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.eval.tasks import RunningSumEvaluator
+from kat_research.layout import write_atomic
 from kat_research.lit.schedule import warmup_cosine
 from kat_research.lit.step_log import StepLog
 from kat_research.models import load_causal_lm
@@ -37,6 +41,8 @@ from kat_research.models.cache import publish_folder
 
 log = logging.getLogger(__name__)
 ROLES = ("student", "teacher")
+ACCURACY = "running_sum/accuracy"  # in a model's meta once it is evaluated
+CHECKPOINTS = "checkpoints"  # under the pair's folder while the fine-tune runs
 
 
 class SaveAtStep(L.Callback):
@@ -58,32 +64,14 @@ def save(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def build_pair(cfg: DictConfig) -> dict[str, Path]:
-    """Fine-tune ``cfg.model`` on ``cfg.data.source`` (the running-sum task) as ``cfg.sft`` says,
-    evaluate both checkpoints, and return the student's and teacher's folders."""
-    sft = OmegaConf.to_container(cfg.sft, resolve=True)
-    if not 0 < sft["student_steps"] < sft["steps"]:
-        raise ValueError(
-            f"sft.student_steps={sft['student_steps']} must lie in (0, sft.steps={sft['steps']})"
-        )
-    if cfg.data.source.kind != "running_sum":
-        raise ValueError(f"data.source.kind={cfg.data.source.kind!r}: use data=running_sum")
-    task = RunningSumConfig(**{**cfg.data.source.task, "form_weights": sft["form_weights"]})
-    settings = {
-        "model": OmegaConf.to_container(cfg.model, resolve=False),
-        "sft": sft,
-        "task": OmegaConf.to_container(cfg.data.source.task, resolve=True),
-        "evaluation": OmegaConf.to_container(cfg.evaluation, resolve=True),
-    }
-    root = Path(cfg.paths.cache_dir) / "pretrained_sft" / settings_key(settings)
-    folders = {role: root / role for role in ROLES}
-    if all((folders[role] / META_FILE).exists() for role in ROLES):
-        log.info("pretrained pair cached at %s", root)
-        return folders
+def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
+    """Run the fine-tune, checkpointed under ``root/checkpoints`` (resumed from there when an
+    earlier attempt was interrupted); save the student on the way and the teacher at the end."""
     start = time.perf_counter()
     L.seed_everything(sft["seed"], workers=True)
     loaded = instantiate(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
+    task = RunningSumConfig(**{**cfg.data.source.task, "form_weights": sft["form_weights"]})
     rows, _ = load_rows(
         SourceSpec(kind="running_sum", n=sft["n_problems"], seed=sft["seed"], task=task)
     )
@@ -93,6 +81,7 @@ def build_pair(cfg: DictConfig) -> dict[str, Path]:
         sft["batch_size"],
         sft["max_length"],
         sft["seed"],
+        resumable=True,
     )
     module = SFTModule(
         model,
@@ -104,21 +93,69 @@ def build_pair(cfg: DictConfig) -> dict[str, Path]:
     )
     callbacks = [
         StepLog(f"sft {root.name}", every_n_steps=10, metrics=("sft/loss",)),
-        SaveAtStep(sft["student_steps"], folders["student"]),
+        SaveAtStep(sft["student_steps"], root / "student"),
     ]
-    fit_steps(module, data, sft["steps"], callbacks)
-    save(model, tokenizer, folders["teacher"], {"sft_steps": sft["steps"]})
+    checkpoints = root / CHECKPOINTS
+    fit_steps(
+        module,
+        data,
+        sft["steps"],
+        callbacks,
+        checkpoints=checkpoints,
+        checkpoint_every=sft["checkpoint_every"],
+    )
+    save(model, tokenizer, root / "teacher", {"sft_steps": sft["steps"]})
+    shutil.rmtree(checkpoints)  # the pair is saved; the optimizer state is not needed again
+    log.info("fine-tune %s: %.0f s in this attempt", root.name, time.perf_counter() - start)
+
+
+def build_pair(cfg: DictConfig) -> dict[str, Path]:
+    """Fine-tune ``cfg.model`` on ``cfg.data.source`` (the running-sum task) as ``cfg.sft`` says,
+    evaluate both checkpoints, and return the student's and teacher's folders.
+
+    Each step of the way is kept: an interrupted fine-tune resumes from its last checkpoint
+    (``sft.checkpoint_every``), a finished one whose evaluation was interrupted is only
+    evaluated, and an evaluated pair is loaded, not rebuilt."""
+    sft = OmegaConf.to_container(cfg.sft, resolve=True)
+    if not 0 < sft["student_steps"] < sft["steps"]:
+        raise ValueError(
+            f"sft.student_steps={sft['student_steps']} must lie in (0, sft.steps={sft['steps']})"
+        )
+    if cfg.data.source.kind != "running_sum":
+        raise ValueError(f"data.source.kind={cfg.data.source.kind!r}: use data=running_sum")
+    settings = {
+        "model": OmegaConf.to_container(cfg.model, resolve=False),
+        "sft": {k: v for k, v in sft.items() if k != "checkpoint_every"},  # not in the result
+        "task": OmegaConf.to_container(cfg.data.source.task, resolve=True),
+        "evaluation": OmegaConf.to_container(cfg.evaluation, resolve=True),
+    }
+    root = Path(cfg.paths.cache_dir) / "pretrained_sft" / settings_key(settings)
+    folders = {role: root / role for role in ROLES}
+    if all(ACCURACY in _meta(folders[role]) for role in ROLES):
+        log.info("pretrained pair cached at %s", root)
+        return folders
+    if not _meta(folders["teacher"]):
+        _fine_tune(cfg, sft, root)
     evaluator = RunningSumEvaluator(
         task=cfg.data.source.task, **OmegaConf.to_container(cfg.evaluation, resolve=True)
     )
     for role in ROLES:
-        meta_file = folders[role] / META_FILE
-        meta = json.loads(meta_file.read_text())
+        start = time.perf_counter()
         saved = load_causal_lm(str(folders[role]), trainable=False)
         metrics = evaluator(saved.model, saved.tokenizer).metrics
+        meta = _meta(folders[role])
         meta.update(
-            metrics, task=settings["task"], settings=settings, seconds=time.perf_counter() - start
+            metrics,
+            task=settings["task"],
+            settings=settings,
+            eval_seconds=time.perf_counter() - start,
         )
-        meta_file.write_text(json.dumps(meta, indent=2))
+        write_atomic(folders[role] / META_FILE, json.dumps(meta, indent=2))
         log.info("%s (%d SFT steps): %s", role, meta["sft_steps"], metrics)
     return folders
+
+
+def _meta(folder: Path) -> dict[str, Any]:
+    """A saved model's ``demo_model.json`` (empty when the model is not saved yet)."""
+    path = folder / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,7 +1,7 @@
 """What a training checkpoint carries beyond Lightning's own state, and what a resume may change.
 
 - :class:`WeightsDigest` stores a SHA-256 of the saved weights in every checkpoint
-  (``weights_sha256``); ``training.folder.check_checkpoint`` recomputes it before a run resumes, so
+  (``weights_sha256``); ``lit.resume.check_checkpoint`` recomputes it before a run resumes, so
   bytes damaged inside an intact archive are caught like a truncated file.
 - :class:`PeakLearningRate` makes ``optimizer.lr`` of the resuming run take effect: the
   checkpoint's optimizer and schedule state are rescaled to the new peak rate before Lightning

@@ -7,9 +7,7 @@ and keeping its metrics file whole when it does.
   refuses a folder that holds another run's files (a different config, or files but no record).
   The fingerprint does not depend on where the folder is: a moved or copied folder resumes.
 - :func:`resume_checkpoint` picks the checkpoint a run continues from: an explicit path (checked),
-  or with ``resume=auto`` the checkpoint of ``checkpoints/`` with the most optimizer steps that
-  loads and whose weights match their checksum, falling back to older ones with a warning naming
-  each broken one.
+  or with ``resume=auto`` the newest resumable one of ``checkpoints/`` (``lit.resume``).
 - :func:`trim_metrics` drops the CSV rows a resumed run will log again (steps after the
   checkpoint), so one run's metrics stay one file without duplicates.
 
@@ -24,14 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.layout import (
@@ -41,7 +37,7 @@ from kat_research.layout import (
     read_json,
     write_atomic,
 )
-from kat_research.lit.checkpoint_hooks import DIGEST_KEY, weights_digest
+from kat_research.lit.resume import check_checkpoint, newest_resumable
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -81,10 +77,6 @@ LAUNCHER_FILES = {
 
 class RunFolderError(RuntimeError):
     """A run folder that this run must not write into; the message says what to change."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message names the file and the problem."""
 
 
 def _placeless(value: Any, places: list[tuple[str, str]]) -> Any:
@@ -185,55 +177,6 @@ def claim(folder: Path, cfg: DictConfig, resume: str) -> bool:
     return record is not None
 
 
-def check_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
-    """The checkpoint's training progress (``global_step``, ``epoch``); raises
-    :class:`CheckpointError` naming the file and what is wrong with it. Reads the file
-    memory-mapped; ``verify`` also reads every weight to compare it with the saved checksum."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"checkpoint {path} ({size} bytes) is not a torch checkpoint (no zip archive): "
-            "it is truncated or corrupted"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # any failure to read means: not resumable
-        raise CheckpointError(
-            f"checkpoint {path} ({size} bytes) cannot be read: {type(error).__name__}: {error}"
-        ) from error
-    missing = [k for k in ("state_dict", "global_step", "loops") if k not in state]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is not a Lightning training checkpoint (missing {missing})"
-        )
-    if verify:
-        verify_weights(path, state)
-    return {"global_step": int(state["global_step"]), "epoch": int(state.get("epoch", 0))}
-
-
-def verify_weights(path: Path, state: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointError` when the checkpoint's weights do not match the checksum
-    saved with them (``weights_sha256``; checkpoints written before it existed pass)."""
-    saved = state.get(DIGEST_KEY)
-    if saved is None:
-        return
-    try:
-        now = weights_digest(state["state_dict"])
-    except Exception as error:  # a damaged tensor entry may not even read
-        raise CheckpointError(
-            f"checkpoint {path}: its weights cannot be read ({type(error).__name__}: {error})"
-        ) from error
-    if now is not None and now != saved:
-        raise CheckpointError(
-            f"checkpoint {path}: its weights do not match the checksum saved with them "
-            f"({DIGEST_KEY}): the file was damaged after it was written"
-        )
-
-
 @dataclass(frozen=True)
 class Resume:
     """The checkpoint a run continues from (None: from scratch) and its optimizer step."""
@@ -252,31 +195,11 @@ def resume_checkpoint(folder: Path, resume: str) -> Resume:
     if resume != AUTO:
         path = Path(resume)
         return Resume(path, check_checkpoint(path)["global_step"])
-    broken, steps = [], {}
-    for path in sorted((folder / CHECKPOINT_DIR).glob("*.ckpt")):
-        try:
-            steps[path] = check_checkpoint(path, verify=False)["global_step"]
-        except CheckpointError as error:
-            broken.append(str(error))
-    # most steps first; at equal steps last.ckpt and stepNNNNNN.ckpt hold the same state
-    for path in sorted(steps, key=lambda p: (-steps[p], p.name)):
-        try:
-            check_checkpoint(path, verify=True)
-        except CheckpointError as error:
-            broken.append(str(error))
-            continue
-        for message in broken:
-            log.warning("skipping a broken checkpoint: %s", message)
-        if broken:
-            log.warning("resuming from %s (step %d), the newest that loads", path, steps[path])
-        return Resume(path, steps[path])
-    if broken:
-        raise CheckpointError(
-            f"no checkpoint in {folder / CHECKPOINT_DIR} can be resumed from: "
-            + "; ".join(broken)
-            + ". Delete them (or set resume=never with another run_dir) to start over."
-        )
-    return Resume(None)
+    found = newest_resumable(
+        folder / CHECKPOINT_DIR,
+        remedy="Delete them (or set resume=never with another run_dir) to start over.",
+    )
+    return Resume(*found) if found else Resume(None)
 
 
 def trim_metrics(path: Path, step: int) -> int:
