@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from kat_research.building.pretrained_sft import ROLES, build_pair
+from kat_research.building.pretrained_sft import ROLES, NoStudentInBand, build_pair
 from kat_research.building.testbed import META_FILE
 from kat_research.config import compose
 
@@ -24,7 +24,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = compose(args.overrides, config_name="pretrained_pair_running_sum")
     torch.set_num_threads(cfg.threads)
-    folders = build_pair(cfg)
+    try:
+        folders = build_pair(cfg)
+    except NoStudentInBand as error:  # the teacher is saved; the message says what to change
+        raise SystemExit(f"error: {error}") from None
     print("| model | SFT steps | held-out accuracy | folder |\n|---|---|---|---|")
     for role in ROLES:
         meta = json.loads((folders[role] / META_FILE).read_text())

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kat_research.building.pretrained_sft import build_pair
+from kat_research.building.pretrained_sft import NoStudentInBand, build_pair
 from kat_research.building.sft import SFTModule
 from kat_research.config import compose
 from kat_research.eval.tasks import RunningSumEvaluator
@@ -22,7 +22,8 @@ TINY = [
     "+model.num_kv_heads=2",
     "~model.dtype",
     "sft.steps=3",
-    "sft.student_steps=1",
+    "sft.snapshot_every=1",
+    "sft.student_band=[0.0,1.0]",  # a random tiny model scores 0: the first snapshot
     "sft.batch_size=2",
     "sft.n_problems=8",
     "sft.warmup_steps=1",
@@ -36,6 +37,9 @@ def test_build_pair_saves_student_and_teacher_and_caches(tmp_path):
     folders = build_pair(cfg)
     metas = {role: json.loads((f / "demo_model.json").read_text()) for role, f in folders.items()}
     assert metas["student"]["sft_steps"] == 1 and metas["teacher"]["sft_steps"] == 3
+    choice = metas["student"]["student_choice"]  # the first snapshot in the band is the student
+    assert choice == {"band": [0.0, 1.0], "snapshots_evaluated": {"1": 0.0}}
+    assert not (folders["student"].parent / "snapshots").exists()
     for meta in metas.values():
         assert 0.0 <= meta["running_sum/accuracy"] <= 1.0
         assert meta["settings"]["sft"]["steps"] == 3 and meta["task"]["start_line"] is True
@@ -47,13 +51,31 @@ def test_build_pair_saves_student_and_teacher_and_caches(tmp_path):
     assert (folders["teacher"] / "model.safetensors").stat().st_mtime == stamp
 
 
-def test_bad_student_step_is_named(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sft.snapshot_every=3", r"sft.snapshot_every=3 must lie in \(0, sft.steps=3\)"),
+        ("sft.student_band=[0.6,0.25]", r"sft.student_band=\[0.6, 0.25\] must be \[low, high\]"),
+    ],
+)
+def test_bad_student_settings_are_named(tmp_path, override, message):
     cfg = compose(
-        [f"paths.cache_dir={tmp_path}", *TINY, "sft.student_steps=3"],
+        [f"paths.cache_dir={tmp_path}", *TINY, override], config_name="pretrained_pair_running_sum"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_pair(cfg)
+
+
+def test_no_snapshot_in_the_band_names_their_accuracies_and_keeps_the_teacher(tmp_path):
+    cfg = compose(
+        [f"paths.cache_dir={tmp_path}", *TINY, "sft.student_band=[0.5,1.0]"],
         config_name="pretrained_pair_running_sum",
     )
-    with pytest.raises(ValueError, match=r"sft.student_steps=3 must lie in \(0, sft.steps=3\)"):
+    with pytest.raises(NoStudentInBand, match=r"\{1: 0.0, 2: 0.0\}.*snapshot_every smaller"):
         build_pair(cfg)
+    (pair,) = (tmp_path / "pretrained_sft").iterdir()
+    assert json.loads((pair / "teacher" / "demo_model.json").read_text())["sft_steps"] == 3
+    assert not (pair / "student").exists()
 
 
 class Interrupted(Exception):

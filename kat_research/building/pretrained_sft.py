@@ -1,14 +1,18 @@
 """A competent real pretrained pair for a testbed task (issue 20, item 4): SmolLM2-135M-Instruct
 fully fine-tuned on the task's worked solutions.
 
-One SFT run makes both models: the teacher is the model after ``sft.steps`` steps, the student
-the same run's weights after ``sft.student_steps`` (an earlier, weaker point of the same
-fine-tune, so teacher and student share tokenizer, chat template and architecture). Both are
-saved under ``<cache_dir>/pretrained_sft/<settings hash>/{student,teacher}`` with a
-``demo_model.json`` holding their held-out accuracy (sampled as ``evaluation`` says) and the
-settings; a finished pair is loaded from there, not retrained. The fine-tune is long on a CPU
-(hours), so it checkpoints every ``sft.checkpoint_every`` steps and a rerun of the same command
-continues it: a fine-tune can be spread over several sessions.
+One SFT run makes both models, so teacher and student share tokenizer, chat template and
+architecture: the teacher is the model after ``sft.steps`` steps; the run also saves a snapshot
+every ``sft.snapshot_every`` steps, and the student is the earliest snapshot whose held-out
+accuracy lies in ``sft.student_band`` (an earlier, weaker point of the same fine-tune; which
+step that is cannot be known before the run). Both are saved under
+``<cache_dir>/pretrained_sft/<settings hash>/{student,teacher}`` with a ``demo_model.json``
+holding their held-out accuracy (sampled as ``evaluation`` says) and the settings; a finished
+pair is loaded from there, not retrained.
+
+The fine-tune is long on a CPU (hours), so every stage resumes: the fine-tune from its last
+checkpoint (``sft.checkpoint_every``), the evaluations from the last evaluated model. Rerunning
+the same command continues, so a fine-tune can be spread over several sessions.
 """
 
 from __future__ import annotations
@@ -43,17 +47,30 @@ log = logging.getLogger(__name__)
 ROLES = ("student", "teacher")
 ACCURACY = "running_sum/accuracy"  # in a model's meta once it is evaluated
 CHECKPOINTS = "checkpoints"  # under the pair's folder while the fine-tune runs
+SNAPSHOTS = "snapshots"  # ... and the student's candidates, until one is chosen
 
 
-class SaveAtStep(L.Callback):
-    """Saves the model and tokenizer to ``folder`` once ``step`` optimizer steps are done."""
+class NoStudentInBand(RuntimeError):
+    """No snapshot's held-out accuracy lies in ``sft.student_band``; the message lists them."""
 
-    def __init__(self, step: int, folder: Path) -> None:
-        self.step, self.folder = step, folder
+
+class Snapshots(L.Callback):
+    """Saves the model and tokenizer to ``folder/step<k>`` every ``every`` optimizer steps
+    before ``steps`` (a snapshot already saved by an earlier attempt is kept)."""
+
+    def __init__(self, every: int, steps: int, folder: Path) -> None:
+        self.every, self.steps, self.folder = every, steps, folder
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            save(pl_module.model, pl_module.tokenizer, self.folder, {"sft_steps": self.step})
+        step = trainer.global_step
+        if step % self.every == 0 and step < self.steps:
+            path = snapshot_folder(self.folder, step)
+            if not path.exists():
+                save(pl_module.model, pl_module.tokenizer, path, {"sft_steps": step})
+
+
+def snapshot_folder(folder: Path, step: int) -> Path:
+    return folder / f"step{step:06d}"
 
 
 def save(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None:
@@ -93,7 +110,7 @@ def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
     )
     callbacks = [
         StepLog(f"sft {root.name}", every_n_steps=10, metrics=("sft/loss",)),
-        SaveAtStep(sft["student_steps"], root / "student"),
+        Snapshots(sft["snapshot_every"], sft["steps"], root / SNAPSHOTS),
     ]
     checkpoints = root / CHECKPOINTS
     fit_steps(
@@ -109,18 +126,27 @@ def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
     log.info("fine-tune %s: %.0f s in this attempt", root.name, time.perf_counter() - start)
 
 
+def check_settings(sft: dict[str, Any]) -> None:
+    """Refuse fine-tune settings that cannot give a student; the message names the key."""
+    if not 0 < sft["snapshot_every"] < sft["steps"]:
+        raise ValueError(
+            f"sft.snapshot_every={sft['snapshot_every']} must lie in (0, sft.steps={sft['steps']}):"
+            " the student is one of the snapshots saved before the teacher's last step"
+        )
+    low, high = sft["student_band"]
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"sft.student_band={[low, high]} must be [low, high] within [0, 1]")
+
+
 def build_pair(cfg: DictConfig) -> dict[str, Path]:
     """Fine-tune ``cfg.model`` on ``cfg.data.source`` (the running-sum task) as ``cfg.sft`` says,
-    evaluate both checkpoints, and return the student's and teacher's folders.
+    evaluate the teacher, choose the student among the snapshots, and return both folders.
 
-    Each step of the way is kept: an interrupted fine-tune resumes from its last checkpoint
-    (``sft.checkpoint_every``), a finished one whose evaluation was interrupted is only
-    evaluated, and an evaluated pair is loaded, not rebuilt."""
+    Each stage is kept: an interrupted fine-tune resumes from its last checkpoint, an evaluation
+    continues with the models not yet evaluated, and an evaluated pair is loaded, not rebuilt.
+    Raises :class:`NoStudentInBand` naming every snapshot's accuracy when none lies in the band."""
     sft = OmegaConf.to_container(cfg.sft, resolve=True)
-    if not 0 < sft["student_steps"] < sft["steps"]:
-        raise ValueError(
-            f"sft.student_steps={sft['student_steps']} must lie in (0, sft.steps={sft['steps']})"
-        )
+    check_settings(sft)
     if cfg.data.source.kind != "running_sum":
         raise ValueError(f"data.source.kind={cfg.data.source.kind!r}: use data=running_sum")
     settings = {
@@ -139,20 +165,55 @@ def build_pair(cfg: DictConfig) -> dict[str, Path]:
     evaluator = RunningSumEvaluator(
         task=cfg.data.source.task, **OmegaConf.to_container(cfg.evaluation, resolve=True)
     )
-    for role in ROLES:
-        start = time.perf_counter()
-        saved = load_causal_lm(str(folders[role]), trainable=False)
-        metrics = evaluator(saved.model, saved.tokenizer).metrics
-        meta = _meta(folders[role])
-        meta.update(
-            metrics,
-            task=settings["task"],
-            settings=settings,
-            eval_seconds=time.perf_counter() - start,
-        )
-        write_atomic(folders[role] / META_FILE, json.dumps(meta, indent=2))
-        log.info("%s (%d SFT steps): %s", role, meta["sft_steps"], metrics)
+    teacher = _evaluated(folders["teacher"], evaluator, settings)
+    log.info("teacher (%d SFT steps): %s", teacher["sft_steps"], teacher[ACCURACY])
+    if not _meta(folders["student"]):
+        _choose_student(root, evaluator, settings, sft["student_band"])
     return folders
+
+
+def _choose_student(
+    root: Path, evaluator: RunningSumEvaluator, settings: dict[str, Any], band: list[float]
+) -> None:
+    """Evaluate the snapshots in step order until one lies in ``band``; publish it as the
+    student (its meta lists every snapshot evaluated) and drop the snapshots."""
+    low, high = band
+    tried: dict[int, float] = {}
+    for folder in sorted((root / SNAPSHOTS).glob("step*")):
+        meta = _evaluated(folder, evaluator, settings)
+        tried[meta["sft_steps"]] = meta[ACCURACY]
+        log.info("snapshot at step %d: accuracy %.3f", meta["sft_steps"], meta[ACCURACY])
+        if low <= meta[ACCURACY] <= high:
+            meta["student_choice"] = {"band": band, "snapshots_evaluated": tried}
+            with publish_folder(root / "student") as tmp:
+                shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
+            shutil.rmtree(root / SNAPSHOTS)
+            return
+    raise NoStudentInBand(
+        f"no snapshot of {root} has held-out accuracy in sft.student_band={band} "
+        f"(step: accuracy {tried}); the teacher is saved. Set sft.snapshot_every smaller to get "
+        "snapshots between these, or state another band."
+    )
+
+
+def _evaluated(
+    folder: Path, evaluator: RunningSumEvaluator, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The model's meta, with its held-out metrics added (and saved) unless already there."""
+    meta = _meta(folder)
+    if ACCURACY in meta:
+        return meta
+    start = time.perf_counter()
+    saved = load_causal_lm(str(folder), trainable=False)
+    meta.update(
+        evaluator(saved.model, saved.tokenizer).metrics,
+        task=settings["task"],
+        settings=settings,
+        eval_seconds=time.perf_counter() - start,
+    )
+    write_atomic(folder / META_FILE, json.dumps(meta, indent=2))
+    return meta
 
 
 def _meta(folder: Path) -> dict[str, Any]:
