@@ -12,6 +12,7 @@ from collections import Counter
 from functools import cache
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from kat_research.building.stages import stage_settings
@@ -410,3 +411,56 @@ def test_eval_script_scores_every_item_digit_but_a_line_opener():
     result = script.item_digit_confidence(model, tokenizer, [row], start_line=True)
     assert result["item_digits_scored"] == 5
     assert 0 < result["item_digit_mean_neg_log_p"] < 10
+
+
+def test_an_interrupted_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """A chain stage checkpoints (``checkpoint_every``) and a rerun continues its SFT from the
+    checkpoint, with the batches and weights of an uninterrupted run; the checkpoints go once
+    the stage is saved."""
+    from kat_research.building.models import train_sft_model
+    from kat_research.building.sft import SFTModule
+    from kat_research.models import load_causal_lm
+
+    sft = {
+        "pretrain_steps": 1,
+        "n_documents": 8,
+        "copy_fraction": 0.2,
+        "steps": 5,
+        "eval_every": 0,
+        "eval_problems": 1,
+        "target_accuracy": None,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "min_lr_ratio": 0.1,
+        "n_problems": 8,
+        "seed": 0,
+    }
+    architecture = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    settings = {"architecture": architecture, "sft": sft, "task": {}, "kind": "running_sum"}
+    train_sft_model(tmp_path / "whole", **settings)  # no checkpoints
+    step = SFTModule.training_step
+    seen: list[int] = []
+
+    def killed_at_step_3(module, batch, batch_idx):
+        if module.global_step == 3 and module.trainer.max_steps == 5:  # the SFT fit only
+            raise KeyError("killed")
+        return step(module, batch, batch_idx)
+
+    monkeypatch.setattr(SFTModule, "training_step", killed_at_step_3)
+    with pytest.raises(KeyError, match="killed"):
+        train_sft_model(tmp_path / "cut", **settings, checkpoint_every=2)
+    assert (tmp_path / "cut.checkpoints" / "last.ckpt").is_file()
+
+    def recorded(module, batch, batch_idx):
+        if module.trainer.max_steps == 5:
+            seen.append(module.global_step)
+        return step(module, batch, batch_idx)
+
+    monkeypatch.setattr(SFTModule, "training_step", recorded)
+    meta = train_sft_model(tmp_path / "cut", **settings, checkpoint_every=2)
+    assert seen == [2, 3, 4] and meta["resumed_from_step"] == 2 and meta["sft_steps"] == 5
+    whole = load_causal_lm(str(tmp_path / "whole")).model.state_dict()
+    resumed = load_causal_lm(str(tmp_path / "cut")).model.state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not (tmp_path / "cut.checkpoints").exists()

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -58,15 +59,17 @@ def fit_steps(
     accelerator: str = "auto",
     checkpoints: Path | None = None,
     checkpoint_every: int = 0,
-) -> L.Trainer:
-    """Train ``module`` for ``steps`` AdamW steps on ``data`` (no logger).
+) -> tuple[L.Trainer, int]:
+    """Train ``module`` for ``steps`` AdamW steps on ``data`` (no logger); return the trainer
+    and the step this attempt started from.
 
     With ``checkpoints`` set, ``last.ckpt`` there is rewritten every ``checkpoint_every`` steps
     (with its weights' checksum) and the fit continues from the newest resumable checkpoint in
-    that folder, so an interrupted fine-tune loses at most ``checkpoint_every`` steps; without
-    it, nothing is saved.
+    that folder, so an interrupted fine-tune loses at most ``checkpoint_every`` steps (``data``
+    must serve its batches by the trainer's step, as ``ExampleDataModule`` does); without it,
+    nothing is saved.
     """
-    resume_from = None
+    resume_from, start_step = None, 0
     if checkpoints is not None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every}: save every >= 1 steps")
@@ -82,8 +85,8 @@ def fit_steps(
         ]
         found = newest_resumable(checkpoints, remedy=f"Delete {checkpoints} to start over.")
         if found is not None:
-            resume_from = found[0]
-            log.info("resuming from %s (step %d of %d)", resume_from, found[1], steps)
+            resume_from, start_step = found
+            log.info("resuming from %s (step %d of %d)", resume_from, start_step, steps)
     trainer = L.Trainer(
         accelerator=accelerator,
         max_steps=steps,
@@ -98,7 +101,7 @@ def fit_steps(
         callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-    return trainer
+    return trainer, start_step
 
 
 def _sft_module(model: Any, tokenizer: Any, sft: dict[str, Any]) -> SFTModule:
@@ -145,6 +148,7 @@ def train_sft_model(
     sft: dict[str, Any],
     task: dict[str, Any],
     kind: str = "synthetic",
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """SFT a fresh tiny Qwen3 on worked solutions of a built-in task; save it at ``path``.
 
@@ -153,7 +157,11 @@ def train_sft_model(
     ``sft.pretrain_steps`` steps; see ``building.testbed``). Held-out greedy accuracy is measured
     every ``sft.eval_every`` steps (0: at the end only); with ``sft.target_accuracy`` set,
     training stops at the first check that reaches it. With ``sft.init_from`` (optional) the
-    weights start from that saved model instead of a random init.
+    weights start from that saved model instead of a random init. With ``checkpoint_every`` > 0
+    the SFT fit checkpoints in ``<path>.checkpoints`` and a rerun continues it from there
+    (a long stage survives an interrupted session; the pre-training phase restarts); held-out
+    checks made before the interruption are not kept, so ``target_accuracy`` acts from the
+    resumed step on.
     """
     if kind not in TASK_SETUPS:
         raise ValueError(
@@ -185,11 +193,14 @@ def train_sft_model(
         at_start=False,
         stop_when={metric: target} if target is not None else None,
     )
-    trainer = fit_steps(
+    checkpoints = path.with_name(f"{path.name}.checkpoints")
+    trainer, resumed_from = fit_steps(
         _sft_module(model, tokenizer, sft),
         setup.data,
         sft["steps"],
         [StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",)), accuracy_check],
+        checkpoints=checkpoints if checkpoint_every > 0 else None,
+        checkpoint_every=checkpoint_every,
     )
     seconds = time.perf_counter() - start
     accuracy = accuracy_check.results[trainer.global_step]
@@ -199,7 +210,8 @@ def train_sft_model(
         {step: round(m[metric], 3) for step, m in sorted(accuracy_check.results.items())},
     )
     meta = {
-        "sft_seconds": seconds,
+        "sft_seconds": seconds,  # this attempt's (from resumed_from_step on)
+        "resumed_from_step": resumed_from,
         "sft_steps": trainer.global_step,
         **accuracy,
         "architecture": architecture,
@@ -213,6 +225,7 @@ def train_sft_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved; its fit is not needed
     return meta
 
 
@@ -253,16 +266,18 @@ def demo_model(
     task: dict[str, Any] | DictConfig,
     trainable: bool = True,
     kind: str = "synthetic",
+    checkpoint_every: int = 0,
 ) -> LoadedModel:
     """Load the demo ``role`` model (teacher/student), training and caching it on first use.
 
-    ``kind``: the built-in task it is trained on (``data.source.kind``)."""
+    ``kind``: the built-in task it is trained on (``data.source.kind``); ``checkpoint_every``:
+    see :func:`train_sft_model` (not part of the cache key)."""
     settings = {"architecture": _plain(architecture), "sft": _plain(sft), "task": _plain(task)}
     path = demo_model_path(role, cache_dir, **settings, kind=kind)
     if not (path / "config.json").exists():
         log.info("training the demo %s (first run; cached at %s)", role, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = train_sft_model(path, **settings, kind=kind)
+        meta = train_sft_model(path, **settings, kind=kind, checkpoint_every=checkpoint_every)
         log.info(
             "demo %s: %.0f s of SFT, held-out accuracy %.1f%%",
             role,

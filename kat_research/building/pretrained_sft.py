@@ -98,7 +98,6 @@ def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
         sft["batch_size"],
         sft["max_length"],
         sft["seed"],
-        resumable=True,
     )
     module = SFTModule(
         model,

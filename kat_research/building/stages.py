@@ -117,7 +117,9 @@ def build_chain(cfg: DictConfig, also: list[str] | tuple[str, ...] = ()) -> dict
             log.info("stage %s: taken from the archive %s", name, archived[name])
             with publish_folder(folders[name]) as tmp:
                 shutil.copytree(archived[name], tmp, dirs_exist_ok=True)
-        model = demo_model(**arguments[name], trainable=False)
+        model = demo_model(
+            **arguments[name], trainable=False, checkpoint_every=cfg.checkpoint_every
+        )
         accuracy = demo_model_info(model.name)[f"{cfg.data.source.kind}/accuracy"]
         log.info("stage %s: held-out greedy accuracy %.3f (%s)", name, accuracy, model.name)
     return {name: folders[name] for name in stages if name in needed}

@@ -12,13 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from kat_research.data.datamodule import ResumableDataLoader
 from kat_research.data.prompts import (
     IGNORE_INDEX,
     encode_completions,
     encode_prompts,
     pad_sequences,
 )
-from kat_research.data.sampler import ResumableBatchSampler
+from kat_research.data.sampler import LoaderShuffleBatchSampler
 from kat_research.data.sources import Row
 
 Example = tuple[list[int], list[int]]  # (input ids, labels with IGNORE_INDEX where unscored)
@@ -74,10 +75,10 @@ class ExampleDataModule(L.LightningDataModule):
     """Serves a fixed list of examples in a seeded shuffled order, ``batch_size`` at a time;
     examples longer than ``max_length`` are truncated (documents are generated to fit).
 
-    With ``resumable`` the order is :class:`ResumableBatchSampler`'s, a pure function of the seed
-    and the trainer's optimizer step, so a fit resumed from a checkpoint sees the batches the
-    interrupted one would have; without it, the DataLoader's own seeded shuffle (what the
-    testbed's committed stages were trained with, so their rebuilds stay bitwise equal).
+    The order is a plain seeded DataLoader shuffle's (what the committed testbed stages were
+    trained with, so their rebuilds stay bitwise equal), served by
+    :class:`LoaderShuffleBatchSampler` from the trainer's optimizer step: a fit resumed from a
+    checkpoint sees the batches the interrupted one would have.
     """
 
     def __init__(
@@ -87,27 +88,23 @@ class ExampleDataModule(L.LightningDataModule):
         batch_size: int,
         max_length: int,
         seed: int = 0,
-        resumable: bool = False,
     ):
         super().__init__()
         self.examples = list(examples)
         self.collator = ExampleCollator(pad_token_id, max_length)
-        self.batch_size, self.seed, self.resumable = batch_size, seed, resumable
+        self.batch_size, self.seed = batch_size, seed
 
     def _steps_done(self) -> int:
         return self.trainer.global_step if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        if self.resumable:
-            sampler = ResumableBatchSampler(
-                len(self.examples), self.batch_size, seed=self.seed, consumed=self._steps_done
-            )
-            return DataLoader(self.examples, batch_sampler=sampler, collate_fn=self.collator)
-        return DataLoader(
+        sampler = LoaderShuffleBatchSampler(
+            len(self.examples), self.batch_size, seed=self.seed, consumed=self._steps_done
+        )
+        return ResumableDataLoader(
             self.examples,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
+            batch_sampler=sampler,
             collate_fn=self.collator,
+            # the loader's own base-seed draw stays off the global RNG, as it was
             generator=torch.Generator().manual_seed(self.seed),
         )

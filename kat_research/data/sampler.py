@@ -69,3 +69,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
         for b in range(offset, len(self)):
             start = b * self.batch_size + self.rank * share
             yield order[start : start + share]
+
+
+class LoaderShuffleBatchSampler(ResumableBatchSampler):
+    """:class:`ResumableBatchSampler` in the order a plain
+    ``DataLoader(shuffle=True, drop_last=True, generator=Generator().manual_seed(seed))`` draws:
+    per epoch, one int64 draw (the loader's base seed), ``randperm(n)`` (the order) and one more
+    ``randperm(n)`` (drawn when the exhausted sampler is asked for the leftover batch). Models
+    first trained through such a loader (the committed testbed stages) keep their exact batches,
+    and a resumed fit continues them; ``tests/test_sampler.py`` checks this against the loader.
+    """
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):  # replay the draws of the epochs before
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            torch.randperm(self.n, generator=generator)
+            torch.randperm(self.n, generator=generator)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return torch.randperm(self.n, generator=generator).tolist()
