@@ -119,7 +119,8 @@ def test_a_fresh_cache_continues_the_chain_from_the_archive(tmp_path, monkeypatc
 
     trained: list[str] = []
 
-    def fake_training(path: Path, *, architecture, sft, task, kind) -> dict:
+    def fake_training(path: Path, *, architecture, sft, task, kind, checkpoint_every) -> dict:
+        assert checkpoint_every == 100  # the chain config's cadence reaches the stage
         tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)
         model = build_tiny_qwen3(
             tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=len(trained)
