@@ -83,7 +83,7 @@ def save(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None
 
 def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
     """Run the fine-tune, checkpointed under ``root/checkpoints`` (resumed from there when an
-    earlier attempt was interrupted); save the student on the way and the teacher at the end."""
+    earlier attempt was interrupted); save snapshots on the way and the teacher at the end."""
     start = time.perf_counter()
     L.seed_everything(sft["seed"], workers=True)
     loaded = instantiate(cfg.model)
