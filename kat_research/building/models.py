@@ -198,7 +198,7 @@ def train_sft_model(
         _sft_module(model, tokenizer, sft),
         setup.data,
         sft["steps"],
-        [StepLog(f"sft {path.name}", every_n_steps=250, metrics=("sft/loss",)), accuracy_check],
+        [StepLog(f"sft {path.name}", every_n_steps=50, metrics=("sft/loss",)), accuracy_check],
         checkpoints=checkpoints if checkpoint_every > 0 else None,
         checkpoint_every=checkpoint_every,
     )

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from kat_research.data.datamodule import ResumableDataLoader
+from kat_research.data.datamodule import ResumableDataLoader, batches_consumed
 from kat_research.data.prompts import (
     IGNORE_INDEX,
     encode_completions,
@@ -95,7 +95,7 @@ class ExampleDataModule(L.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
 
     def _steps_done(self) -> int:
-        return self.trainer.global_step if self.trainer is not None else 0
+        return batches_consumed(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         sampler = LoaderShuffleBatchSampler(

@@ -49,6 +49,12 @@ def _log_counts(
     log.log(logging.WARNING if unexpected or repeats else logging.INFO, line)
 
 
+def batches_consumed(trainer: L.Trainer | None) -> int:
+    """Training batches ``trainer`` has consumed (0 without a trainer): where a
+    :class:`ResumableBatchSampler` continues."""
+    return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose order resumes by itself: its ``ResumableBatchSampler`` continues from
     the batches the run has consumed, so there is no loader state to checkpoint. The empty
@@ -193,9 +199,7 @@ class PromptDataModule(L.LightningDataModule):
         return PromptCollator(self.tokenizer, self.max_prompt_tokens, self.instruction, self.system)
 
     def _batches_consumed(self) -> int:
-        """Training batches the attached trainer has consumed (0 without a trainer)."""
-        trainer = self.trainer
-        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+        return batches_consumed(self.trainer)
 
     def train_dataloader(self, consumed: Callable[[], int] | None = None) -> DataLoader:
         """Training batches, reshuffled every epoch from ``seed``; a resumed run continues
