@@ -221,12 +221,18 @@ def train_sft_model(
     }
     if setup.pretrain is not None:
         meta["pretrain_seconds"] = pretrain_seconds
-    with publish_folder(path) as tmp:  # a half-written model is never mistaken for a cached one
+    save_model_folder(model, tokenizer, path, meta)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved; its fit is not needed
+    return meta
+
+
+def save_model_folder(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None:
+    """Write a model, its tokenizer and ``meta`` (as META_FILE) to ``folder`` atomically: a
+    half-written folder is never mistaken for a cached one."""
+    with publish_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved; its fit is not needed
-    return meta
 
 
 # Task settings added after models were cached, with the value they had implicitly before:

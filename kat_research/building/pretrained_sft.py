@@ -30,7 +30,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kat_research.building.models import fit_steps, settings_key
+from kat_research.building.models import fit_steps, save_model_folder, settings_key
 from kat_research.building.sft import SFTModule
 from kat_research.building.testbed import META_FILE
 from kat_research.building.token_mixture import ExampleDataModule, sft_examples
@@ -66,19 +66,11 @@ class Snapshots(L.Callback):
         if step % self.every == 0 and step < self.steps:
             path = snapshot_folder(self.folder, step)
             if not path.exists():
-                save(pl_module.model, pl_module.tokenizer, path, {"sft_steps": step})
+                save_model_folder(pl_module.model, pl_module.tokenizer, path, {"sft_steps": step})
 
 
 def snapshot_folder(folder: Path, step: int) -> Path:
     return folder / f"step{step:06d}"
-
-
-def save(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None:
-    """Write a model folder atomically (a half-written one is never taken for a finished one)."""
-    with publish_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
@@ -120,7 +112,7 @@ def _fine_tune(cfg: DictConfig, sft: dict[str, Any], root: Path) -> None:
         checkpoints=checkpoints,
         checkpoint_every=sft["checkpoint_every"],
     )
-    save(model, tokenizer, root / "teacher", {"sft_steps": sft["steps"]})
+    save_model_folder(model, tokenizer, root / "teacher", {"sft_steps": sft["steps"]})
     shutil.rmtree(checkpoints)  # the pair is saved; the optimizer state is not needed again
     log.info("fine-tune %s: %.0f s in this attempt", root.name, time.perf_counter() - start)
 
