@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -135,6 +136,21 @@ def item_digit_confidence(
     }
 
 
+def clustered_interval(
+    correct_by_problem: list[list[bool]], z: float = 1.96
+) -> tuple[float, float]:
+    """avg@k over problems and the half-width of its normal ``z`` interval, with problems as
+    the sampling unit (a problem's samples are correlated, so they are not counted as
+    independent): z x the standard deviation of the per-problem means / sqrt(problems)."""
+    means = [sum(c) / len(c) for c in correct_by_problem]
+    n = len(means)
+    if n < 2:
+        raise ValueError(f"need at least 2 problems for an interval, got {n}")
+    mean = sum(means) / n
+    variance = sum((m - mean) ** 2 for m in means) / (n - 1)
+    return mean, z * math.sqrt(variance / n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -146,6 +162,7 @@ def main() -> None:
         action="store_true",
         help="also the item digits' probabilities on the held-out worked solutions",
     )
+    parser.add_argument("--records", type=Path, help="write every graded sample to this JSONL file")
     args = parser.parse_args()
     if args.samples > 1 and args.temperature == 0:
         parser.error("--samples above 1 needs --temperature above 0 (greedy samples are equal)")
@@ -174,6 +191,15 @@ def main() -> None:
         diagnosis |= item_digit_confidence(loaded.model, loaded.tokenizer, gold, task.start_line)
     for key, value in sorted({**result.metrics, **diagnosis}.items()):
         print(f"{key}: {value:.4f}")
+    by_problem: dict[str, list[bool]] = {}
+    for record in result.records:
+        by_problem.setdefault(record.problem_id, []).append(record.correct)
+    mean, half = clustered_interval(list(by_problem.values()))
+    print(f"avg@{args.samples}: {mean:.4f} +- {half:.4f} (95%, problems as the unit)")
+    if args.records:
+        args.records.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(record.to_dict()) for record in result.records]
+        args.records.write_text("\n".join(lines) + "\n")
     problems = [rs.parse_problem(row.problem) for row in evaluator.rows]
     kinds = Counter(
         first_error_kind(problems[i // args.samples], record.completion, task.start_line)

@@ -392,6 +392,23 @@ def test_eval_script_line_diagnosis_by_hand():
     assert kind("1000\n1000+10=1010\n\\boxed{1010}") == "unreadable line"
 
 
+def test_eval_script_interval_takes_problems_as_the_unit():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "eval_running_sum_model.py"
+    spec = importlib.util.spec_from_file_location("eval_running_sum_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # per-problem means 1, 0.5, 0: mean 0.5, sample variance 0.25, SE sqrt(0.25 / 3)
+    mean, half = script.clustered_interval([[True, True], [True, False], [False, False]])
+    assert mean == 0.5 and half == pytest.approx(1.96 * (0.25 / 3) ** 0.5)
+    # every problem at the same mean: no spread between problems, a zero-width interval
+    assert script.clustered_interval([[True, False], [False, True]]) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="at least 2 problems"):
+        script.clustered_interval([[True]])
+
+
 def test_eval_script_scores_every_item_digit_but_a_line_opener():
     import importlib.util
     from pathlib import Path
