@@ -28,14 +28,20 @@ def chain():
     return compose([], config_name="testbed_models")
 
 
-def test_each_shipped_model_was_trained_as_its_stage_says():
+# each chain and the models it ships so far (the running-sum chain's smaller student is still
+# training: results/running_sum_models_progress.md, item 11)
+CHAINS = [("testbed_models", SHIPPED), ("testbed_models_running_sum", SHIPPED[:2])]
+
+
+@pytest.mark.parametrize(("config_name", "shipped"), CHAINS)
+def test_each_shipped_model_was_trained_as_its_stage_says(config_name, shipped):
     """The committed demo_model.json of each model holds the SFT settings of its stage in
-    conf/testbed_models.yaml (the parent's folder apart), so the chain rebuilds what ships."""
-    cfg = chain()
+    the chain's config (the parent's folder apart), so the chain rebuilds what ships."""
+    cfg = compose([], config_name=config_name)
     stages = stage_settings(cfg)
-    for name in SHIPPED:
+    for name in shipped:
         stage = stages[cfg.shipped[name]]
-        recorded = demo_model_info(Path(cfg.paths.assets_dir) / "testbed" / name)
+        recorded = demo_model_info(Path(cfg.paths.assets_dir) / cfg.install_dir / name)
         sft = {k: v for k, v in recorded["sft"].items() if k != "init_from"}
         expected = {k: v for k, v in stage["sft"].items() if k in sft}
         assert sft == expected, name
@@ -44,8 +50,16 @@ def test_each_shipped_model_was_trained_as_its_stage_says():
             assert recorded["architecture"] == stage["architecture"]
 
 
-def test_presets_load_the_committed_models():
-    cfg = compose(["model/student=testbed_large"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model/student=testbed_large"],
+        ["model/student=testbed_small"],
+        ["scale=tiny_running_sum", "model/student=testbed_running_sum_large"],
+    ],
+)
+def test_presets_load_the_committed_models(overrides):
+    cfg = compose(overrides)
     teacher, student = instantiate(cfg.model.teacher), instantiate(cfg.model.student)
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert all(p.requires_grad for p in student.model.parameters())
