@@ -38,6 +38,7 @@ import torch
 from kat_research.building.token_mixture import sft_examples
 from kat_research.data import running_sum as rs
 from kat_research.data.sources import SourceSpec, load_rows
+from kat_research.eval.metrics import avg_at_k, per_problem, records_frame
 from kat_research.eval.tasks import RunningSumEvaluator
 from kat_research.models import load_causal_lm
 
@@ -136,13 +137,12 @@ def item_digit_confidence(
     }
 
 
-def clustered_interval(
-    correct_by_problem: list[list[bool]], z: float = 1.96
-) -> tuple[float, float]:
-    """avg@k over problems and the half-width of its normal ``z`` interval, with problems as
-    the sampling unit (a problem's samples are correlated, so they are not counted as
-    independent): z x the standard deviation of the per-problem means / sqrt(problems)."""
-    means = [sum(c) / len(c) for c in correct_by_problem]
+def clustered_interval(counts: list[tuple[int, int]], z: float = 1.96) -> tuple[float, float]:
+    """avg@k over problems, from each problem's (samples n, correct c) as
+    ``eval.metrics.per_problem`` counts them, and the half-width of its normal ``z`` interval with
+    problems as the sampling unit (a problem's samples are correlated, so they are not counted
+    as independent): z x the standard deviation of the per-problem means / sqrt(problems)."""
+    means = [avg_at_k(n, c) for n, c in counts]
     n = len(means)
     if n < 2:
         raise ValueError(f"need at least 2 problems for an interval, got {n}")
@@ -191,10 +191,8 @@ def main() -> None:
         diagnosis |= item_digit_confidence(loaded.model, loaded.tokenizer, gold, task.start_line)
     for key, value in sorted({**result.metrics, **diagnosis}.items()):
         print(f"{key}: {value:.4f}")
-    by_problem: dict[str, list[bool]] = {}
-    for record in result.records:
-        by_problem.setdefault(record.problem_id, []).append(record.correct)
-    mean, half = clustered_interval(list(by_problem.values()))
+    counts = per_problem(records_frame([record.to_dict() for record in result.records]))
+    mean, half = clustered_interval(list(zip(counts["n"], counts["c"], strict=True)))
     print(f"avg@{args.samples}: {mean:.4f} +- {half:.4f} (95%, problems as the unit)")
     if args.records:
         args.records.parent.mkdir(parents=True, exist_ok=True)

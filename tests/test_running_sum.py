@@ -401,12 +401,12 @@ def test_eval_script_interval_takes_problems_as_the_unit():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     # per-problem means 1, 0.5, 0: mean 0.5, sample variance 0.25, SE sqrt(0.25 / 3)
-    mean, half = script.clustered_interval([[True, True], [True, False], [False, False]])
+    mean, half = script.clustered_interval([(2, 2), (2, 1), (2, 0)])  # (samples, correct)
     assert mean == 0.5 and half == pytest.approx(1.96 * (0.25 / 3) ** 0.5)
     # every problem at the same mean: no spread between problems, a zero-width interval
-    assert script.clustered_interval([[True, False], [False, True]]) == (0.5, 0.0)
+    assert script.clustered_interval([(2, 1), (2, 1)]) == (0.5, 0.0)
     with pytest.raises(ValueError, match="at least 2 problems"):
-        script.clustered_interval([[True]])
+        script.clustered_interval([(1, 1)])
 
 
 def test_eval_script_scores_every_item_digit_but_a_line_opener():
