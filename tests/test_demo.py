@@ -117,3 +117,18 @@ def test_realised_saving_by_hand():
 def test_trap_statistics_refuse_a_task_without_the_testbed_verifier(tmp_path):
     with pytest.raises(ConfigError, match="data.source.kind='synthetic'"):
         run_trap(8, tmp_path, ["data=synthetic"], threads=1)
+
+
+def test_trap_statistics_on_the_running_sum_testbed(tmp_path):
+    """The demo's trap job judges the running-total task with its own verifier."""
+    trap = run_trap(
+        16,
+        tmp_path,
+        ["scale=tiny_running_sum", "model/student=testbed_running_sum_large"],
+        threads=1,
+    )
+    assert trap["n_rollouts"] == 16
+    assert set(trap["categories"]) == {"correct", "wrong", "degenerate", "capped"}
+    assert sum(trap["categories"].values()) == 16
+    assert trap["threshold"] > 0  # the q-quantile of these rollouts' window minima
+    assert 0 <= trap["recall"] <= 1 and 0 <= trap["cut_correct"] <= 1

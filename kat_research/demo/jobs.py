@@ -12,9 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.analysis.trap.tasks import task_config
 from kat_research.config import ConfigError, compose
 from kat_research.console import quiet
-from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
@@ -54,22 +54,23 @@ def run_method(
     return train(cfg)
 
 
-def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: int) -> dict:
+def run_trap(
+    n_rollouts: int, output_dir: Path, overrides: list[str], threads: int, experiment: str = "demo"
+) -> dict:
     """The trap statistics of the student before OPD: ``n_rollouts`` uncut rollouts on
     training prompts, sampled as the demo's OPD samples them, KAT applied offline with the
     demo's KAT settings."""
-    cfg = demo_config("kat", output_dir, overrides)
-    if cfg.data.source.kind != "collatz":
-        raise ConfigError(
-            f"the demo's trap statistics judge rollouts with the testbed's verifier, but "
-            f"data.source.kind={cfg.data.source.kind!r}: use data=collatz or --trap-rollouts 0"
-        )
+    cfg = demo_config("kat", output_dir, overrides, experiment)
+    source = OmegaConf.to_container(cfg.data.source, resolve=True)
+    try:
+        task = task_config(source)
+    except ValueError as error:
+        raise ConfigError(f"the demo's trap statistics: {error}, or --trap-rollouts 0") from None
     _start(threads, cfg.verbose)
     print("=== demo: trap statistics ===", flush=True)
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
-    task = CollatzTaskConfig(**OmegaConf.to_container(cfg.data.source.task, resolve=True))
     rows, _ = load_rows(
-        SourceSpec(kind="collatz", split="train", n=n_rollouts, seed=cfg.seed + 1, task=task)
+        SourceSpec(kind=source["kind"], split="train", n=n_rollouts, seed=cfg.seed + 1, task=task)
     )
     data = cfg.data
     collate = PromptCollator(

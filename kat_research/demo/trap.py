@@ -1,6 +1,7 @@
-"""The agreement trap on the testbed, measured on the student's own rollouts before OPD: do
-derailed rollouts settle into agreement with the teacher, and would KAT cut them rather than
-the correct ones? (``analysis.trap.check`` defines the categories and the offline rule.)"""
+"""The agreement trap on a line-verified testbed task (collatz or running_sum), measured on the
+student's own rollouts before OPD: do derailed rollouts settle into agreement with the teacher,
+and would KAT cut them rather than the correct ones? (``analysis.trap.check`` defines the
+categories and the offline rule.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from kat_research.analysis.trap import check as tc
+from kat_research.analysis.trap.tasks import TaskConfig
 from kat_research.analysis.trap.verdicts import score_cuts
-from kat_research.data.collatz import CollatzTaskConfig
 from kat_research.data.prompts import PromptCollator
 from kat_research.data.sources import Row
 from kat_research.termination import KATRule
@@ -44,7 +45,7 @@ def trap_stats(
     teacher: PreTrainedModel,
     collate: PromptCollator,
     rows: list[Row],
-    task: CollatzTaskConfig,
+    task: TaskConfig,
     *,
     max_new_tokens: int,
     top_p: float,
