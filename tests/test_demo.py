@@ -121,12 +121,7 @@ def test_trap_statistics_refuse_a_task_without_the_testbed_verifier(tmp_path):
 
 def test_trap_statistics_on_the_running_sum_testbed(tmp_path):
     """The demo's trap job judges the running-total task with its own verifier."""
-    trap = run_trap(
-        16,
-        tmp_path,
-        ["scale=tiny_running_sum", "model/student=testbed_running_sum_large"],
-        threads=1,
-    )
+    trap = run_trap(16, tmp_path, ["scale=tiny_running_sum"], threads=1)  # the smaller student
     assert trap["n_rollouts"] == 16
     assert set(trap["categories"]) == {"correct", "wrong", "degenerate", "capped"}
     assert sum(trap["categories"].values()) == 16
