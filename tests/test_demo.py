@@ -121,7 +121,9 @@ def test_trap_statistics_refuse_a_task_without_the_testbed_verifier(tmp_path):
 
 def test_trap_statistics_on_the_running_sum_testbed(tmp_path):
     """The demo's trap job judges the running-total task with its own verifier."""
-    trap = run_trap(16, tmp_path, ["scale=tiny_running_sum"], threads=1)  # the smaller student
+    # the larger student: about a quarter of its T=1 rollouts are correct, so both groups occur
+    overrides = ["scale=tiny_running_sum", "model/student=testbed_running_sum_large"]
+    trap = run_trap(16, tmp_path, overrides, threads=1)
     assert trap["n_rollouts"] == 16
     assert set(trap["categories"]) == {"correct", "wrong", "degenerate", "capped"}
     assert sum(trap["categories"].values()) == 16
