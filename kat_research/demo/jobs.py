@@ -54,13 +54,11 @@ def run_method(
     return train(cfg)
 
 
-def run_trap(
-    n_rollouts: int, output_dir: Path, overrides: list[str], threads: int, experiment: str = "demo"
-) -> dict:
+def run_trap(n_rollouts: int, output_dir: Path, overrides: list[str], threads: int) -> dict:
     """The trap statistics of the student before OPD: ``n_rollouts`` uncut rollouts on
     training prompts, sampled as the demo's OPD samples them, KAT applied offline with the
     demo's KAT settings."""
-    cfg = demo_config("kat", output_dir, overrides, experiment)
+    cfg = demo_config("kat", output_dir, overrides)
     source = OmegaConf.to_container(cfg.data.source, resolve=True)
     try:
         task = task_config(source)
