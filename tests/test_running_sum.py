@@ -194,6 +194,20 @@ def test_the_third_phrasing_writes_both_operands_first_and_all_four_are_accepted
             assert rs.verify(problem, mixed, cfg).correct
 
 
+def test_line_form_and_form_shares_by_hand():
+    assert rs.line_form("52370+45=52415") == 0  # total first, even with a wrong sum
+    assert rs.line_form("52370+45=99999") == 0
+    assert rs.line_form("45+52370=52415") == 1
+    assert rs.line_form("52370 + 45 = 52415") == 2
+    assert rs.line_form("52415=52370+45") == 2  # the first design's third phrasing
+    for other in ("52370", "\\boxed{52415}", "52370 + 45=52415", "a+b=c"):
+        assert rs.line_form(other) is None
+    # 2 total first, 1 item first, 1 spaced among 4 addition lines (start and box not counted)
+    completions = ["52370\n52370+45=52415\n12+52415=52427\n\\boxed{52427}", "1+0=1\n3 + 4 = 7"]
+    assert rs.form_shares(completions) == (0.5, 0.25, 0.25)
+    assert rs.form_shares(["52370\n\\boxed{52370}"]) is None
+
+
 def test_solution_lengths_in_tokens():
     data, ev, _ = configs()
     tokenizer = build_char_tokenizer(chat_template=COMPACT_CHAT_TEMPLATE)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kat_research.data.collatz import repeated_span
@@ -161,6 +162,32 @@ def parse_step(line: str) -> tuple[int, int, int] | None:
     if match:
         return int(match[2]), int(match[3]), int(match[1])
     return None
+
+
+def line_form(line: str) -> int | None:
+    """The phrasing (0..2, as in :func:`step_line`) of an addition line, whatever its
+    arithmetic; None for any other line. ``a+b=c`` is total first when ``a >= b``: the running
+    total exceeds every item (five-digit totals, two-digit items at the task's defaults). The
+    third phrasing is either design's (``c=a+b`` or ``a + b = c``)."""
+    if re.fullmatch(r"\d+=\d+\+\d+|\d+ \+ \d+ = \d+", line):
+        return 2
+    match = re.fullmatch(r"(\d+)\+(\d+)=\d+", line)
+    if match is None:
+        return None
+    return 0 if int(match[1]) >= int(match[2]) else 1
+
+
+def form_shares(completions: Iterable[str]) -> tuple[float, ...] | None:
+    """The share of the completions' addition lines in each phrasing (:func:`line_form`);
+    None when they hold no addition line."""
+    counts = [0] * N_FORMS
+    for completion in completions:
+        for line in completion.splitlines():
+            form = line_form(line.strip())
+            if form is not None:
+                counts[form] += 1
+    total = sum(counts)
+    return tuple(n / total for n in counts) if total else None
 
 
 def draw_form(rng: random.Random, cfg: RunningSumConfig) -> int:

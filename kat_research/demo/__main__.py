@@ -1,12 +1,13 @@
 """`python -m kat_research.demo` (what `make demo` runs): the offline end-to-end demo on the
-long-horizon testbed.
+running-total testbed.
 
-The committed testbed teacher and smaller student (assets/testbed) are distilled with standard
-OPD and KAT-OPD side by side (so that their wall times share the machine's load), then with
-RandomTerm whose mean length cap is KAT's mean generated length, each through the same training
-entry point as any experiment (`experiment=demo`). Beside RandomTerm, the student's own rollouts
-before OPD are checked for the agreement trap. It prints the comparison table, KAT's realised
-compute saving and the trap statistics.
+The committed running-total teacher and smaller student (assets/testbed_running_sum) are
+distilled with standard OPD and KAT-OPD side by side (so that their wall times share the
+machine's load), then with RandomTerm whose mean length cap is KAT's mean generated length, each
+through the same training entry point as any experiment (`experiment=demo`). Beside RandomTerm,
+the student's own rollouts before OPD are checked for the agreement trap. It prints the
+comparison table, KAT's realised compute saving, how each run moved the student's phrasing (the
+running-total task) and the trap statistics.
 
     python -m kat_research.demo [--methods opd kat] [--no-random-term] [--trap-rollouts 128]
                                 [--jobs 2] [--output-dir outputs/demo] [override ...]
@@ -32,7 +33,13 @@ from hydra.utils import instantiate
 
 from kat_research.building import demo_model_info
 from kat_research.console import quiet
-from kat_research.demo.jobs import demo_config, realised_saving, run_method, run_trap
+from kat_research.demo.jobs import (
+    demo_config,
+    phrasing_shift,
+    realised_saving,
+    run_method,
+    run_trap,
+)
 
 
 def accuracy(metrics: dict[str, float]) -> float:
@@ -59,15 +66,22 @@ def format_table(teacher_accuracy: float, summaries: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def trap_text(trap: dict[str, Any]) -> str:
-    """The trap statistics in words, claiming only what they show."""
+def trap_text(trap: dict[str, Any], alpha: float = 0.05) -> str:
+    """The trap statistics in words, claiming only what they show: a difference is named only
+    where its test's p-value is below ``alpha``."""
     counts = ", ".join(f"{n} {c}" for c, n in trap["categories"].items())
     after, control = trap["kl_after_derailment"], trap["kl_correct_same_positions"]
-    relation = "below" if after < control else "above"
+    relation = (
+        ("below" if after < control else "above")
+        if trap["sign_test_p"] < alpha
+        else "not distinguishable from"
+    )
     prefer = (
-        "derailed rollouts more often than correct ones"
+        "with no detectable preference between derailed and correct rollouts"
+        if not trap["fisher_p"] < alpha
+        else "derailed rollouts more often than correct ones"
         if trap["recall"] > trap["cut_correct"]
-        else "correct rollouts at least as often as derailed ones"
+        else "correct rollouts more often than derailed ones"
     )
     return (
         f"Agreement trap, student before OPD ({trap['n_rollouts']} uncut rollouts on training "
@@ -80,6 +94,27 @@ def trap_text(trap: dict[str, Any]) -> str:
         f"{100 * trap['cut_correct']:.0f}% of correct rollouts (Fisher p={trap['fisher_p']:.2g}; "
         f"precision {100 * trap['precision']:.0f}%): it cuts {prefer}."
     )
+
+
+def phrasing_text(
+    phrasing: dict[str, dict[str, tuple[float, ...] | None]],
+    teacher_mix: list[float],
+    student_mix: list[float],
+) -> str:
+    """Where each run's greedy held-out solutions moved between the task's phrasings; the
+    ``*_mix`` are the odds of each phrasing in the models' training text."""
+
+    def shares(values: tuple[float, ...] | None) -> str:
+        return "no addition lines" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+    lines = [
+        "Phrasing of the greedy held-out solutions' addition lines (share total first / item "
+        f"first / spaced; the teacher was trained on {':'.join(f'{w:g}' for w in teacher_mix)}, "
+        f"the student on {':'.join(f'{w:g}' for w in student_mix)}):"
+    ]
+    for method, when in phrasing.items():
+        lines.append(f"- {method}: before {shares(when['before'])}, after {shares(when['after'])}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         summaries += [job.result() for job in second]
         trap = trap_job.result() if trap_job else None
     cfg = demo_config(args.methods[0], out, overrides)
-    teacher_accuracy = accuracy(demo_model_info(instantiate(cfg.model.teacher).name))
+    teacher_info = demo_model_info(instantiate(cfg.model.teacher).name)
+    teacher_accuracy = accuracy(teacher_info)
     table = format_table(teacher_accuracy, summaries)
     savings = {  # only methods that ran side by side with OPD, under the same machine load
         m: realised_saving(by_method["opd"], by_method[m])
@@ -151,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
             "length as its mean length cap (rows that end by themselves first make it generate "
             "less): its wall time is not measured under the same load as theirs."
         )
+    phrasing = {}
+    if cfg.data.source.kind == "running_sum":
+        phrasing = {s["method"]: phrasing_shift(s) for s in summaries}
+        student_info = demo_model_info(instantiate(cfg.model.student).name)
+        mixes = [info["sft"]["form_weights"] for info in (teacher_info, student_info)]
+        print("\n" + phrasing_text(phrasing, *mixes))
     if trap is not None:
         print("\n" + trap_text(trap))
     print(f"\nDemo wall time: {seconds:.0f} s. Results in {out}/")
@@ -163,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                 "runs": summaries,
                 "realised_saving": savings,
                 "trap": trap,
+                "phrasing": phrasing,
                 "wall_time_s": seconds,
             },
             indent=2,

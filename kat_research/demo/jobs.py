@@ -3,6 +3,7 @@ the realised compute saving computed from their summaries."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,8 +17,10 @@ from kat_research.analysis.trap.tasks import task_config
 from kat_research.config import ConfigError, compose
 from kat_research.console import quiet
 from kat_research.data.prompts import PromptCollator
+from kat_research.data.running_sum import form_shares
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
+from kat_research.layout import eval_file
 from kat_research.training.job import train
 
 
@@ -99,4 +102,16 @@ def realised_saving(opd: dict[str, Any], other: dict[str, Any]) -> dict[str, flo
         "token_saving": tokens,
         "realised": wall / tokens if tokens else float("nan"),
         "decode_step_saving": 1 - other["mean_decode_steps"] / opd["mean_decode_steps"],
+    }
+
+
+def phrasing_shift(run: dict[str, Any]) -> dict[str, tuple[float, ...] | None]:
+    """The share of a running-sum run's greedy held-out addition lines in each phrasing
+    (total first, item first, spaced), at its evaluation before and after training."""
+    return {
+        when: form_shares(
+            json.loads(line)["completion"]
+            for line in eval_file(run["output_dir"], step).read_text().splitlines()
+        )
+        for when, step in (("before", 0), ("after", run["steps"]))
     }
