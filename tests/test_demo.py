@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from kat_research.building import train_sft_model
 from kat_research.config import ConfigError
-from kat_research.demo.__main__ import main
+from kat_research.data.running_sum import form_shares
+from kat_research.demo.__main__ import main, trap_text
 from kat_research.demo.jobs import realised_saving, run_trap
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.layout import eval_file
@@ -22,7 +23,7 @@ from kat_research.models import load_causal_lm
 
 
 def test_demo_pipeline_reduced(tmp_path, capsys):
-    """The demo on the committed testbed models, 2 steps of 4 prompts per method."""
+    """The demo on the committed running-sum models, 2 steps of 4 prompts per method."""
     overrides = [
         "trainer.max_steps=2",
         "data.batch_size=4",
@@ -48,7 +49,7 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
             lines = eval_file(run["output_dir"], step).read_text().splitlines()
             correct = [json.loads(line)["correct"] for line in lines]
             assert len(correct) == 4
-            assert run[key]["collatz/accuracy"] == sum(correct) / 4
+            assert run[key]["running_sum/accuracy"] == sum(correct) / 4
     opd, kat, random_term = results["runs"]  # the same student, greedily evaluated alike
     assert opd["eval_before"] == kat["eval_before"] == random_term["eval_before"]
     # RandomTerm ran at KAT's mean generated length
@@ -56,7 +57,9 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
     assert saved.termination.random.mean_length == round(kat["mean_generated_length"])
     wall = 1 - kat["fit_time_s"] / opd["fit_time_s"]
     tokens = 1 - kat["tokens_generated"] / opd["tokens_generated"]
-    assert results["realised_saving"]["kat"]["realised"] == pytest.approx(wall / tokens)
+    realised = results["realised_saving"]["kat"]["realised"]
+    # within 64 tokens KAT may cut no row of these 8: then the saving is undefined
+    assert math.isnan(realised) if tokens == 0 else realised == pytest.approx(wall / tokens)
     for run in results["runs"]:  # longest row per batch, and live share of its row slots
         assert 1 <= run["mean_decode_steps"] <= 64
         slots = run["mean_decode_steps"] * run["rollouts"]  # one rank, equal batches
@@ -64,6 +67,12 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
         assert 0 < run["occupancy"] <= 1
     assert re.search(r"batches ran \d+% (fewer|more) decode steps", printed)
     assert (out / "demo_table.md").read_text().startswith("| run |")
+    for run in results["runs"]:  # the phrasing shares of each evaluation's addition lines
+        for when, step in (("before", 0), ("after", 2)):
+            lines = eval_file(run["output_dir"], step).read_text().splitlines()
+            completions = [json.loads(line)["completion"] for line in lines]
+            assert results["phrasing"][run["method"]][when] == list(form_shares(completions))
+    assert "- opd: before " in printed and "the teacher was trained on 6:2:2" in printed
     trap = results["trap"]
     assert trap["n_rollouts"] == 8 and sum(trap["categories"].values()) == 8
 
@@ -122,10 +131,35 @@ def test_trap_statistics_refuse_a_task_without_the_testbed_verifier(tmp_path):
 def test_trap_statistics_on_the_running_sum_testbed(tmp_path):
     """The demo's trap job judges the running-total task with its own verifier."""
     # the larger student: about a quarter of its T=1 rollouts are correct, so both groups occur
-    overrides = ["scale=tiny_running_sum", "model/student=testbed_running_sum_large"]
+    overrides = ["model/student=testbed_running_sum_large"]
     trap = run_trap(16, tmp_path, overrides, threads=1)
     assert trap["n_rollouts"] == 16
     assert set(trap["categories"]) == {"correct", "wrong", "degenerate", "capped"}
     assert sum(trap["categories"].values()) == 16
     assert trap["threshold"] > 0  # the q-quantile of these rollouts' window minima
     assert 0 <= trap["recall"] <= 1 and 0 <= trap["cut_correct"] <= 1
+
+
+def test_trap_text_names_a_difference_only_where_its_test_does():
+    trap = {
+        "n_rollouts": 10,
+        "categories": {"correct": 4, "wrong": 6},
+        "horizon": 32,
+        "kl_after_derailment": 0.040,
+        "kl_correct_same_positions": 0.045,
+        "n_compared": 6,
+        "sign_test_p": 0.3,
+        "quantile": 0.7,
+        "threshold": 0.01,
+        "recall": 0.5,
+        "cut_correct": 0.25,
+        "fisher_p": 0.5,
+        "precision": 0.75,
+    }
+    text = trap_text(trap)
+    assert "not distinguishable from correct rollouts" in text
+    assert "no detectable preference between derailed and correct" in text
+    text = trap_text({**trap, "sign_test_p": 0.01, "fisher_p": 0.01})
+    assert "below correct rollouts" in text and "it cuts derailed rollouts more often" in text
+    text = trap_text({**trap, "fisher_p": 0.01, "recall": 0.1})
+    assert "it cuts correct rollouts more often than derailed ones" in text

@@ -30,7 +30,7 @@ from kat_research.sweep.submitit_launch import (
 )
 from kat_research.termination.marking import KATPhaseMarker
 
-SCALES = ("paper", "tiny")
+SCALES = ("paper", "tiny", "tiny_collatz")
 
 
 def covering(jobs):
@@ -100,8 +100,12 @@ def test_scale_decides_models_and_sizes():
     assert paper.model.teacher.name_or_path == "Qwen/Qwen3-8B"
     assert paper.trainer.max_epochs == 2 and paper.data.source.hub_id.endswith("DAPO-Math-17k")
     tiny = config_of("table1", "tiny", student="large", method="kat")
-    assert tiny.model.student.path.endswith("assets/testbed/student_large")
-    assert tiny.data.source.kind == "collatz" and tiny.eval.evaluator.n_samples == 8
+    assert tiny.model.student.path.endswith("assets/testbed_running_sum/student_large")
+    assert tiny.model.teacher.path.endswith("assets/testbed_running_sum/teacher")
+    assert tiny.data.source.kind == "running_sum" and tiny.eval.evaluator.n_samples == 8
+    collatz = config_of("table1", "tiny_collatz", student="small", method="kat")
+    assert collatz.model.student.path.endswith("assets/testbed/student_small")
+    assert collatz.data.source.kind == "collatz" and collatz.rollout.max_new_tokens == 256
     prefix = config_of("ablation_prefix", "paper", termination__fixed_prefix__budget="4096")
     assert prefix.method.name == "fixed_prefix" and prefix.termination.fixed_prefix.budget == 4096
     stagewise = config_of("ablation_stagewise", "tiny", method__supervise="pre+agreement")

@@ -1,2 +1,2 @@
 """The offline demo (``python -m kat_research.demo``): OPD vs KAT-OPD vs RandomTerm on the
-collatz testbed, and the agreement trap on the student's own rollouts."""
+running-total testbed, and the agreement trap on the student's own rollouts."""
