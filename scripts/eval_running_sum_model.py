@@ -3,7 +3,7 @@
 conf/testbed_models_running_sum.yaml has come.
 
     python scripts/eval_running_sum_model.py MODEL_DIR [N_PROBLEMS] [--samples K --temperature T]
-        [--teacher-forced]
+        [--teacher-forced] [--records FILE.jsonl] [--per-problem FILE.csv]
 
 Greedy by default; ``--samples 8 --temperature 0.6`` gives the targets' metric (avg@8 at T=0.6:
 ``running_sum/accuracy`` is then the mean over every sample).
@@ -33,6 +33,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from kat_research.building.token_mixture import sft_examples
@@ -151,6 +152,20 @@ def clustered_interval(counts: list[tuple[int, int]], z: float = 1.96) -> tuple[
     return mean, z * math.sqrt(variance / n)
 
 
+def per_problem_table(records: list[dict]) -> pd.DataFrame:
+    """One row per problem, in evaluation order: problem_id, samples, correct, mean_length
+    (response tokens, mean over its samples)."""
+    grouped = records_frame(records).groupby("problem_id", sort=False)
+    table = pd.DataFrame(
+        {
+            "samples": grouped.size(),
+            "correct": grouped["correct"].sum(),
+            "mean_length": grouped["length"].mean(),
+        }
+    )
+    return table.reset_index()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -163,6 +178,11 @@ def main() -> None:
         help="also the item digits' probabilities on the held-out worked solutions",
     )
     parser.add_argument("--records", type=Path, help="write every graded sample to this JSONL file")
+    parser.add_argument(
+        "--per-problem",
+        type=Path,
+        help="write one CSV row per problem: samples, correct, mean length",
+    )
     args = parser.parse_args()
     if args.samples > 1 and args.temperature == 0:
         parser.error("--samples above 1 needs --temperature above 0 (greedy samples are equal)")
@@ -194,6 +214,11 @@ def main() -> None:
     counts = per_problem(records_frame([record.to_dict() for record in result.records]))
     mean, half = clustered_interval(list(zip(counts["n"], counts["c"], strict=True)))
     print(f"avg@{args.samples}: {mean:.4f} +- {half:.4f} (95%, problems as the unit)")
+    if args.per_problem:
+        args.per_problem.parent.mkdir(parents=True, exist_ok=True)
+        per_problem_table([r.to_dict() for r in result.records]).to_csv(
+            args.per_problem, index=False
+        )
     if args.records:
         args.records.parent.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps(record.to_dict()) for record in result.records]

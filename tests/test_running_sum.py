@@ -423,6 +423,25 @@ def test_eval_script_interval_takes_problems_as_the_unit():
         script.clustered_interval([(1, 1)])
 
 
+def test_eval_script_per_problem_rows_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "eval_running_sum_model.py"
+    spec = importlib.util.spec_from_file_location("eval_running_sum_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    records = [
+        {"benchmark": "running_sum", "problem_id": p, "correct": c, "length": n}
+        for p, c, n in [("eval:1", True, 200), ("eval:0", False, 500), ("eval:1", False, 300)]
+    ]
+    table = script.per_problem_table(records)
+    assert table.to_dict("records") == [  # evaluation order, not sorted
+        {"problem_id": "eval:1", "samples": 2, "correct": 1, "mean_length": 250.0},
+        {"problem_id": "eval:0", "samples": 1, "correct": 0, "mean_length": 500.0},
+    ]
+
+
 def test_eval_script_scores_every_item_digit_but_a_line_opener():
     import importlib.util
     from pathlib import Path
