@@ -15,7 +15,7 @@ from kat_research.building import train_sft_model
 from kat_research.config import ConfigError
 from kat_research.data.running_sum import form_shares
 from kat_research.demo.__main__ import main, trap_text
-from kat_research.demo.jobs import realised_saving, run_trap
+from kat_research.demo.jobs import accuracy_change, realised_saving, run_trap
 from kat_research.eval.tasks import SyntheticEvaluator
 from kat_research.layout import eval_file
 from kat_research.lit.eval_callback import target_reached
@@ -73,6 +73,13 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
             completions = [json.loads(line)["completion"] for line in lines]
             assert results["phrasing"][run["method"]][when] == list(form_shares(completions))
     assert "- opd: before " in printed and "the teacher was trained on 6:2:2" in printed
+    for run in results["runs"]:  # the paired test counts what the evaluations graded
+        change, before, after = (
+            results["accuracy_change"][run["method"]],
+            *(run[key]["running_sum/accuracy"] * 4 for key in ("eval_before", "eval_after")),
+        )
+        assert change["gained"] - change["lost"] == pytest.approx(after - before)
+    assert "exact McNemar test" in printed
     trap = results["trap"]
     assert trap["n_rollouts"] == 8 and sum(trap["categories"].values()) == 8
 
@@ -163,3 +170,22 @@ def test_trap_text_names_a_difference_only_where_its_test_does():
     assert "below correct rollouts" in text and "it cuts derailed rollouts more often" in text
     text = trap_text({**trap, "fisher_p": 0.01, "recall": 0.1})
     assert "it cuts correct rollouts more often than derailed ones" in text
+
+
+def test_accuracy_change_counts_the_discordant_problems_by_hand(tmp_path):
+    def write(step, correct):
+        lines = [
+            json.dumps({"problem_id": f"p{i}", "sample_index": 0, "correct": c})
+            for i, c in enumerate(correct)
+        ]
+        eval_file(tmp_path, step).parent.mkdir(parents=True, exist_ok=True)
+        eval_file(tmp_path, step).write_text("\n".join(lines) + "\n")
+
+    write(0, [True, True, True, False, False, True])
+    write(4, [False, False, False, False, True, True])  # 3 lost, 1 gained
+    change = accuracy_change({"output_dir": str(tmp_path), "steps": 4})
+    assert (change["lost"], change["gained"]) == (3, 1)
+    assert change["p"] == pytest.approx(10 / 16)  # P(k<=1 or k>=3 | n=4, 1/2) = (1+4+4+1)/16
+    write(4, [True] * 5)  # one problem fewer: a different evaluation
+    with pytest.raises(ValueError, match="graded different problems"):
+        accuracy_change({"output_dir": str(tmp_path), "steps": 4})

@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 from kat_research.building import demo_model_info
 from kat_research.console import quiet
 from kat_research.demo.jobs import (
+    accuracy_change,
     demo_config,
     phrasing_shift,
     realised_saving,
@@ -169,7 +170,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     seconds = time.perf_counter() - start
 
+    changes = {s["method"]: accuracy_change(s) for s in summaries}
     print("\n" + table)
+    print(
+        "\nAfter against before, on the same held-out problems (exact McNemar test): "
+        + "; ".join(
+            f"{method} solved {c['gained']} it had failed and failed {c['lost']} it had solved "
+            f"(p={c['p']:.2g})"
+            for method, c in changes.items()
+        )
+        + "."
+    )
     for method, saving in savings.items():
         fewer = saving["decode_step_saving"]
         print(
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                 "realised_saving": savings,
                 "trap": trap,
                 "phrasing": phrasing,
+                "accuracy_change": changes,
                 "wall_time_s": seconds,
             },
             indent=2,

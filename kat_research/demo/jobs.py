@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kat_research.analysis.trap.check import binomial_two_sided
 from kat_research.analysis.trap.tasks import task_config
 from kat_research.config import ConfigError, compose
 from kat_research.console import quiet
@@ -115,3 +116,23 @@ def phrasing_shift(run: dict[str, Any]) -> dict[str, tuple[float, ...] | None]:
         )
         for when, step in (("before", 0), ("after", run["steps"]))
     }
+
+
+def _graded(run: dict[str, Any], step: int) -> dict[tuple[str, int], bool]:
+    lines = eval_file(run["output_dir"], step).read_text().splitlines()
+    return {
+        (record["problem_id"], record["sample_index"]): bool(record["correct"])
+        for record in map(json.loads, lines)
+    }
+
+
+def accuracy_change(run: dict[str, Any]) -> dict[str, float]:
+    """The held-out samples a run solved before training but not after (``lost``) and after but
+    not before (``gained``), and the exact McNemar test's p-value (a two-sided sign test on
+    those discordant pairs): whether its accuracy moved beyond sampling noise."""
+    before, after = _graded(run, 0), _graded(run, run["steps"])
+    if before.keys() != after.keys():
+        raise ValueError(f"{run['output_dir']}: its evaluations graded different problems")
+    lost = sum(before[key] and not after[key] for key in before)
+    gained = sum(after[key] and not before[key] for key in before)
+    return {"lost": lost, "gained": gained, "p": binomial_two_sided(lost, lost + gained)}
