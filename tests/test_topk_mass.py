@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -42,3 +43,29 @@ def test_tables_summarise_per_k_and_coverage() -> None:
     assert table.loc[1, "share > 1e-2"] == 1.0 and table.loc[4, "share > 1e-3"] == 0.0
     support = support_table({0.75: support_size(LOGITS, 0.75)})
     assert support.loc[0.75].tolist() == [2.5, 2.0, 3]
+
+
+def test_the_script_runs_end_to_end_on_tiny_models(tmp_path) -> None:
+    """scripts/topk_tail_mass.py samples, scores and writes its report (it once passed the
+    module where the prompt encoder wants a tokenizer, and nothing ran it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "topk_tail_mass.py"
+    spec = importlib.util.spec_from_file_location("topk_tail_mass", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "mass.md"
+    argv = ["--rollouts", "4", "--batch", "2", "--ks", "1", "4", "--out", str(out), "debug=fast"]
+    text = script.main(argv)
+    assert out.read_text() == text + "\n"
+    assert text.startswith("# The teacher's probability mass outside its top-K")
+    assert (
+        "4 rollouts of" in text
+        and "command: `python scripts/topk_tail_mass.py --rollouts 4" in text
+    )
+    rows = [
+        line.split("|")[1:-1] for line in text.splitlines() if re.match(r"\|\s+[\d.]+\s+\|", line)
+    ]
+    assert [float(r[0]) for r in rows] == [1, 4, 0.9, 0.99, 0.999]  # the Ks, then the coverages
+    assert 1 > float(rows[0][1]) > float(rows[1][1]) > 0  # mean mass outside the top-1, top-4

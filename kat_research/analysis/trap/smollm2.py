@@ -180,7 +180,7 @@ def teacher_accuracy(cfg: DictConfig, analysis: DictConfig) -> None:
         OmegaConf.to_container(cfg.data.source, resolve=True), ngram=10, repeats=3, timeout_s=5.0
     )
     stage = trap_analysis.sample_stage(
-        "teacher", "self", module, prompt_batches(cfg, module, spec), spec, verifier
+        "teacher", "self", module, prompt_batches(cfg, module.tokenizer, spec), spec, verifier
     )
     counts = Counter(v.category for v in stage.verdicts)
     answered = sum(v.answer_correct for v in stage.verdicts)
