@@ -108,6 +108,10 @@ def test_scale_decides_models_and_sizes():
     assert collatz.data.source.kind == "collatz" and collatz.rollout.max_new_tokens == 256
     prefix = config_of("ablation_prefix", "paper", termination__fixed_prefix__budget="4096")
     assert prefix.method.name == "fixed_prefix" and prefix.termination.fixed_prefix.budget == 4096
+    # the Top-K ablation truncates below the teacher's support on the testbed (scale.topk_k)
+    topk = [config_of("ablation_topk", scale, variant="topk_plain") for scale in SCALES]
+    assert [c.loss.k for c in topk] == [32, 2, 32] and topk[1].loss.kind == "topk_lsm"
+    assert config_of("ablation_topk", "tiny", variant="sampled_token").loss.kind == "sampled_token"
     stagewise = config_of("ablation_stagewise", "tiny", method__supervise="pre+agreement")
     rule = instantiate(stagewise.method.terminator)
     assert isinstance(rule, KATPhaseMarker) and rule.supervise == "pre+agreement"
