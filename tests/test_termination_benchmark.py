@@ -179,3 +179,30 @@ def test_benchmark_end_to_end_debug(compose_config, tmp_path, data):
     assert (per_rollout["kept[fixed_prefix]"] == per_rollout["generated"].clip(upper=6)).all()
     if data == "synthetic":  # no line verifier: no first error, so no right cut
         assert per_rollout["error"].isna().all() and (table["n_with_error"] == 0).all()
+
+
+def test_benchmark_of_a_trained_checkpoint(compose_config, debug_config, tmp_path):
+    """``student_checkpoint``: the rollouts come from the checkpoint's student weights; a
+    missing file is named before any model loads."""
+    from kat_research.analysis.termination_benchmark import run
+    from kat_research.training.job import train
+
+    train(debug_config(tmp_path / "run", "method=opd", "trainer.max_steps=1"))
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
+
+    def benchmark(path):
+        return compose_config(
+            "train_overrides=['debug=fast']",
+            f"student_checkpoint={path}",
+            "rollouts=4",
+            "batch_size=4",
+            f"output_dir={tmp_path}/out",
+            f"report={tmp_path}/bench.md",
+            config_name="analysis_termination_benchmark",
+        )
+
+    with pytest.raises(FileNotFoundError, match="student_checkpoint=.*missing.ckpt"):
+        run(benchmark(tmp_path / "missing.ckpt"), "test")
+    table = run(benchmark(checkpoint), "test")
+    assert (table["n"] == 4).all()
+    assert f"student {checkpoint}," in (tmp_path / "bench.md").read_text()

@@ -7,7 +7,7 @@ A job folder holds ``.hydra/config.yaml`` (jobs launched through Hydra) or ``csv
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat_research.config.build import build_module
 from kat_research.lit import OPDModule
+from kat_research.models import LoadedModel
 
 CONFIG_FILES = (".hydra/config.yaml", "csv/hparams.yaml")
 _STEP_FILE = re.compile(r"step(\d+)\.ckpt")
@@ -115,6 +116,24 @@ def student_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {
         k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
     }
+
+
+def checkpoint_file(path: str | Path, key: str = "student_checkpoint") -> Path:
+    """``path`` when it is a file, else an error naming the setting ``key`` and what it wants
+    (checked before any model loads)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{key}={path} does not exist: point it at a training run's checkpoint "
+            "(<run>/checkpoints/*.ckpt)"
+        )
+    return Path(path)
+
+
+def with_checkpoint_student(student: LoadedModel, path: str | Path) -> LoadedModel:
+    """``student`` holding the student weights of the training checkpoint ``path``, and named
+    after it."""
+    student.model.load_state_dict(student_state(read_checkpoint(checkpoint_file(path))))
+    return replace(student, name=str(path))
 
 
 def kat_buffer(state: Any) -> torch.Tensor | None:

@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from kat_research.analysis.context import output_dir
 from kat_research.analysis.offline_rules import Traces, matched_hazard, offline_kept
 from kat_research.analysis.rollouts import RolloutSpec, prompt_batches, uncut_rollouts
+from kat_research.analysis.runs import checkpoint_file, with_checkpoint_student
 from kat_research.analysis.trap.check import quartiles
 from kat_research.analysis.trap.verdicts import make_verifier, score_cuts, share
 from kat_research.config import CONFIG_DIR, compose
@@ -245,8 +246,12 @@ def run(cfg: DictConfig, command: str) -> pd.DataFrame:
     run by ``command``; its table (one row per rule)."""
     set_torch_threads(cfg.threads)
     train_cfg = compose(list(cfg.train_overrides))
+    if cfg.student_checkpoint:
+        checkpoint_file(cfg.student_checkpoint)
     start = time.perf_counter()
     student = instantiate(train_cfg.model.student)
+    if cfg.student_checkpoint:
+        student = with_checkpoint_student(student, cfg.student_checkpoint)
     teacher = instantiate(train_cfg.model.teacher)
     tokenizer = student.tokenizer
     run_rollout = train_cfg.rollout

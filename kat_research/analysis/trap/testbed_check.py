@@ -37,7 +37,6 @@ import logging
 import math
 import shlex
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kat_research.analysis.context import output_dir
-from kat_research.analysis.runs import read_checkpoint, student_state
+from kat_research.analysis.runs import checkpoint_file, with_checkpoint_student
 from kat_research.analysis.trap import check as tc
 from kat_research.analysis.trap.tasks import task_config, trap_task
 from kat_research.analysis.trap.verdicts import score_cuts, share
@@ -247,11 +246,8 @@ def check_settings(cfg: DictConfig) -> None:
                 f"{key}={cfg[key]} holds no saved model (config.json): point it at a folder "
                 "save_pretrained wrote (an OPD run's <run>/student, a testbed model folder)"
             )
-    if cfg.student_checkpoint and not Path(cfg.student_checkpoint).is_file():
-        raise FileNotFoundError(
-            f"student_checkpoint={cfg.student_checkpoint} does not exist: point it at a "
-            "training run's checkpoint (<run>/checkpoints/*.ckpt)"
-        )
+    if cfg.student_checkpoint:
+        checkpoint_file(cfg.student_checkpoint)
 
 
 def load_student(cfg: DictConfig, train_cfg: DictConfig) -> LoadedModel:
@@ -261,9 +257,7 @@ def load_student(cfg: DictConfig, train_cfg: DictConfig) -> LoadedModel:
         return load_causal_lm(cfg.student_dir, trainable=False)
     student = instantiate(train_cfg.model.student)
     if cfg.student_checkpoint:
-        state = student_state(read_checkpoint(Path(cfg.student_checkpoint)))
-        student.model.load_state_dict(state)
-        student = replace(student, name=cfg.student_checkpoint)
+        student = with_checkpoint_student(student, cfg.student_checkpoint)
     return student
 
 
