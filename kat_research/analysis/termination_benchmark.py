@@ -295,7 +295,8 @@ def run(cfg: DictConfig, command: str) -> pd.DataFrame:
         *([f"**{cfg.label}**", ""] if cfg.label else []),
         f"command: `{command}`",
         f"commit: {code_commit()}",
-        f"train config: {' '.join(cfg.train_overrides)}; student {student.name}, "
+        f"train config: {' '.join(cfg.train_overrides) or 'the defaults (scale=tiny)'}; "
+        f"student {student.name}, "
         f"teacher {teacher.name}",
         f"{len(judged)} uncut rollouts (training prompts, seed {cfg.seed}; temperature "
         f"{sampling.temperature}, top-p {sampling.top_p}, cap {max_new_tokens}), "
