@@ -52,6 +52,11 @@ def write_samples(path: Path, records: Iterable[Any]) -> None:
     write_atomic(path, "".join(lines))
 
 
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The graded samples :func:`write_samples` wrote, as dicts."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def write_summary(folder: str | Path, summary: Mapping[str, Any]) -> Path:
     """Write ``summary.json``; every summary holds :data:`SUMMARY_KEYS`."""
     missing = [k for k in SUMMARY_KEYS if k not in summary]

@@ -3,7 +3,6 @@ the realised compute saving computed from their summaries."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from kat_research.data.prompts import PromptCollator
 from kat_research.data.running_sum import form_shares
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
-from kat_research.layout import eval_file
+from kat_research.layout import eval_file, read_samples
 from kat_research.training.job import train
 
 
@@ -106,31 +105,31 @@ def realised_saving(opd: dict[str, Any], other: dict[str, Any]) -> dict[str, flo
     }
 
 
+def _evaluations(run: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The graded samples of a run's evaluations before and after training."""
+    before, after = (eval_file(run["output_dir"], step) for step in (0, run["steps"]))
+    return read_samples(before), read_samples(after)
+
+
 def phrasing_shift(run: dict[str, Any]) -> dict[str, tuple[float, ...] | None]:
     """The share of a running-sum run's greedy held-out addition lines in each phrasing
     (total first, item first, spaced), at its evaluation before and after training."""
+    before, after = _evaluations(run)
     return {
-        when: form_shares(
-            json.loads(line)["completion"]
-            for line in eval_file(run["output_dir"], step).read_text().splitlines()
-        )
-        for when, step in (("before", 0), ("after", run["steps"]))
+        when: form_shares(record["completion"] for record in records)
+        for when, records in (("before", before), ("after", after))
     }
 
 
-def _graded(run: dict[str, Any], step: int) -> dict[tuple[str, int], bool]:
-    lines = eval_file(run["output_dir"], step).read_text().splitlines()
-    return {
-        (record["problem_id"], record["sample_index"]): bool(record["correct"])
-        for record in map(json.loads, lines)
-    }
+def _graded(records: list[dict]) -> dict[tuple[str, int], bool]:
+    return {(r["problem_id"], r["sample_index"]): bool(r["correct"]) for r in records}
 
 
 def accuracy_change(run: dict[str, Any]) -> dict[str, float]:
     """The held-out samples a run solved before training but not after (``lost``) and after but
     not before (``gained``), and the exact McNemar test's p-value (a two-sided sign test on
     those discordant pairs): whether its accuracy moved beyond sampling noise."""
-    before, after = _graded(run, 0), _graded(run, run["steps"])
+    before, after = (_graded(records) for records in _evaluations(run))
     if before.keys() != after.keys():
         raise ValueError(f"{run['output_dir']}: its evaluations graded different problems")
     lost = sum(before[key] and not after[key] for key in before)
