@@ -87,6 +87,7 @@ class RolloutSettings:
     teacher_keep: str = "auto"
     masked_tokens: tuple[str, ...] = field(default_factory=tuple)
     backend: str = "hf"
+    lean_decode: bool = True
     vllm: dict[str, Any] = field(default_factory=dict)
     mode: str = "sync"
     max_staleness: int = 2
@@ -177,7 +178,10 @@ class OPDModule(L.LightningModule):
             teacher_topk=self.loss_settings.k or DEFAULT_K.get(self.loss_settings.kind),
             masked_token_ids=token_ids(tokenizer, self.rollout_settings.masked_tokens),
             backend=build_backend(
-                self.rollout_settings.backend, student, self.rollout_settings.vllm
+                self.rollout_settings.backend,
+                student,
+                self.rollout_settings.vllm,
+                self.rollout_settings.lean_decode,
             ),
         )
         self.save_hyperparameters(

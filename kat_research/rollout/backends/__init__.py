@@ -20,12 +20,15 @@ from kat_research.rollout.backends.base import (
 from kat_research.rollout.backends.hf import HFBackend
 
 
-def build_backend(name: str, student: PreTrainedModel, vllm: dict | None = None) -> StudentBackend:
+def build_backend(
+    name: str, student: PreTrainedModel, vllm: dict | None = None, lean_decode: bool = True
+) -> StudentBackend:
     """The student backend called ``name`` (``hf`` or ``vllm``; ``vllm`` = settings of the
-    vLLM engine, see ``rollout.vllm`` in ``conf/train.yaml``). A student already served by a
-    vLLM engine gets that engine (:meth:`VLLMBackend.serving`)."""
+    vLLM engine, see ``rollout.vllm`` in ``conf/train.yaml``; ``lean_decode``: the ``hf``
+    backend's decode steps, see :class:`HFBackend`). A student already served by a vLLM engine
+    gets that engine (:meth:`VLLMBackend.serving`)."""
     if name == "hf":
-        return HFBackend(student)
+        return HFBackend(student, lean=lean_decode)
     if name == "vllm":
         try:
             from kat_research.rollout.backends.vllm import VLLMBackend, VLLMSettings

@@ -3,21 +3,37 @@ its KV cache (a batch's rows, or partial rollouts' rows at their own depths)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import PreTrainedModel
 
 from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
+from kat_research.rollout.lean_decode import LeanDecoder, lean_decode_mismatch, lean_unsupported
 from kat_research.rollout.row_cache import RowCache
 from kat_research.rollout.sampling import sample_next_token
 from kat_research.rollout.types import SamplingConfig
 
+log = logging.getLogger(__name__)
+# largest relative |logit| difference from transformers' forward that lean decoding may show
+LEAN_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
+LEAN_TOLERANCE_HALF = 1e-2  # bfloat16 / float16: kernels may round differently
+
 
 class HFBackend:
-    """The student itself decodes, one token per forward, with its KV cache."""
+    """The student itself decodes, one token per forward, with its KV cache.
 
-    def __init__(self, student: PreTrainedModel):
+    ``lean``: decode steps run through :class:`LeanDecoder` (the same operations as
+    transformers' modules without their per-call overhead) where the student's architecture
+    allows it and, checked once on the first rollout's prompts, its logits match transformers'
+    forward (:func:`lean_decode_mismatch`); otherwise, or with ``lean=False``, transformers'
+    forward decodes."""
+
+    def __init__(self, student: PreTrainedModel, lean: bool = True):
         self.student = student
+        self.lean = lean
+        self.lean_checked = not lean  # lean=False: nothing to check
 
     def begin(
         self,
@@ -26,7 +42,40 @@ class HFBackend:
         sampling: SamplingConfig,
         keep_logits: bool,
     ) -> HFSampler:
-        return HFSampler(self.student, prompt_ids, prompt_mask, sampling, keep_logits)
+        if not self.lean_checked:
+            self.lean = self._lean_works(prompt_ids[:4], prompt_mask[:4])
+            self.lean_checked = True
+        return HFSampler(self.student, prompt_ids, prompt_mask, sampling, keep_logits, self.lean)
+
+    def _lean_works(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
+        """Whether lean decoding runs this student (said once on the console)."""
+        reason = lean_unsupported(self.student)
+        if reason is not None:
+            log.info(
+                "the student decodes through transformers' forward: lean decoding does not "
+                "support %s",
+                reason,
+            )
+            return False
+        dtype = self.student.get_output_embeddings().weight.dtype
+        tolerance = LEAN_TOLERANCE.get(dtype, LEAN_TOLERANCE_HALF)
+        mismatch = lean_decode_mismatch(self.student, prompt_ids, prompt_mask)
+        if mismatch > tolerance:
+            log.warning(
+                "the student decodes through transformers' forward: lean decoding's logits "
+                "differ from it by %.3g (relative, tolerance %.0e for %s) on the first prompts; "
+                "set rollout.lean_decode=false to skip this check",
+                mismatch,
+                tolerance,
+                dtype,
+            )
+            return False
+        log.info(
+            "the student decodes with lean decode steps (logits checked against "
+            "transformers' forward: largest relative difference %.3g)",
+            mismatch,
+        )
+        return True
 
     def begin_slots(self, sampling: SamplingConfig) -> HFSlotSampler:
         return HFSlotSampler(self.student, sampling)
@@ -101,7 +150,9 @@ class HFSampler(_TokenByToken):
     Decoding runs under ``torch.inference_mode`` (nothing it makes is back-propagated; the
     same kernels, less autograd bookkeeping per op), and a decode step does only what the
     sampled tokens need: the attention mask is one buffer sliced per step, and the chunk's
-    outputs are written column by column until a row ends."""
+    outputs are written column by column until a row ends. The prompt is prefilled by
+    transformers' forward; with ``lean`` the decode steps then run through
+    :class:`LeanDecoder` (the caller has checked that it reproduces transformers' logits)."""
 
     def __init__(
         self,
@@ -110,6 +161,7 @@ class HFSampler(_TokenByToken):
         prompt_mask: torch.Tensor,
         sampling: SamplingConfig,
         keep_logits: bool,
+        lean: bool = False,
     ):
         self.lm = CachedLM(model)
         self.cfg = sampling
@@ -124,6 +176,9 @@ class HFSampler(_TokenByToken):
         with torch.inference_mode():
             hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
             self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
+        self.lean = (
+            LeanDecoder(model, self.lm.cache, self.mask, self.mask.shape[1]) if lean else None
+        )
         self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
 
     @torch.inference_mode()
@@ -139,10 +194,13 @@ class HFSampler(_TokenByToken):
     def _next_logits(self, position: int) -> torch.Tensor:
         """Logits predicting generated token ``position`` of the live rows."""
         if self.pending is not None:  # feed generated token position-1
-            mask = self.mask[:, : self.width + position]
-            pos = (self.prompt_len + position - 1)[:, None]
-            hidden = self.lm.forward(self.pending[:, None], mask, pos)
-            self.logits, self.pending = self.lm.head(hidden[:, -1]), None
+            pos = self.prompt_len + position - 1
+            if self.lean is not None:
+                hidden = self.lean.step(self.pending, pos)
+            else:
+                mask = self.mask[:, : self.width + position]
+                hidden = self.lm.forward(self.pending[:, None], mask, pos[:, None])[:, -1]
+            self.logits, self.pending = self.lm.head(hidden), None
         return self.logits
 
     def keep_rows(self, index: torch.Tensor) -> None:
@@ -151,7 +209,10 @@ class HFSampler(_TokenByToken):
         if index.numel() == self.mask.shape[0]:
             return
         self.mask, self.prompt_len = self.mask[index], self.prompt_len[index]
-        self.lm.keep_rows(index)
+        if self.lean is not None:
+            self.lean.keep_rows(index)
+        else:
+            self.lm.keep_rows(index)
 
 
 class HFSlotSampler(_TokenByToken):
