@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kat_research.losses.opd as opd_module
 from kat_research.losses import (
     DEFAULT_K,
     KL_KINDS,
@@ -263,6 +264,26 @@ def test_chunked_equals_unchunked(kind, support):
         ):
             torch.testing.assert_close(grad, expected_grad)
         assert out.n_tokens == int((weights != 0).sum()) and out.n_nonfinite == 0
+
+
+@pytest.mark.parametrize("kind", ["full", "sampled_token"])
+def test_only_a_loss_of_several_chunks_is_recomputed_in_backward(kind, monkeypatch):
+    """Checkpointing one chunk would not lower peak memory (its recompute comes while the
+    student's activations are all held), so it only runs with several chunks, once each."""
+    calls = []
+
+    def counting_checkpoint(function, *args, use_reentrant):
+        calls.append(function.__name__)
+        return function(*args)
+
+    monkeypatch.setattr(opd_module, "checkpoint", counting_checkpoint)
+    hidden, student_head, teacher_hidden, teacher_head, targets, weights = random_problem()
+    teacher = TeacherTargets(hidden=teacher_hidden, lm_head=teacher_head)
+    n = hidden.shape[0]
+    for chunk_size, expected in ((n, 0), (1000, 0), (3, math.ceil(n / 3))):
+        calls.clear()
+        opd_loss(hidden, student_head, targets, weights, teacher, kind, chunk_size=chunk_size)
+        assert len(calls) == expected, (chunk_size, calls)
 
 
 def test_topk_lsm_from_topk_logprobs_equals_from_hidden():

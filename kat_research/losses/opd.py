@@ -1,10 +1,12 @@
 """Chunked on-policy distillation losses, computed from final hidden states and LM heads.
 
 A [positions, vocab] logits tensor is never built for the whole batch: positions are
-processed ``chunk_size`` at a time, and each chunk's "hidden -> logits -> per-token value"
-runs under activation checkpointing, so backward recomputes one chunk's logits at a time.
-Peak extra memory is a few [chunk_size, vocab] float32 blocks (see
-``scripts/bench_loss_memory.py``).
+processed ``chunk_size`` at a time, and when there are several chunks each chunk's
+"hidden -> logits -> per-token value" runs under activation checkpointing, so backward
+recomputes one chunk's logits at a time. Peak extra memory is a few [chunk_size, vocab] float32
+blocks (see ``scripts/bench_loss_memory.py``). A loss of one chunk is not checkpointed: its
+recomputation would come while the student's activations are all still held, so it would not
+lower the peak, only cost a second forward of the chunk.
 
 Positions whose teacher values are NaN/inf are dropped: their value and weight are treated
 as 0 and they are counted in ``LossOutput.n_nonfinite``. The remaining weights are not
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +185,10 @@ def _divergence_loss(
                 f"k={k} exceeds the {teacher.topk_ids.shape[-1]} teacher top-K log-probs kept"
             )
     values, oks = [], []
-    for rows in _chunks(student_hidden.shape[0], chunk_size):
-        value, ok = checkpoint(
+    chunks = _chunks(student_hidden.shape[0], chunk_size)
+    for rows in chunks:
+        value, ok = _chunk_call(
+            len(chunks) > 1,
             _chunk_kl,
             student_hidden[rows],
             student_head,
@@ -191,7 +196,6 @@ def _divergence_loss(
             kind,
             k,
             support,
-            use_reentrant=False,
         )
         values.append(value)
         oks.append(ok)
@@ -243,16 +247,13 @@ def _sampled_token_loss(
         raise ValueError(f"discount must be in [0, 1], got {discount}")
     teacher_logq = _teacher_sampled_logprobs(teacher, targets, chunk_size)
     teacher_ok = torch.isfinite(teacher_logq)
+    chunks = _chunks(student_hidden.shape[0], chunk_size)
     logp = torch.cat(
         [
-            checkpoint(
-                _chunk_logprob,
-                student_hidden[rows],
-                student_head,
-                targets[rows],
-                use_reentrant=False,
+            _chunk_call(
+                len(chunks) > 1, _chunk_logprob, student_hidden[rows], student_head, targets[rows]
             )
-            for rows in _chunks(student_hidden.shape[0], chunk_size)
+            for rows in chunks
         ]
     )
     r = torch.where(teacher_ok, logp.detach() - teacher_logq, 0.0)
@@ -332,6 +333,14 @@ def _slice_teacher(teacher: TeacherTargets, rows: slice, use_hidden: bool) -> Te
     return TeacherTargets(
         topk_logprobs=teacher.topk_logprobs[rows], topk_ids=teacher.topk_ids[rows]
     )
+
+
+def _chunk_call(recompute: bool, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, under activation checkpointing when ``recompute`` (the loss has
+    several chunks: backward then recomputes one chunk's logits at a time)."""
+    if recompute:
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 def _chunks(n: int, chunk_size: int) -> list[slice]:
