@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> str:
     spec = RolloutSpec(n=args.rollouts, batch_size=args.batch, seed=args.seed)
     tails, supports = [], {c: [] for c in COVERAGES}
     for i, rollout in enumerate(
-        sample_rollouts(module, prompt_batches(cfg, module.tokenizer, spec), spec, teacher_keep="hidden")
+        sample_rollouts(
+            module, prompt_batches(cfg, module.tokenizer, spec), spec, teacher_keep="hidden"
+        )
     ):
         logits = teacher_logits(module, rollout)
         tails.append(tail_mass(logits, args.ks))
