@@ -25,6 +25,7 @@ from kat_research.rollout.backends import hf as hf_backend
 from kat_research.rollout.backends.hf import HFBackend
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
 from kat_research.rollout.lean_decode import LeanDecoder, lean_decode_mismatch, lean_unsupported
+from kat_research.rollout.partial import PartialRollouts
 
 VOCAB = 97
 SIZES = dict(
@@ -152,3 +153,47 @@ def test_a_mismatch_falls_back_to_transformers_forward_and_says_so(monkeypatch, 
     assert "differ from it by 0.5" in caplog.text and "rollout.lean_decode=false" in caplog.text
     _, reference = engine_rollout(model, lean=False)
     assert torch.equal(fallback.tokens, reference.tokens)
+
+
+def partial_batches(student, teacher, lean: bool, seed: int = 5) -> list:
+    """Three partial-rollout batches of 3 rows from 4 slots, weights changed between them."""
+    engine = RolloutEngine(
+        student,
+        teacher,
+        sampling=SamplingConfig(1.0, 1.0, 10, (96,)),
+        pad_token_id=0,
+        score_every=3,
+        teacher_keep="none",
+        backend=HFBackend(student, lean=lean),
+    )
+    counter = iter(range(1000))
+
+    def prompts() -> list[torch.Tensor]:
+        return [torch.arange(1, 3 + next(counter) % 4) * 7 % VOCAB for _ in range(4)]
+
+    driver = PartialRollouts(engine, slots=4, max_staleness=2, prompts=prompts)
+    generator = torch.Generator().manual_seed(seed)
+    original = {k: v.clone() for k, v in student.state_dict().items()}
+    batches = []
+    try:
+        for step in range(3):
+            batches.append(driver.next_batch(3, generator))
+            with torch.no_grad():  # an optimizer step: every weight moves, in place
+                for p in student.parameters():
+                    p.mul_(1.0 + 0.01 * (step + 1))
+            driver.weights_updated()
+        assert (driver.student.cache.lean is not None) == lean
+    finally:
+        student.load_state_dict(original)
+    return batches
+
+
+def test_partial_rollouts_decode_the_same_tokens_with_lean_steps():
+    """Rows that join and leave a shared cache at their own depths (RowCache) and continue
+    across weight updates sample the same tokens with lean steps as through transformers."""
+    student, teacher = tiny("qwen3"), tiny("llama")
+    lean = partial_batches(student, teacher, lean=True)
+    reference = partial_batches(student, teacher, lean=False)
+    for a, b in zip(lean, reference, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        assert torch.equal(a.policy_step, b.policy_step)

@@ -122,6 +122,54 @@ class _Layer:
         )
 
 
+class LeanModel:
+    """A Llama-family model's weights for one-token decode steps over a given KV cache. Weights
+    are read when this is built, so build one per rollout or chunk (under FSDP the gathered
+    weights are other tensors than the sharded ones)."""
+
+    def __init__(self, model: PreTrainedModel):
+        body = model.base_model
+        self.embed, self.rotary = body.embed_tokens, body.rotary_emb
+        self.norm, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
+        self.layers = [_Layer.of(layer) for layer in body.layers]
+        attn = body.layers[0].self_attn
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+
+    def step(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        column: int,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Feed ``tokens`` [n] at rotary ``positions`` [n]: each layer's key and value are written
+        into column ``column`` of its cache tensors ``keys[i]``, ``values[i]`` [n, kv_heads, >=
+        column + 1, d], and the query attends to columns [0, column] where ``mask`` [n, 1, 1,
+        column + 1] (bool; None: all) allows. Returns the final hidden states [n, H] predicting
+        each row's next token."""
+        n, end = tokens.shape[0], column + 1
+        hidden = self.embed(tokens[:, None])  # [n, 1, H]
+        cos, sin = self.rotary(hidden, positions[:, None])
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        shape = (n, 1, -1, self.head_dim)
+        for i, w in enumerate(self.layers):
+            x = _rms_norm(hidden, w.input_norm, w.eps)
+            q, k = F.linear(x, *w.q).view(shape), F.linear(x, *w.k).view(shape)
+            if w.q_norm is not None:
+                q, k = _rms_norm(q, w.q_norm, w.eps), _rms_norm(k, w.k_norm, w.eps)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            keys[i][:, :, column] = _rotate(k.transpose(1, 2), cos, sin)[:, :, 0]
+            values[i][:, :, column] = F.linear(x, *w.v).view(shape).transpose(1, 2)[:, :, 0]
+            out = _attention(q, keys[i][:, :, :end], values[i][:, :, :end], mask, self.scaling)
+            hidden = hidden + F.linear(out, *w.o)
+            x = _rms_norm(hidden, w.post_norm, w.eps)
+            gated = F.silu(F.linear(x, *w.gate)) * F.linear(x, *w.up)
+            hidden = hidden + F.linear(gated, *w.down)
+        return _rms_norm(hidden, self.norm, self.norm_eps)[:, 0]
+
+
 class LeanDecoder:
     """The KV cache of a batch of rows, advanced one token per row per :meth:`step`.
 
@@ -138,12 +186,7 @@ class LeanDecoder:
         attention_mask: torch.Tensor,
         max_length: int,
     ):
-        body = model.base_model
-        self.embed, self.rotary = body.embed_tokens, body.rotary_emb
-        self.norm, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
-        self.layers = [_Layer.of(layer) for layer in body.layers]
-        attn = body.layers[0].self_attn
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.model = LeanModel(model)
         self.length = prefilled.layers[0].keys.shape[2]
         self.max_length = max_length
         self.keys = [layer.keys for layer in prefilled.layers]
@@ -164,30 +207,11 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [n] at rotary ``positions`` [n]; return the final hidden states [n, H]
         predicting each row's next token."""
-        n, column = tokens.shape[0], self.length
+        column = self.length
         self._reserve(column + 1)
-        self.length = end = column + 1
-        hidden = self.embed(tokens[:, None])  # [n, 1, H]
-        cos, sin = self.rotary(hidden, positions[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        mask = self.mask[..., :end] if self.padded else None
-        shape = (n, 1, -1, self.head_dim)
-        for i, w in enumerate(self.layers):
-            x = _rms_norm(hidden, w.input_norm, w.eps)
-            q, k = F.linear(x, *w.q).view(shape), F.linear(x, *w.k).view(shape)
-            if w.q_norm is not None:
-                q, k = _rms_norm(q, w.q_norm, w.eps), _rms_norm(k, w.k_norm, w.eps)
-            q = _rotate(q.transpose(1, 2), cos, sin)
-            self.keys[i][:, :, column] = _rotate(k.transpose(1, 2), cos, sin)[:, :, 0]
-            self.values[i][:, :, column] = F.linear(x, *w.v).view(shape).transpose(1, 2)[:, :, 0]
-            out = _attention(
-                q, self.keys[i][:, :, :end], self.values[i][:, :, :end], mask, self.scaling
-            )
-            hidden = hidden + F.linear(out, *w.o)
-            x = _rms_norm(hidden, w.post_norm, w.eps)
-            gated = F.silu(F.linear(x, *w.gate)) * F.linear(x, *w.up)
-            hidden = hidden + F.linear(gated, *w.down)
-        return _rms_norm(hidden, self.norm, self.norm_eps)[:, 0]
+        self.length += 1
+        mask = self.mask[..., : column + 1] if self.padded else None
+        return self.model.step(self.keys, self.values, column, tokens, positions, mask)
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (positions in the current row order)."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from kat_research.rollout.cached_lm import CachedLM
+from kat_research.rollout.lean_decode import LeanModel
 
 
 def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
@@ -27,6 +28,7 @@ class RowCache(CachedLM):
 
     def __init__(self, model: PreTrainedModel):
         super().__init__(model)
+        self.lean: LeanModel | None = None  # set: one-token feeds run through its decode step
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [n, L] 1 where a row attends
         self.next_pos = torch.zeros(0, dtype=torch.long)  # [n] position of each row's next token
@@ -74,6 +76,8 @@ class RowCache(CachedLM):
         row's valid tokens come first); return the hidden states [n, C, H] *predicting* each
         fed token. ``next_hidden`` becomes the state after each row's last valid token."""
         assert self.cache is not None
+        if self.lean is not None and tokens.shape[1] == 1 and bool(valid.all()):
+            return self._feed_one(tokens[:, 0])
         valid = valid.long()
         self.mask = torch.cat([self.mask, valid], dim=1)
         pos = self.next_pos[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)
@@ -84,6 +88,22 @@ class RowCache(CachedLM):
         stepped = hidden[torch.arange(self.rows, device=hidden.device), last]
         self.next_hidden = torch.where((counts > 0)[:, None], stepped, self.next_hidden)
         self.next_pos = self.next_pos + counts
+        return predicting
+
+    def _feed_one(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`feed` of one token per row through ``self.lean``'s decode step (the cache gains
+        one column, as transformers' cache concatenates one)."""
+        column = self.mask.shape[1]
+        layers = self.cache.layers
+        keys = [F.pad(layer.keys, (0, 0, 0, 1)) for layer in layers]
+        values = [F.pad(layer.values, (0, 0, 0, 1)) for layer in layers]
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        mask = None if bool(self.mask.all()) else self.mask.bool()[:, None, None, :]
+        hidden = self.lean.step(keys, values, column, tokens, self.next_pos, mask)
+        for layer, k, v in zip(layers, keys, values, strict=True):
+            layer.keys, layer.values = k, v
+        predicting = self.next_hidden[:, None]
+        self.next_hidden, self.next_pos = hidden, self.next_pos + 1
         return predicting
 
     def keep_rows(self, index: torch.Tensor) -> None:

@@ -10,7 +10,12 @@ from transformers import PreTrainedModel
 
 from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
-from kat_research.rollout.lean_decode import LeanDecoder, lean_decode_mismatch, lean_unsupported
+from kat_research.rollout.lean_decode import (
+    LeanDecoder,
+    LeanModel,
+    lean_decode_mismatch,
+    lean_unsupported,
+)
 from kat_research.rollout.row_cache import RowCache
 from kat_research.rollout.sampling import sample_next_token
 from kat_research.rollout.types import SamplingConfig
@@ -26,7 +31,7 @@ class HFBackend:
 
     ``lean``: decode steps run through :class:`LeanDecoder` (the same operations as
     transformers' modules without their per-call overhead) where the student's architecture
-    allows it and, checked once on the first rollout's prompts, its logits match transformers'
+    allows it and, checked once before the first rollout, its logits match transformers'
     forward (:func:`lean_decode_mismatch`); otherwise, or with ``lean=False``, transformers'
     forward decodes."""
 
@@ -42,13 +47,17 @@ class HFBackend:
         sampling: SamplingConfig,
         keep_logits: bool,
     ) -> HFSampler:
-        if not self.lean_checked:
-            self.lean = self._lean_works(prompt_ids[:4], prompt_mask[:4])
-            self.lean_checked = True
+        self._check_lean()
         return HFSampler(self.student, prompt_ids, prompt_mask, sampling, keep_logits, self.lean)
 
-    def _lean_works(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
-        """Whether lean decoding runs this student (said once on the console)."""
+    def _check_lean(self) -> None:
+        if not self.lean_checked:
+            self.lean = self._lean_works()
+            self.lean_checked = True
+
+    def _lean_works(self) -> bool:
+        """Whether lean decoding runs this student (said once on the console), checked on two
+        probe prompts of 6 tokens, one left-padded by 2."""
         reason = lean_unsupported(self.student)
         if reason is not None:
             log.info(
@@ -59,11 +68,15 @@ class HFBackend:
             return False
         dtype = self.student.get_output_embeddings().weight.dtype
         tolerance = LEAN_TOLERANCE.get(dtype, LEAN_TOLERANCE_HALF)
-        mismatch = lean_decode_mismatch(self.student, prompt_ids, prompt_mask)
+        device = self.student.get_output_embeddings().weight.device
+        probe = torch.arange(1, 13, device=device).view(2, 6) % self.student.config.vocab_size
+        probe_mask = torch.ones_like(probe)
+        probe_mask[1, :2] = 0
+        mismatch = lean_decode_mismatch(self.student, probe, probe_mask)
         if mismatch > tolerance:
             log.warning(
                 "the student decodes through transformers' forward: lean decoding's logits "
-                "differ from it by %.3g (relative, tolerance %.0e for %s) on the first prompts; "
+                "differ from it by %.3g (relative, tolerance %.0e for %s) on probe prompts; "
                 "set rollout.lean_decode=false to skip this check",
                 mismatch,
                 tolerance,
@@ -78,7 +91,8 @@ class HFBackend:
         return True
 
     def begin_slots(self, sampling: SamplingConfig) -> HFSlotSampler:
-        return HFSlotSampler(self.student, sampling)
+        self._check_lean()
+        return HFSlotSampler(self.student, sampling, self.lean)
 
     def sync_weights(self) -> None:
         """Nothing to do: sampling runs on the trained module itself."""
@@ -221,7 +235,8 @@ class HFSlotSampler(_TokenByToken):
     token sampled last is fed only when the next one is needed, so rows stopped in between
     cost no forward. Runs under the caller's ``torch.no_grad`` (its cache outlives a chunk)."""
 
-    def __init__(self, model: PreTrainedModel, sampling: SamplingConfig):
+    def __init__(self, model: PreTrainedModel, sampling: SamplingConfig, lean: bool = False):
+        self.model, self.lean = model, lean
         self.cache = RowCache(model)
         self.cfg = sampling
         self.keep_logits = True  # the driver always scores with a teacher
@@ -231,13 +246,20 @@ class HFSlotSampler(_TokenByToken):
 
     def add(self, contexts: list[torch.Tensor]) -> None:
         if self.pending is not None:  # the cache has to be current before rows join
+            self._read_weights()
             self._feed_pending()
         self.cache.add(contexts)
 
     def sample(
         self, n_steps: int, remaining: torch.Tensor, generator: torch.Generator | None
     ) -> ChunkSample:
+        self._read_weights()
         return self._decode(0, n_steps, remaining, generator)  # rows keep their own positions
+
+    def _read_weights(self) -> None:
+        """Lean decoding reads the student's weights now (they change between steps)."""
+        if self.lean:
+            self.cache.lean = LeanModel(self.model)
 
     def _next_logits(self, position: int) -> torch.Tensor:
         if self.pending is not None:
