@@ -14,7 +14,9 @@ decode steps (what the saving is where a decode step costs the same whatever its
 as on a GPU, see kat_research/planning/decode_time.py), and the greedy
 held-out accuracy (avg@1) with the test: partial is within noise of sync when
 |mean_partial - mean_sync| <= 2 * sqrt(var_partial/n + var_sync/n) over the n seeds.
-Writes `<out>/partial_rollouts.{md,json}`.
+Writes `<out>/partial_rollouts.{md,json}`. Jobs already finished under --runs are read back and
+unfinished ones continue from their last checkpoint, so the measurement can be split over
+sessions (each job's step times are its own, measured beside the jobs that ran with it).
 """
 
 from __future__ import annotations
@@ -48,9 +50,7 @@ def measure(summary: dict, folder: Path) -> dict[str, float]:
     decoded = (metrics["perf/tokens_per_s"] * metrics["perf/rollout_s"]).sum()
     steps = pd.read_csv(folder / "csv" / "metrics.csv").dropna(subset=["perf/step_time_s"])
     evals = sorted((folder / EVAL_DIR).glob("step*.jsonl"))
-    accuracy = (
-        float(pd.read_json(evals[-1], lines=True)["correct"].mean()) if evals else float("nan")
-    )
+    graded = pd.read_json(evals[-1], lines=True) if evals else pd.DataFrame({"correct": []})
     return {
         "steps": int(summary["steps"]),
         "wall_s": float(steps["perf/step_time_s"].sum()),
@@ -59,16 +59,29 @@ def measure(summary: dict, folder: Path) -> dict[str, float]:
         "tokens_per_s": float(decoded / metrics["perf/rollout_s"].sum()),
         "decode_steps": float(metrics["len/longest"].mean()),
         "occupancy": float(summary["occupancy"]),
-        "accuracy": accuracy,
+        "accuracy": float(graded["correct"].mean()) if len(graded) else float("nan"),
+        "eval_problems": len(graded),
     }
 
 
 def run_job(method: str, mode: str, seed: int, runs: Path, overrides: list[str]) -> dict:
     folder = job_folder(runs, method, mode, seed)
+    commits = folder / method / "commits.txt"  # the code of every session that trained it
+    if not (folder / method / "summary.json").exists():
+        commits.parent.mkdir(parents=True, exist_ok=True)
+        with commits.open("a") as out:
+            out.write(code_commit() + "\n")
     summary = run_method(
-        method, folder, [f"seed={seed}", f"rollout.mode={mode}", *overrides], 1, "table1"
+        method,
+        folder,
+        [f"seed={seed}", f"rollout.mode={mode}", *overrides],
+        1,
+        "table1",
+        fresh=False,  # finished jobs are read back, unfinished ones resume
     )
-    return {"method": method, "mode": mode, "seed": seed, **measure(summary, folder / method)}
+    ran_at = sorted(set(commits.read_text().split())) if commits.exists() else ["unrecorded"]
+    row = {"method": method, "mode": mode, "seed": seed, "commits": ran_at}
+    return row | measure(summary, folder / method)
 
 
 def mean(values: list[float]) -> float:
@@ -169,10 +182,12 @@ def main() -> None:
         jobs = [pool.submit(run_job, m, mode, s, args.runs, overrides) for m, mode, s in grid]
         rows = [job.result() for job in jobs]
 
+    ran_at = sorted({c for r in rows for c in r["commits"]})
     first = (
         f"Command: `python scripts/bench_partial_rollouts.py {' '.join(sys.argv[1:])}` at commit "
-        f"{commit}; {args.steps} steps, seeds {args.seeds}, {workers} jobs at a time, one "
-        "thread each. Means over seeds; accuracy: greedy, 39 held-out starts, last evaluation."
+        f"{commit} (the jobs trained at {', '.join(ran_at)}); {args.steps} steps, seeds "
+        f"{args.seeds}, {workers} jobs at a time, one thread each. Means over seeds; accuracy: "
+        f"greedy, {max(r['eval_problems'] for r in rows)} held-out problems, last evaluation."
     )
     lines, summary = report(rows, args.methods)
     text = "\n".join([first, "", *lines])

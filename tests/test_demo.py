@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from kat_research.building import train_sft_model
 from kat_research.config import ConfigError
 from kat_research.data.running_sum import form_shares
+from kat_research.demo import jobs as demo_jobs
 from kat_research.demo.__main__ import main, trap_text
 from kat_research.demo.jobs import accuracy_change, realised_saving, run_trap
 from kat_research.eval.tasks import SyntheticEvaluator
@@ -189,3 +190,23 @@ def test_accuracy_change_counts_the_discordant_problems_by_hand(tmp_path):
     write(4, [True] * 5)  # one problem fewer: a different evaluation
     with pytest.raises(ValueError, match="graded different problems"):
         accuracy_change({"output_dir": str(tmp_path), "steps": 4})
+
+
+def test_a_job_run_not_fresh_is_read_back_when_finished_and_continued_otherwise(
+    tmp_path, monkeypatch
+):
+    """scripts/bench_partial_rollouts.py splits its jobs over sessions: a finished job's summary
+    is read back without training, an unfinished job's folder (its checkpoints) is kept for
+    train() to resume; the demo (fresh) replaces an old folder."""
+    trained = []
+    monkeypatch.setattr(demo_jobs, "train", lambda cfg: trained.append(cfg) or {"steps": 3})
+    folder = tmp_path / "opd"
+    folder.mkdir()
+    (folder / "checkpoints").mkdir()
+    assert demo_jobs.run_method("opd", tmp_path, [], 1, "table1", fresh=False) == {"steps": 3}
+    assert len(trained) == 1 and (folder / "checkpoints").exists()
+    (folder / "summary.json").write_text(json.dumps({"steps": 150}))
+    assert demo_jobs.run_method("opd", tmp_path, [], 1, "table1", fresh=False) == {"steps": 150}
+    assert len(trained) == 1
+    demo_jobs.run_method("opd", tmp_path, [], 1, "table1")  # fresh: the old folder goes
+    assert len(trained) == 2 and not folder.exists()

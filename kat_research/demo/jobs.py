@@ -3,6 +3,7 @@ the realised compute saving computed from their summaries."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from kat_research.data.prompts import PromptCollator
 from kat_research.data.running_sum import form_shares
 from kat_research.data.sources import SourceSpec, load_rows
 from kat_research.demo.trap import trap_stats
-from kat_research.layout import eval_file, read_samples
+from kat_research.layout import SUMMARY_FILE, eval_file, read_samples
 from kat_research.training.job import train
 
 
@@ -45,14 +46,24 @@ def _start(threads: int, verbose: bool) -> None:
 
 
 def run_method(
-    name: str, output_dir: Path, overrides: list[str], threads: int, experiment: str = "demo"
+    name: str,
+    output_dir: Path,
+    overrides: list[str],
+    threads: int,
+    experiment: str = "demo",
+    fresh: bool = True,
 ) -> dict:
-    """One method's training job (its folder from an earlier demo is replaced); its summary."""
+    """One method's training job and its summary. ``fresh``: a folder from an earlier run is
+    replaced (the demo); otherwise a finished job (its summary written) is read back and an
+    unfinished one continues from its last checkpoint (long benchmarks split over sessions)."""
     cfg = demo_config(name, output_dir, overrides, experiment)
     _start(threads, cfg.verbose)
-    print(f"=== demo: {name} ===", flush=True)
     folder = output_dir / name
-    if folder.exists():  # the demo's own output from an earlier `make demo`: replaced
+    if not fresh and (folder / SUMMARY_FILE).exists():
+        print(f"=== {name}: finished earlier, {folder} ===", flush=True)
+        return json.loads((folder / SUMMARY_FILE).read_text())
+    print(f"=== demo: {name} ===", flush=True)
+    if fresh and folder.exists():  # the demo's own output from an earlier `make demo`
         shutil.rmtree(folder)
     return train(cfg)
 
