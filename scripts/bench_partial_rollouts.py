@@ -66,9 +66,10 @@ def measure(summary: dict, folder: Path) -> dict[str, float]:
 
 def run_job(method: str, mode: str, seed: int, runs: Path, overrides: list[str]) -> dict:
     folder = job_folder(runs, method, mode, seed)
-    commits = folder / method / "commits.txt"  # the code of every session that trained it
+    # the code of every session that trained it (beside the run folder, which train() owns)
+    commits = folder / f"{method}.commits.txt"
     if not (folder / method / "summary.json").exists():
-        commits.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         with commits.open("a") as out:
             out.write(code_commit() + "\n")
     summary = run_method(
