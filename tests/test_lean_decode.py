@@ -197,3 +197,16 @@ def test_partial_rollouts_decode_the_same_tokens_with_lean_steps():
     for a, b in zip(lean, reference, strict=True):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
         assert torch.equal(a.policy_step, b.policy_step)
+
+
+def test_a_lean_step_that_fails_falls_back_and_says_why(monkeypatch, caplog):
+    def missing_attribute(*args, **kwargs):
+        raise AttributeError("'Qwen3Attention' object has no attribute 'scaling'")
+
+    monkeypatch.setattr(hf_backend, "lean_decode_mismatch", missing_attribute)
+    model = tiny("qwen3")
+    with caplog.at_level(logging.WARNING, logger=hf_backend.__name__):
+        engine, fallback = engine_rollout(model, lean=True)
+    assert not engine.backend.lean and "AttributeError" in caplog.text
+    _, reference = engine_rollout(model, lean=False)
+    assert torch.equal(fallback.tokens, reference.tokens)

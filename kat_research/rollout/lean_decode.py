@@ -22,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.integrations import sdpa_attention as transformers_sdpa
 
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# how the installed transformers runs one query token against grouped key/value heads with a mask
+_TRANSFORMERS_PACKS_GQA = hasattr(transformers_sdpa, "pack_gqa")
 CACHE_BLOCK = 64  # columns the cache grows by when it is full (at least)
 
 
@@ -70,17 +73,22 @@ def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """One query token per row over the cache: q [n, heads, 1, d], k and v [n, kv_heads, L, d],
-    mask [n, 1, 1, L] or None; returns [n, 1, heads * d]. Grouped key/value heads are handled
-    as transformers' sdpa integration does (so that the kernels, and the bits, are the same):
-    without a mask by ``enable_gqa``, with one by folding each group's query heads into query
-    positions of its key/value head."""
+    mask [n, 1, 1, L] or None; returns [n, 1, heads * d]. Grouped key/value heads are handled as
+    the installed transformers' sdpa integration handles them, so that the kernels (and the
+    bits) are the same: ``enable_gqa`` without a mask (head size <= 256); otherwise each group's
+    query heads folded into query positions of its key/value head (transformers >= 5.2x,
+    ``pack_gqa``) or the key/value heads repeated (earlier releases, ``repeat_kv``)."""
     n, heads, _, dim = q.shape
-    groups = heads // k.shape[1]
-    if groups > 1 and mask is not None:
-        q = q.reshape(n, k.shape[1], groups, dim)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1 and mask is None
-    )
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    native = groups > 1 and mask is None and dim <= 256
+    if groups > 1 and not native:
+        if _TRANSFORMERS_PACKS_GQA:
+            q = q.reshape(n, kv_heads, groups, dim)
+        else:
+            k = k[:, :, None].expand(n, kv_heads, groups, *k.shape[2:]).reshape(n, heads, -1, dim)
+            v = v[:, :, None].expand(n, kv_heads, groups, *v.shape[2:]).reshape(n, heads, -1, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native)
     return out.reshape(n, heads, 1, dim).transpose(1, 2).reshape(n, 1, heads * dim)
 
 
