@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from kat_research.rollout.backends.base import ChunkSample, row_ends
 from kat_research.rollout.cached_lm import CachedLM, prompt_positions
@@ -199,9 +199,10 @@ class HFSampler(_TokenByToken):
         with torch.inference_mode():
             hidden = self.lm.forward(prompt_ids, prompt_mask, prompt_positions(prompt_mask))
             self.logits: torch.Tensor | None = self.lm.head(hidden[:, -1])
-        self.lean = (
-            LeanDecoder(model, self.lm.cache, self.mask, self.mask.shape[1]) if lean else None
-        )
+        self.lean = None
+        if lean:  # the decoder takes over the prompt's cache; transformers' object lets go of it
+            self.lean = LeanDecoder(model, self.lm.cache, self.mask, self.mask.shape[1])
+            self.lm.cache = DynamicCache()
         self.pending: torch.Tensor | None = None  # last sampled tokens, not yet fed
 
     @torch.inference_mode()
