@@ -661,6 +661,7 @@ def timed_rollout(
 def engine_throughput(report: Report, entry: dict, device: str, scale: Scale, cache: Path) -> None:
     from kat_research.models.smollm2 import smollm2_model
     from kat_research.rollout import RolloutEngine, SamplingConfig
+    from kat_research.rollout.backends import HFBackend
     from kat_research.rollout.workloads import StopShareEarly, arithmetic_prompts
     from kat_research.runtime import interleaved
 
@@ -683,6 +684,11 @@ def engine_throughput(report: Report, entry: dict, device: str, scale: Scale, ca
     )
     engines = {
         "student_only": RolloutEngine(student.model, sampling=sampling, pad_token_id=pad),
+        # the same through transformers' forward at every step (rollout.lean_decode=false)
+        "student_only_transformers": RolloutEngine(
+            student.model, sampling=sampling, pad_token_id=pad,
+            backend=HFBackend(student.model, lean=False),
+        ),
         "with_teacher": RolloutEngine(
             student.model, teacher.model, sampling=sampling, pad_token_id=pad,
             teacher_keep="hidden",
@@ -707,13 +713,21 @@ def engine_throughput(report: Report, entry: dict, device: str, scale: Scale, ca
             "early_stop_wall_ratio": round(wall_ratio, 3),
             "early_stop_token_ratio": round(token_ratio, 3),
             "realised_saving": round((1 - wall_ratio) / (1 - token_ratio), 3),
+            # lean decode steps (checked against transformers' logits on the first call) against
+            # transformers' forward; both sample the same number of tokens per second of work
+            "lean_decode_used": engines["student_only"].backend.lean,
+            "lean_speedup": round(
+                seconds["student_only_transformers"] / seconds["student_only"], 3
+            ),
         }
         entry["batches"][str(batch)] = result
         entry["checks"][f"batch{batch}_measured"] = all(
             generated[n] > 0 and s > 0 for n, s in seconds.items()
         )
         report.log(
-            f"[d] batch {batch}: {result['student_only_tokens_per_s']} tok/s student only, "
+            f"[d] batch {batch}: lean decode {'on' if result['lean_decode_used'] else 'off'}, "
+            f"{result['lean_speedup']}x transformers' forward; "
+            f"{result['student_only_tokens_per_s']} tok/s student only, "
             f"{result['with_teacher_tokens_per_s']} with teacher; early stop: wall ratio "
             f"{result['early_stop_wall_ratio']}, token ratio {result['early_stop_token_ratio']}, "
             f"realised saving {result['realised_saving']}"

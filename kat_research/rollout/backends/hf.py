@@ -66,9 +66,11 @@ class HFBackend:
                 reason,
             )
             return False
-        dtype = self.student.get_output_embeddings().weight.dtype
-        tolerance = LEAN_TOLERANCE.get(dtype, LEAN_TOLERANCE_HALF)
         device = self.student.get_output_embeddings().weight.device
+        dtype = self.student.get_output_embeddings().weight.dtype
+        if torch.is_autocast_enabled(device.type):  # matmuls run in the autocast dtype
+            dtype = torch.get_autocast_dtype(device.type)
+        tolerance = LEAN_TOLERANCE.get(dtype, LEAN_TOLERANCE_HALF)
         probe = torch.arange(1, 13, device=device).view(2, 6) % self.student.config.vocab_size
         probe_mask = torch.ones_like(probe)
         probe_mask[1, :2] = 0
