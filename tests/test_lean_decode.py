@@ -19,7 +19,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from kat_research.rollout import RolloutEngine, SamplingConfig
+from kat_research.rollout import RolloutEngine, SamplingConfig, row_cache
 from kat_research.rollout import lean_decode as lean_module
 from kat_research.rollout.backends import hf as hf_backend
 from kat_research.rollout.backends.hf import HFBackend
@@ -190,9 +190,12 @@ def partial_batches(student, teacher, lean: bool, seed: int = 5) -> list:
     return batches
 
 
-def test_partial_rollouts_decode_the_same_tokens_with_lean_steps():
+@pytest.mark.parametrize("block", [64, 2])
+def test_partial_rollouts_decode_the_same_tokens_with_lean_steps(block, monkeypatch):
     """Rows that join and leave a shared cache at their own depths (RowCache) and continue
-    across weight updates sample the same tokens with lean steps as through transformers."""
+    across weight updates sample the same tokens with lean steps as through transformers,
+    whether the cache's spare columns outlast rows joining (64) or grow every other step (2)."""
+    monkeypatch.setattr(row_cache, "CACHE_BLOCK", block)
     student, teacher = tiny("qwen3"), tiny("llama")
     lean = partial_batches(student, teacher, lean=True)
     reference = partial_batches(student, teacher, lean=False)

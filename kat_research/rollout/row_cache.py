@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from kat_research.rollout.cached_lm import CachedLM
-from kat_research.rollout.lean_decode import LeanModel
+from kat_research.rollout.lean_decode import CACHE_BLOCK, LeanModel
 
 
 def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
@@ -55,6 +55,7 @@ class RowCache(CachedLM):
     def _merge(
         self, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor, hidden: torch.Tensor
     ) -> None:
+        self._drop_spare()
         if self.cache is None or self.rows == 0:
             self.cache, self.mask, self.next_pos, self.next_hidden = cache, mask, next_pos, hidden
             return
@@ -78,6 +79,7 @@ class RowCache(CachedLM):
         assert self.cache is not None
         if self.lean is not None and tokens.shape[1] == 1 and bool(valid.all()):
             return self._feed_one(tokens[:, 0])
+        self._drop_spare()  # transformers' cache appends after its last column
         valid = valid.long()
         self.mask = torch.cat([self.mask, valid], dim=1)
         pos = self.next_pos[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)
@@ -91,20 +93,29 @@ class RowCache(CachedLM):
         return predicting
 
     def _feed_one(self, tokens: torch.Tensor) -> torch.Tensor:
-        """:meth:`feed` of one token per row through ``self.lean``'s decode step (the cache gains
-        one column, as transformers' cache concatenates one)."""
+        """:meth:`feed` of one token per row through ``self.lean``'s decode step. The cache
+        tensors keep spare columns after the mask's width (grown CACHE_BLOCK at a time), so a
+        step writes one column instead of copying the cache as a concatenation would."""
         column = self.mask.shape[1]
         layers = self.cache.layers
-        keys = [F.pad(layer.keys, (0, 0, 0, 1)) for layer in layers]
-        values = [F.pad(layer.values, (0, 0, 0, 1)) for layer in layers]
+        if layers[0].keys.shape[2] <= column:
+            grow = (0, 0, 0, column + CACHE_BLOCK - layers[0].keys.shape[2])
+            for layer in layers:
+                layer.keys, layer.values = F.pad(layer.keys, grow), F.pad(layer.values, grow)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         mask = None if bool(self.mask.all()) else self.mask.bool()[:, None, None, :]
+        keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
         hidden = self.lean.step(keys, values, column, tokens, self.next_pos, mask)
-        for layer, k, v in zip(layers, keys, values, strict=True):
-            layer.keys, layer.values = k, v
         predicting = self.next_hidden[:, None]
         self.next_hidden, self.next_pos = hidden, self.next_pos + 1
         return predicting
+
+    def _drop_spare(self) -> None:
+        """Cut the cache tensors to the mask's width (spare columns of lean steps)."""
+        width = self.mask.shape[1]
+        if self.cache is not None and self.cache.layers[0].keys.shape[2] > width:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (positions in the current order); trim columns no kept row
