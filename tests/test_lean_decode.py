@@ -152,7 +152,9 @@ def test_a_mismatch_falls_back_to_transformers_forward_and_says_so(monkeypatch, 
     with caplog.at_level(logging.WARNING, logger=hf_backend.__name__):
         engine, fallback = engine_rollout(model, lean=True)
     assert not engine.backend.lean
-    assert "differ from it by 0.5" in caplog.text and "rollout.lean_decode=false" in caplog.text
+    assert (
+        "differ from it by 0.5" in caplog.text and "rollout.lean_decode=false skips" in caplog.text
+    )
     _, reference = engine_rollout(model, lean=False)
     assert torch.equal(fallback.tokens, reference.tokens)
 
@@ -215,3 +217,15 @@ def test_a_lean_step_that_fails_falls_back_and_says_why(monkeypatch, caplog):
     assert not engine.backend.lean and "AttributeError" in caplog.text
     _, reference = engine_rollout(model, lean=False)
     assert torch.equal(fallback.tokens, reference.tokens)
+
+
+def test_the_check_runs_the_student_as_it_decodes_and_restores_its_mode(monkeypatch):
+    """Partial rollouts make the check before the driver puts the student in eval mode."""
+    model = tiny("qwen3").train()
+    seen = []
+    monkeypatch.setattr(
+        hf_backend, "lean_decode_mismatch", lambda m, *a, **k: seen.append(m.training) or 0.0
+    )
+    backend = HFBackend(model)
+    backend.begin_slots(SamplingConfig(1.0, 1.0, 4, ()))
+    assert seen == [False] and model.training and backend.lean

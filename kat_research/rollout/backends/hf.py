@@ -74,21 +74,25 @@ class HFBackend:
         probe = torch.arange(1, 13, device=device).view(2, 6) % self.student.config.vocab_size
         probe_mask = torch.ones_like(probe)
         probe_mask[1, :2] = 0
+        was_training = self.student.training
+        self.student.eval()  # as it decodes (no dropout)
         try:
             mismatch = lean_decode_mismatch(self.student, probe, probe_mask)
         except (AttributeError, TypeError, RuntimeError) as error:  # another transformers layout
             log.warning(
                 "the student decodes through transformers' forward: lean decoding failed on "
-                "probe prompts (%s: %s); set rollout.lean_decode=false to skip this check",
+                "probe prompts (%s: %s); in training rollout.lean_decode=false skips this check",
                 type(error).__name__,
                 error,
             )
             return False
+        finally:
+            self.student.train(was_training)
         if mismatch > tolerance:
             log.warning(
                 "the student decodes through transformers' forward: lean decoding's logits "
                 "differ from it by %.3g (relative, tolerance %.0e for %s) on probe prompts; "
-                "set rollout.lean_decode=false to skip this check",
+                "in training rollout.lean_decode=false skips this check",
                 mismatch,
                 tolerance,
                 dtype,
