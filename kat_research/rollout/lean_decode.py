@@ -3,14 +3,16 @@ per-call machinery.
 
 A decode step feeds one token per row. For small models most of its time is not arithmetic but
 the layers around it: module calls and hooks, a 4-D mask built per forward, a cache object that
-concatenates every step. :class:`LeanDecoder` runs the same tensor operations as transformers'
+concatenates every step. :class:`LeanModel` runs the same tensor operations as transformers'
 modules, in the same order and on the model's own weights (RMSNorm in float32, the model's
-rotary embedding module, ``scaled_dot_product_attention`` with grouped key/value heads), and
-keeps its own KV cache that grows a block of columns at a time. On CPU in float32 its logits
-equal transformers' bit for bit (``tests/test_lean_decode.py``); :func:`lean_decode_mismatch`
-checks a model once before the rollout engine relies on it.
+rotary embedding module, ``scaled_dot_product_attention`` with grouped key/value heads as the
+installed transformers handles them) over cache tensors it is given; :class:`LeanDecoder`
+keeps a batch's KV cache for it, grown a block of columns at a time (partial rollouts'
+``RowCache`` keeps its own). On CPU its logits equal transformers' bit for bit, in float32 and
+under bfloat16 autocast (``tests/test_lean_decode.py``); :func:`lean_decode_mismatch` checks a
+model once before the rollout engine relies on it.
 
-The prompt is prefilled by transformers' own forward (one call per rollout); this module takes
+The prompt is prefilled by transformers' own forward (one call per rollout); the decoder takes
 over the cache it leaves.
 """
 
