@@ -207,7 +207,7 @@ testbed-models: install
 #   ARGS         extra Hydra overrides for every job, e.g. ARGS="scale.seeds=[0]"; launcher.<key>=
 #                ones change the launcher file's settings
 # Expected times at SCALE=tiny_collatz on 2 CPU cores (measured per-job costs, see each target;
-# SCALE=tiny's jobs take ~9x as long: ~21 s a step against ~2.3):
+# SCALE=tiny's jobs take ~7x as long: ~16-17 s a step against ~2.3):
 SCALE ?= tiny
 DRY_RUN ?=
 # paper jobs start 8 ranks themselves; tiny jobs run two at a time (one per core, 1 thread each)

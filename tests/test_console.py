@@ -52,7 +52,7 @@ def test_the_bare_train_command_says_what_it_runs_and_how_long(compose_config) -
     cfg = compose_config("paths.output_dir=/tmp/run")
     assert plan_line(cfg) == (
         "training kat (seed 0) for 150 optimizer steps of 32 prompts x 1 rollouts of up to 512 "
-        "tokens into /tmp/run; about 52 min on a CPU core (scale.seconds_per_step=21)"
+        "tokens into /tmp/run; about 42 min on a CPU core (scale.seconds_per_step=17)"
     )
     assert "about" not in plan_line(compose_config("paths.output_dir=/tmp/run", "scale=smoke"))
 
