@@ -54,7 +54,7 @@ STUDENT = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 PROFILED = {
     ("rollout/engine.py", "generate"): "project: rollout (RolloutEngine.generate)",
     ("backends/hf.py", "sample"): "  student decode (HFSampler.sample)",
-    ("backends/hf.py", "_next_logits"): "    one student forward",
+    ("backends/hf.py", "_next_logits"): "    one student decode step",
     ("rollout/sampling.py", "sample_next_token"): "    one sample_next_token",
     ("rollout/cached_lm.py", "prefill"): "  teacher prefill",
     ("rollout/engine.py", "_score_chunk"): "  teacher chunk forward + KL",
