@@ -84,12 +84,11 @@ def _attention(
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     native = groups > 1 and mask is None and dim <= 256
-    if groups > 1 and not native:
+    if groups > 1 and not native:  # transformers' own helpers, so the shapes are theirs
         if _TRANSFORMERS_PACKS_GQA:
-            q = q.reshape(n, kv_heads, groups, dim)
+            q = transformers_sdpa.pack_gqa(q, groups)
         else:
-            k = k[:, :, None].expand(n, kv_heads, groups, *k.shape[2:]).reshape(n, heads, -1, dim)
-            v = v[:, :, None].expand(n, kv_heads, groups, *v.shape[2:]).reshape(n, heads, -1, dim)
+            k, v = transformers_sdpa.repeat_kv(k, groups), transformers_sdpa.repeat_kv(v, groups)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native)
     return out.reshape(n, heads, 1, dim).transpose(1, 2).reshape(n, 1, heads * dim)
 
